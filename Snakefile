@@ -1,0 +1,25 @@
+# Early-exit harness: train every method, calibrate exit thresholds, count FLOPs, regenerate
+# the papers' tables and figures. `snakemake --cores 2 all_figures` runs the embedded default.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/flops.smk"
+include: "rules/train.smk"
+include: "rules/infer.smk"
+include: "rules/posthoc.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        rules.all_figures.input,
+        rules.all_tables.input,
+    default_target: True

@@ -1,0 +1,70 @@
+"""Inference caches: what a trained network produced on one split, read by every later step.
+
+A cache is a dict saved with ``torch.save`` (or an ``.npz`` with the same array keys):
+``logits`` (K, N, C) float32, ``labels`` (N,) int64, optionally ``features`` (a list of K (N, d_k)
+tensors: each exit head's penultimate features), ``confidences`` (K, N) and ``meta`` (a dict:
+what produced it, with its hash). ``scored_outputs`` turns a cache into per-exit exit scores and
+predictions; post-hoc methods produce the same thing from their own scoring.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import CorruptFileError, load_tensors
+from .posthoc.base import ScoredOutputs
+
+
+def load_cache(path: str | Path, expect_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load and check a cache; ``expect_meta`` entries must match the cache's ``meta``."""
+    cache = load_tensors(path, what="inference cache")
+    for key in ("logits", "labels"):
+        if key not in cache:
+            raise CorruptFileError(f"{path}: inference cache has no {key!r} entry (keys: {sorted(cache)})")
+    logits, labels = cache["logits"], cache["labels"]
+    if logits.dim() != 3:
+        raise CorruptFileError(f"{path}: 'logits' must be (exits, samples, classes), got shape {tuple(logits.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != logits.shape[1]:
+        raise CorruptFileError(
+            f"{path}: 'labels' must be ({logits.shape[1]},) to match 'logits', got {tuple(labels.shape)}"
+        )
+    cache["labels"] = labels.long()
+    cache["logits"] = logits.float()
+    if "confidences" in cache and cache["confidences"].shape != logits.shape[:2]:
+        raise CorruptFileError(f"{path}: 'confidences' must be {tuple(logits.shape[:2])}")
+    for key, want in (expect_meta or {}).items():
+        have = cache.get("meta", {}).get(key)
+        if have != want:
+            raise StaleCacheError(f"{path}: stale cache: {key} is {have!r}, expected {want!r}; rebuild it")
+    return cache
+
+
+class StaleCacheError(CorruptFileError):
+    """A cache made by something other than what is asked for (another checkpoint or split)."""
+
+
+def scored_outputs(cache: dict[str, Any], exit_score: str = "max_softmax") -> ScoredOutputs:
+    """Per-exit scores and predictions of a plain cache.
+
+    ``max_softmax`` (MSDNet's confidence) or ``confidence`` (a learned confidence/gate output
+    stored in the cache's ``confidences``).
+    """
+    probs = cache["logits"].float().softmax(dim=-1)
+    top, predictions = probs.max(dim=-1)
+    if exit_score == "max_softmax":
+        scores = top
+    elif exit_score == "confidence":
+        if "confidences" not in cache:
+            raise ValueError("exit_score 'confidence' needs a cache with 'confidences'")
+        scores = cache["confidences"].float()
+    else:
+        raise ValueError(f"unknown exit score {exit_score!r}; allowed: max_softmax, confidence")
+    return ScoredOutputs(scores=scores, predictions=predictions, probabilities=probs)
+
+
+def correctness(scored: ScoredOutputs, labels: torch.Tensor) -> torch.Tensor:
+    """(K, N) bool: is each exit's prediction right."""
+    return scored.predictions == labels[None, :]

@@ -1,0 +1,206 @@
+"""Per-exit cumulative FLOPs and parameter counts, counted with fvcore.
+
+Two conventions:
+
+``reference``
+    What the MSDNet/RANet reference counter (``op_counter.py``) counts, so that published
+    per-exit numbers are matched: convolutions as multiply-adds C_in*C_out*k^2*H_out*W_out/groups
+    (no bias), linear layers as weights plus bias, ReLU one per output element, average and max
+    pooling k^2 per output element, adaptive average pooling one per input element. Batch norm,
+    additions, concatenation and interpolation are free.
+``fvcore``
+    fvcore's own defaults (multiply-adds of convolutions, matmuls and linear layers, eval-mode
+    batch norm, adaptive pooling, upsampling), for comparison with other fvcore-based papers.
+
+Exit k is counted by tracing the network truncated after exit k (``models.ExitPrefix``), so its
+cost includes every earlier exit head.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import ExitPrefix, MultiExitNetwork
+
+CONVENTIONS = ("reference", "fvcore")
+
+_logger = logging.getLogger(__name__)
+
+
+def _shape(value: Any) -> list[int]:
+    return value.type().sizes()
+
+
+def _numel(value: Any) -> int:
+    return math.prod(_shape(value))
+
+
+def _conv(inputs: list, outputs: list) -> int:
+    weight = _shape(inputs[1])  # C_out, C_in/groups, kh, kw
+    out = _shape(outputs[0])  # N, C_out, H_out, W_out
+    return out[0] * math.prod(weight) * math.prod(out[2:])
+
+
+def _linear(inputs: list, outputs: list) -> int:
+    weight = _shape(inputs[1])  # out_features, in_features
+    rows = _numel(outputs[0]) // weight[0]
+    bias = 0 if inputs[2].type().kind() == "NoneType" else weight[0]
+    return rows * (math.prod(weight) + bias)
+
+
+def _addmm(inputs: list, outputs: list) -> int:
+    # addmm(bias, x, weight^T): a linear layer with bias
+    rows, inner = _shape(inputs[1])
+    cols = _shape(inputs[2])[1]
+    return rows * (inner * cols + cols)
+
+
+def _elementwise(inputs: list, outputs: list) -> int:
+    return _numel(outputs[0])
+
+
+def _pool(inputs: list, outputs: list) -> int:
+    kernel = inputs[1].toIValue()
+    if kernel is None and inputs[1].node().kind() == "prim::ListConstruct":
+        # traced pools pass their kernel size as a list built from constants
+        kernel = [v.toIValue() for v in inputs[1].node().inputs()]
+    if isinstance(kernel, int):
+        kernel = [kernel, kernel]
+    if len(kernel) == 1:
+        kernel = [kernel[0], kernel[0]]
+    return math.prod(kernel) * _numel(outputs[0])
+
+
+def _adaptive_avg_pool(inputs: list, outputs: list) -> int:
+    return _numel(inputs[0])
+
+
+def _free(inputs: list, outputs: list) -> int:
+    return 0
+
+
+_REFERENCE_HANDLES = {
+    "aten::_convolution": _conv,
+    "aten::conv2d": _conv,
+    "aten::convolution": _conv,
+    "aten::linear": _linear,
+    "aten::addmm": _addmm,
+    "aten::relu": _elementwise,
+    "aten::relu_": _elementwise,
+    "aten::avg_pool2d": _pool,
+    "aten::max_pool2d": _pool,
+    "aten::adaptive_avg_pool2d": _adaptive_avg_pool,
+    "aten::batch_norm": _free,
+    "aten::upsample_bilinear2d": _free,
+    "aten::upsample_nearest2d": _free,
+    "aten::matmul": _free,
+    "aten::mm": _free,
+    "aten::bmm": _free,
+    "aten::einsum": _free,
+    "aten::layer_norm": _free,
+    "aten::group_norm": _free,
+    "aten::instance_norm": _free,
+}
+
+
+class _KeepAllOutputs(nn.Module):
+    """Makes every leaf module's output a graph output, so the JIT tracer drops nothing.
+
+    The tracer removes computations no output depends on, such as MSDNet's finer scales in the
+    block before an exit (only later blocks read them). They still run, and the reference counter
+    counts them, so they must be kept in the traced graph.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        kept: list[torch.Tensor] = []
+        hooks = [
+            m.register_forward_hook(lambda _m, _i, out: kept.append(out) if isinstance(out, torch.Tensor) else None)
+            for m in self.module.modules()
+            if next(m.children(), None) is None
+        ]
+        try:
+            out = self.module(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        out = [out] if isinstance(out, torch.Tensor) else list(out)
+        return out + kept
+
+
+def _count(module: nn.Module, example: torch.Tensor, convention: str) -> int:
+    from fvcore.nn import FlopCountAnalysis  # imported late: it is slow and noisy to import
+
+    analysis = FlopCountAnalysis(_KeepAllOutputs(module), (example,))
+    if convention == "reference":
+        analysis.set_op_handle(**_REFERENCE_HANDLES)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    analysis.tracer_warnings("none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("fvcore").setLevel(logging.ERROR)
+        return int(analysis.total())
+
+
+def _params_used(network: MultiExitNetwork, example: torch.Tensor, k: int) -> int:
+    """Parameters of every module that runs when exits 1..k are computed."""
+    used: set[int] = set()
+    hooks = [
+        m.register_forward_hook(lambda mod, _i, _o: used.add(id(mod)))
+        for m in network.modules()
+    ]
+    try:
+        with torch.no_grad():
+            network.forward_all(example, upto=k)
+    finally:
+        for h in hooks:
+            h.remove()
+    params: dict[int, nn.Parameter] = {}
+    for m in network.modules():
+        if id(m) in used:
+            for p in m.parameters(recurse=False):
+                params[id(p)] = p
+    return sum(p.numel() for p in params.values())
+
+
+def exit_costs(
+    network: MultiExitNetwork,
+    input_shape: tuple[int, int, int],
+    convention: str = "reference",
+) -> dict[str, list[int]]:
+    """Cumulative FLOPs and parameter counts per exit for one image of ``input_shape``."""
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"unknown FLOPs convention {convention!r}; allowed: {', '.join(CONVENTIONS)}"
+        )
+    was_training = network.training
+    network.eval()
+    example = torch.zeros(1, *input_shape)
+    try:
+        flops = [_count(ExitPrefix(network, k), example, convention) for k in range(1, network.num_exits + 1)]
+        params = [_params_used(network, example, k) for k in range(1, network.num_exits + 1)]
+    finally:
+        network.train(was_training)
+    return {"flops": flops, "params": params}
+
+
+def baseline_cost(network: MultiExitNetwork, input_shape: tuple[int, int, int], convention: str = "reference") -> int | None:
+    """FLOPs of the network's plain counterpart (no early exits), if it defines one.
+
+    Architectures such as the EENets ResNets implement ``plain_counterpart()`` returning the
+    non-early-exit network of the same depth; exit costs are then reported as ratios of it.
+    """
+    make_plain = getattr(network, "plain_counterpart", None)
+    if make_plain is None:
+        return None
+    plain = make_plain().eval()
+    return _count(plain, torch.zeros(1, *input_shape), convention)

@@ -1,0 +1,102 @@
+"""The interface a training method implements.
+
+The training loop (``eebench.training``) owns the data, the epochs, the main optimizer over
+``trainable_parameters()`` and its learning-rate schedule, checkpoints and logging. A method
+decides what one step does. The default step is: forward every exit, ``loss()``, backward, step.
+Methods with extra networks (a gater, a weight-prediction network) create them in ``__init__``,
+list them in ``extra_modules()`` so they are checkpointed, and override ``train_step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from models import ExitOutputs, MultiExitNetwork
+
+
+@dataclass
+class TrainContext:
+    """What a method may need to know about the run it is part of."""
+
+    exit_costs: torch.Tensor  # cumulative FLOPs per exit divided by the last exit's, shape (K,)
+    num_classes: int
+    epochs: int
+    steps_per_epoch: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast_dtype: torch.dtype | None = None  # bf16 on GPU, None on CPU
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+class TrainingMethod:
+    name: ClassVar[str]
+    Params: ClassVar[type]
+    test_params: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, model: MultiExitNetwork, params: Any, ctx: TrainContext):
+        self.model = model
+        self.params = params
+        self.ctx = ctx
+
+    # --- what is trained -------------------------------------------------------------------
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the network that the main optimizer updates (default: all)."""
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Networks the method adds (checkpointed with the model, not part of the cache)."""
+        return {}
+
+    # --- one step ---------------------------------------------------------------------------
+    def loss(self, outputs: ExitOutputs, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_step(
+        self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer, step: int
+    ) -> torch.Tensor:
+        """One optimisation step; returns the (detached) loss without a host sync."""
+        with self.ctx.autocast():
+            outputs = self.model.forward_all(images)
+            loss = self.loss(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    # --- evaluation -------------------------------------------------------------------------
+    def eval_outputs(self, outputs: ExitOutputs) -> ExitOutputs:
+        """Map the network's raw outputs to the ones that are evaluated (default: as they are)."""
+        return outputs
+
+    # --- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {name: module.state_dict() for name, module in self.extra_modules().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, module in self.extra_modules().items():
+            module.load_state_dict(state[name])
+
+
+def sum_of_exit_losses(outputs: ExitOutputs, targets: torch.Tensor) -> torch.Tensor:
+    """Unweighted sum over exits of the mean cross-entropy (MSDNet's loss)."""
+    return sum(nn.functional.cross_entropy(logits, targets) for logits in outputs.logits)
+
+
+def freeze(parameters: Iterable[nn.Parameter]) -> None:
+    for p in parameters:
+        p.requires_grad_(False)

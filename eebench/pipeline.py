@@ -1,0 +1,244 @@
+"""One function per workflow stage; the Snakemake scripts only pass paths and config to these.
+
+Stages: split -> flops -> train -> infer -> (posthoc) -> evaluate -> aggregate -> report.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from models import InputSpec, MultiExitNetwork, build_model
+
+from . import io
+from .cache import correctness, load_cache, scored_outputs
+from .calibration import anytime_curve, budgeted_curve, confidence_exit
+from .config import (Cell, architecture, cell_fingerprint, is_posthoc, posthoc_variant,
+                     recipe_for, resolved_cell_config, training_variant)
+from .datasets import dataset_info, load_pool, make_split, split_images
+from .flops import baseline_cost, exit_costs
+from .methods import METHODS, TrainContext
+from .posthoc import POSTHOC
+from .posthoc.base import ScoredOutputs
+from .provenance import provenance
+from .training import TrainData, keep_freed_memory, load_weights, pick_device, run_network, train
+
+log = logging.getLogger("eebench")
+
+
+# --- split and FLOPs -------------------------------------------------------------------------
+def write_split(config: dict[str, Any], dataset: str, out: str) -> None:
+    pool = load_pool(dataset, config["data_dir"], config.get("download", False))
+    split = make_split(dataset, (len(pool.train_labels), len(pool.test_labels)), config["split_seed"])
+    with io.atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **split)
+    log.info("%s split: %s", dataset, {k: len(v) for k, v in split.items()})
+
+
+def read_split(path: str) -> dict[str, np.ndarray]:
+    data = io.load_tensors(path, what="split index file")
+    missing = {"train", "val", "test"} - set(data)
+    if missing:
+        raise io.CorruptFileError(f"{path}: split index file lacks {sorted(missing)}")
+    return {k: v.numpy() for k, v in data.items()}
+
+
+def build_network(config: dict[str, Any], dataset: str, arch: str) -> MultiExitNetwork:
+    family, params = architecture(config, arch)
+    return build_model(family, dataset_info(dataset).input, **params)
+
+
+def flops_record(network: MultiExitNetwork, input_spec: InputSpec, convention: str) -> dict[str, Any]:
+    shape = (input_spec.channels, input_spec.size, input_spec.size)
+    record: dict[str, Any] = {**exit_costs(network, shape, convention), "convention": convention}
+    baseline = baseline_cost(network, shape, convention)
+    if baseline is not None:
+        record["baseline_flops"] = baseline
+        record["cost_ratio"] = [f / baseline for f in record["flops"]]
+    return record
+
+
+def write_flops(config: dict[str, Any], dataset: str, arch: str, out: str) -> None:
+    network = build_network(config, dataset, arch)
+    record = flops_record(network, dataset_info(dataset).input, config["flops_convention"])
+    io.write_json(out, record)
+    log.info("%s/%s FLOPs per exit (M): %s", dataset, arch, [round(f / 1e6, 2) for f in record["flops"]])
+
+
+def read_flops(path: str) -> dict[str, Any]:
+    record = io.read_json(path)
+    if not isinstance(record, dict) or "flops" not in record:
+        raise io.CorruptFileError(f"{path}: expected a JSON object with a 'flops' list")
+    return record
+
+
+# --- train -----------------------------------------------------------------------------------
+def _train_data(config: dict[str, Any], dataset: str, split: dict[str, np.ndarray]) -> TrainData:
+    info = dataset_info(dataset)
+    pool = load_pool(dataset, config["data_dir"], config.get("download", False))
+    train_images, train_labels = split_images(pool, split, "train")
+    val_images, val_labels = split_images(pool, split, "val")
+    return TrainData(train_images, train_labels, val_images, val_labels, info.mean, info.std,
+                     info.crop_padding, info.hflip)
+
+
+def _method_factory(config: dict[str, Any], variant: str):
+    spec = training_variant(config, variant)
+    cls = METHODS.get(spec["method"])
+    params = METHODS.make_params(spec["method"], spec["params"], f"methods.{variant}.params")
+    return lambda model, ctx: cls(model, params, ctx)
+
+
+def _exit_costs(flops: dict[str, Any]) -> torch.Tensor:
+    f = torch.tensor(flops["flops"], dtype=torch.float32)
+    return f / f[-1]
+
+
+def train_cell(config: dict[str, Any], cell: Cell, split_path: str, flops_path: str,
+               weights_out: str, history_out: str, state_dir: str, init_weights: str | None = None,
+               stop_after_batches: int | None = None) -> None:
+    torch.manual_seed(cell.seed)
+    network = build_network(config, cell.dataset, cell.arch)
+    fingerprint = cell_fingerprint(config, cell)
+    if init_weights is not None:
+        parent = load_weights(init_weights)
+        network.load_state_dict(parent["model"])
+        log.info("initialised from %s", init_weights)
+    recipe = recipe_for(config, cell.dataset, cell.variant)
+    device = pick_device(config.get("device", "auto"))
+    data = _train_data(config, cell.dataset, read_split(split_path))
+    flops = read_flops(flops_path)
+
+    def report(row: dict[str, Any]) -> None:
+        accs = " ".join(f"{v:.1f}" for k, v in row.items() if k.startswith("val_acc"))
+        log.info("epoch %d/%d loss %.4f lr %.4g val acc per exit: %s",
+                 row["epoch"], recipe.epochs, row["loss"], row["lr"], accs)
+
+    result = train(network, _method_factory(config, cell.variant), data, recipe, _exit_costs(flops),
+                   dataset_info(cell.dataset).input.num_classes, cell.seed, state_dir, fingerprint,
+                   device, on_epoch=report, stop_after_batches=stop_after_batches)
+    io.save_tensors(weights_out, {
+        "model": {k: v.cpu() for k, v in result.model.state_dict().items()},
+        "method": result.method.state_dict(), "fingerprint": fingerprint,
+    })
+    io.write_csv(history_out, pd.DataFrame(result.history))
+
+
+# --- infer -----------------------------------------------------------------------------------
+def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str, flops_path: str,
+               outs: dict[str, str]) -> None:
+    """Run the trained network once over each requested part into a cache."""
+    keep_freed_memory()
+    fingerprint = cell_fingerprint(config, cell)
+    state = load_weights(weights, expect_fingerprint=fingerprint)
+    network = build_network(config, cell.dataset, cell.arch)
+    network.load_state_dict(state["model"])
+    device = pick_device(config.get("device", "auto"))
+    network.to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        network.to(memory_format=torch.channels_last)
+    info = dataset_info(cell.dataset)
+    ctx = TrainContext(exit_costs=_exit_costs(read_flops(flops_path)), num_classes=info.input.num_classes,
+                       epochs=1, steps_per_epoch=1, device=device)
+    method = _method_factory(config, cell.variant)(network, ctx)
+    method.load_state_dict(state["method"])
+    split = read_split(split_path)
+    pool = load_pool(cell.dataset, config["data_dir"], config.get("download", False))
+    batch = config.get("infer_batch_size", 512)
+    for part, out in outs.items():
+        images, labels = split_images(pool, split, part)
+        limit = config.get("train_cache_samples")
+        if part == "train" and limit is not None and len(labels) > limit:
+            keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+            images, labels = images[keep], labels[keep]
+        cache = run_network(network, images, info.mean, info.std, batch, device, channels_last,
+                            with_features=True, transform=method.eval_outputs)
+        cache["labels"] = labels
+        cache["meta"] = {"fingerprint": fingerprint, "part": part, "split": io.file_hash(split_path)}
+        io.save_tensors(out, cache)
+        log.info("%s %s cache: %d samples, %d exits", cell.path, part, len(labels), cache["logits"].shape[0])
+
+
+# --- post-hoc --------------------------------------------------------------------------------
+def posthoc_cell(config: dict[str, Any], cell: Cell, flops_path: str, val_cache: str,
+                 test_cache: str, outs: dict[str, str], train_cache: str | None = None) -> None:
+    spec = posthoc_variant(config, cell.variant)
+    cls = POSTHOC.get(spec["method"])
+    params = POSTHOC.make_params(spec["method"], spec["params"], f"posthoc.{cell.variant}.params")
+    method = cls(params, read_flops(flops_path)["flops"], seed=cell.seed)
+    val = load_cache(val_cache, {"part": "val"})
+    train_part = load_cache(train_cache, {"part": "train"}) if train_cache else None
+    method.fit(val, train_part)
+    for part, path in (("val", val_cache), ("test", test_cache)):
+        cache = val if part == "val" else load_cache(path, {"part": "test"})
+        scored = method.score(cache)
+        record = {k: v for k, v in vars(scored).items() if v is not None}
+        record["labels"] = cache["labels"]
+        record["fitted"] = method.state_dict()
+        io.save_tensors(outs[part], record)
+
+
+# --- evaluate --------------------------------------------------------------------------------
+def _scored(config: dict[str, Any], cell: Cell, path: str, part: str) -> tuple[ScoredOutputs, torch.Tensor]:
+    data = io.load_tensors(path, what=f"{part} scores")
+    if "scores" in data:  # written by a post-hoc method
+        fields = {k: data.get(k) for k in ("scores", "predictions", "probabilities",
+                                          "exit_distributions", "budget_targets")}
+        return ScoredOutputs(**fields), data["labels"].long()
+    cache = load_cache(path, {"part": part})
+    exit_score = getattr(METHODS.get(training_variant(config, cell.variant)["method"]), "exit_score", "max_softmax")
+    return scored_outputs(cache, exit_score), cache["labels"]
+
+
+def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: str, flops_path: str,
+                  anytime_out: str, budgeted_out: str, provenance_out: str) -> None:
+    flops = read_flops(flops_path)
+    val, _ = _scored(config, cell, val_path, "val")
+    test, labels = _scored(config, cell, test_path, "test")
+    correct = correctness(test, labels)
+    curve = budgeted_curve(val.scores, test.scores, correct, flops["flops"], val.exit_distributions)
+    budgeted = pd.DataFrame(curve.rows())
+    if test.budget_targets is not None:
+        budgeted["budget_target"] = test.budget_targets.numpy()
+    anytime = pd.DataFrame(anytime_curve(correct, flops["flops"]))
+    test_cache = io.load_tensors(test_path, what="test cache")
+    if "confidences" in test_cache and "cost_ratio" in flops:
+        point = confidence_exit(test_cache["confidences"].float(), correct, flops["cost_ratio"])
+        anytime["confidence_exit_accuracy"] = point["accuracy"]
+        anytime["confidence_exit_cost_ratio"] = point["cost_ratio"]
+    io.write_csv(budgeted_out, budgeted)
+    io.write_csv(anytime_out, anytime)
+    io.write_json(provenance_out, provenance(resolved_cell_config(config, cell), config.get("device")))
+    best = budgeted["accuracy"].max()
+    log.info("%s: last exit %.2f%%, best budgeted %.2f%%", cell.path, anytime["accuracy"].iloc[-1], best)
+
+
+# --- aggregate -------------------------------------------------------------------------------
+def aggregate(config: dict[str, Any], cells: list[Cell], curve_files: list[str], provenance_files: list[str],
+              out: str) -> None:
+    """One tidy table: identity columns, curve kind, budget, FLOPs, accuracy, provenance."""
+    frames = []
+    for cell, curve_path, prov_path in zip(cells, curve_files, provenance_files):
+        frame = pd.read_csv(curve_path)
+        prov = io.read_json(prov_path)
+        kind = "posthoc" if is_posthoc(config, cell.variant) else "training"
+        method = (posthoc_variant(config, cell.variant) if kind == "posthoc"
+                  else training_variant(config, cell.variant))["method"]
+        frame.insert(0, "curve", Path(curve_path).stem)
+        for i, (key, value) in enumerate((("dataset", cell.dataset), ("architecture", cell.arch),
+                                          ("variant", cell.variant), ("method", method),
+                                          ("kind", kind), ("seed", cell.seed))):
+            frame.insert(i, key, value)
+        frame["git_commit"] = prov["git_commit"]
+        frame["device"] = prov["device"]
+        frame["torch"] = prov["versions"]["torch"]
+        frame["flops_convention"] = prov["config"]["flops_convention"]
+        frames.append(frame)
+    io.write_csv(out, pd.concat(frames, ignore_index=True))

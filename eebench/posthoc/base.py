@@ -1,0 +1,55 @@
+"""The interface a post-hoc method implements.
+
+A post-hoc method never runs the network: it reads inference caches (``eebench.cache``), dicts
+with ``logits`` (K, N, C), ``labels`` (N,), ``features`` (list of K tensors (N, d_k)) and, for
+architectures with confidence branches, ``confidences`` (K, N).
+
+``fit`` sees the val cache (and the training-split cache when ``needs_train_split``); it must not
+look at test labels. ``score`` maps any cache to ``ScoredOutputs``: per-exit exit scores and
+predictions that the one calibration protocol (``eebench.calibration``) consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class ScoredOutputs:
+    """Per-exit scores and predictions.
+
+    ``scores`` is (K, N), or (B, K, N) when the method fits one scorer per budget; then
+    ``exit_distributions`` (B, K) gives the share of samples meant to leave at each exit for
+    each budget, replacing the geometric budgets of the MSDNet protocol.
+    """
+
+    scores: torch.Tensor
+    predictions: torch.Tensor
+    probabilities: torch.Tensor | None = None  # (K, N, C) if the method produces them
+    exit_distributions: torch.Tensor | None = None
+    budget_targets: torch.Tensor | None = None  # (B,) FLOPs each budget was fitted for
+
+
+class PosthocMethod:
+    name: ClassVar[str]
+    Params: ClassVar[type]
+    test_params: ClassVar[dict[str, Any]] = {}
+    needs_train_split: ClassVar[bool] = False
+
+    def __init__(self, params: Any, flops: list[float], seed: int = 0):
+        self.params = params
+        self.flops = torch.as_tensor(flops, dtype=torch.float64)
+        self.seed = seed
+
+    def fit(self, val: dict[str, Any], train: dict[str, Any] | None = None) -> None:
+        raise NotImplementedError
+
+    def score(self, cache: dict[str, Any]) -> ScoredOutputs:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Fitted state (tensors and plain values only), saved beside the scored caches."""
+        return {}

@@ -1,0 +1,52 @@
+"""Glue between Snakemake and the library: wildcard patterns, logging for ``script:`` entry points."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import traceback
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+
+def alternatives(names: Iterable[str]) -> str:
+    """A regex matching exactly one of the configured names (a wildcard constraint)."""
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+
+def posthoc_needs_train_split(method: str) -> bool:
+    from .posthoc import POSTHOC
+
+    return POSTHOC.get(method).needs_train_split
+
+
+@contextmanager
+def logged(snakemake: Any) -> Iterator[None]:
+    """Send the library's log to the rule's log file (and stderr); log errors without a traceback
+    for the expected kinds (bad input), with one for anything else."""
+    from .config import ConfigError
+    from .datasets import DatasetMissingError
+    from .io import CorruptFileError
+    from .training import TrainingDiverged
+
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if snakemake.log:
+        handlers.append(logging.FileHandler(snakemake.log[0], mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        handlers=handlers, force=True)
+    try:
+        yield
+    except (ConfigError, DatasetMissingError, CorruptFileError, TrainingDiverged, FileNotFoundError) as err:
+        logging.getLogger("eebench").error("%s", err)
+        raise SystemExit(1) from None
+    except Exception:
+        logging.getLogger("eebench").error("unexpected error:\n%s", traceback.format_exc())
+        raise
+
+
+def cell(snakemake: Any):
+    from .config import Cell
+
+    w = snakemake.wildcards
+    return Cell(w.dataset, w.arch, w.variant, int(w.seed))

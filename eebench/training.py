@@ -1,0 +1,318 @@
+"""The training loop shared by every method, and inference into the cache.
+
+The loop owns the data (uint8 tensors on the training device, augmented per batch), the epochs,
+the main optimizer and its learning-rate schedule, evaluation on val after each epoch, and a
+checkpoint in a state directory after every epoch and on SIGTERM/SIGUSR1 (SLURM's preemption and
+time-limit signals). A rerun resumes from that checkpoint and, on CPU, ends with the same weights
+as an uninterrupted run: every random draw of an epoch comes from a generator seeded by
+(seed, epoch), and mid-epoch checkpoints record the batch to continue from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from models import MultiExitNetwork
+
+from .augment import crop_flip, epoch_plan, normalize
+from .io import CorruptFileError, load_tensors, save_tensors
+from .methods import TrainContext, TrainingMethod
+
+log = logging.getLogger("eebench.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Recipe:
+    """Optimisation recipe (config key ``recipe``); defaults are MSDNet's CIFAR recipe."""
+
+    epochs: int = 300
+    batch_size: int = 64
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the run
+    gamma: float = 0.1
+    lr_min: float = 0.0
+    warmup_epochs: int = 0
+    eval_batch_size: int = 256
+    channels_last: str = "auto"  # auto (GPU only) | on | off
+    compile: bool = False
+
+    def validate(self) -> None:
+        allowed = {"optimizer": ("sgd", "adam", "adamw"), "schedule": ("multistep", "cosine", "constant"),
+                   "channels_last": ("auto", "on", "off")}
+        for key, values in allowed.items():
+            if getattr(self, key) not in values:
+                raise ValueError(f"recipe.{key} = {getattr(self, key)!r}; allowed: {', '.join(values)}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(f"recipe needs epochs >= 1 and batch_size >= 2 (got {self.epochs}, {self.batch_size})")
+
+    def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        warmup = self.warmup_epochs * steps_per_epoch
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if self.schedule == "cosine":
+            return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * progress))
+        if self.schedule == "multistep":
+            return self.lr * self.gamma ** sum(progress >= m for m in self.milestones)
+        return self.lr
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc returning large freed buffers to the OS (M_MMAP_MAX=0, no trimming).
+
+    Without it, every large activation of a big inference batch is mmapped, freed with munmap and
+    page-faulted in again on the next batch; on CPU this can halve throughput.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+    if not params:
+        return None
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                               nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    cls = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+class _StopSignal:
+    """Records SIGTERM/SIGUSR1 so the loop can checkpoint at the next batch boundary."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class TrainData:
+    train_images: torch.Tensor  # uint8 (N, C, H, W)
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int
+    hflip: bool
+
+
+@torch.inference_mode()
+def run_network(
+    model: MultiExitNetwork,
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool = False,
+    with_features: bool = True,
+    transform: Callable | None = None,
+) -> dict[str, Any]:
+    """All exits on uint8 images: logits (K, N, C), features, confidences (if the net has them)."""
+    model.eval()
+    mean_t = torch.tensor(mean, device=device)
+    std_t = torch.tensor(std, device=device)
+    logits, features, confidences = [], [], []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean_t, std_t)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = model.forward_all(x)
+        if transform is not None:
+            out = transform(out)
+        logits.append(torch.stack([t.float() for t in out.logits]).cpu())
+        if with_features:
+            features.append([f.float().flatten(1).cpu() for f in out.features])
+        if out.confidences is not None:
+            confidences.append(torch.stack([c.float().reshape(-1) for c in out.confidences]).cpu())
+    result: dict[str, Any] = {"logits": torch.cat(logits, dim=1)}
+    if with_features and features and features[0]:
+        result["features"] = [torch.cat(parts) for parts in zip(*features)]
+    if confidences:
+        result["confidences"] = torch.cat(confidences, dim=1)
+    return result
+
+
+def per_exit_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    return ((logits.argmax(-1) == labels[None]).double().mean(1) * 100).tolist()
+
+
+@dataclass
+class TrainResult:
+    model: MultiExitNetwork
+    method: TrainingMethod
+    history: list[dict[str, Any]]
+    resumed_from: tuple[int, int] | None  # (epoch, batch) the run continued from
+
+
+def train(
+    model: MultiExitNetwork,
+    method_factory: Callable[[MultiExitNetwork, TrainContext], TrainingMethod],
+    data: TrainData,
+    recipe: Recipe,
+    exit_costs: torch.Tensor,
+    num_classes: int,
+    seed: int,
+    state_dir: str | Path,
+    fingerprint: str,
+    device: torch.device | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    stop_after_batches: int | None = None,
+) -> TrainResult:
+    """Train ``model`` with the method ``method_factory`` builds; resumable from ``state_dir``.
+
+    ``fingerprint`` identifies what is trained (cell config, data split, initial weights); a
+    checkpoint with another fingerprint is stale and is not resumed from.
+    ``stop_after_batches`` simulates a kill after that many batches (tests).
+    """
+    device = device or pick_device()
+    state_path = Path(state_dir) / "checkpoint.pt"
+    channels_last = recipe.channels_last == "on" or (recipe.channels_last == "auto" and device.type == "cuda")
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    n_train = len(data.train_labels)
+    steps_per_epoch = n_train // recipe.batch_size  # last partial batch dropped, as BN needs > 1
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {recipe.batch_size} is larger than the training set ({n_train})")
+    ctx = TrainContext(
+        exit_costs=exit_costs.to(device), num_classes=num_classes, epochs=recipe.epochs,
+        steps_per_epoch=steps_per_epoch, device=device,
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+    )
+    method = method_factory(model, ctx)
+    for module in method.extra_modules().values():
+        module.to(device)
+    optimizer = make_optimizer(recipe, list(method.trainable_parameters()))
+    step_fn = torch.compile(method.train_step) if recipe.compile else method.train_step
+
+    history: list[dict[str, Any]] = []
+    start_epoch, start_batch, resumed, resumed_loss = 0, 0, None, 0.0
+    if state_path.exists():
+        state = load_tensors(state_path, what="training checkpoint")
+        if state.get("fingerprint") != fingerprint:
+            log.warning("%s was made by another configuration; starting from scratch", state_path)
+        else:
+            model.load_state_dict(state["model"])
+            method.load_state_dict(state["method"])
+            if optimizer is not None:
+                optimizer.load_state_dict(state["optimizer"])
+            start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
+            history = list(state["history"])
+            resumed_loss = float(state.get("loss_sum", 0.0))
+            resumed = (start_epoch, start_batch)
+            log.info("resuming from %s at epoch %d, batch %d", state_path, start_epoch + 1, start_batch)
+
+    def checkpoint(epoch: int, batch: int, loss_sum: float = 0.0) -> None:
+        save_tensors(state_path, {
+            "fingerprint": fingerprint, "epoch": epoch, "batch": batch, "history": history,
+            "loss_sum": loss_sum,
+            "model": model.state_dict(), "method": method.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        })
+
+    train_images = data.train_images.to(device)
+    train_labels = data.train_labels.to(device)
+    mean_t = torch.tensor(data.mean, device=device)
+    std_t = torch.tensor(data.std, device=device)
+    total_steps = recipe.epochs * steps_per_epoch
+    batches_run = 0
+    with _StopSignal() as stop:
+        for epoch in range(start_epoch, recipe.epochs):
+            plan = epoch_plan(n_train, data.crop_padding, seed, epoch)
+            plan_flips = plan.flips if data.hflip else torch.zeros_like(plan.flips)
+            order, offsets, flips = plan.order.to(device), plan.offsets.to(device), plan_flips.to(device)
+            model.train()
+            first = start_batch if epoch == start_epoch else 0
+            loss_sum = torch.full((), resumed_loss if first else 0.0, device=device, dtype=torch.float64)
+            for batch in range(first, steps_per_epoch):
+                if stop.received is not None or (stop_after_batches is not None and batches_run >= stop_after_batches):
+                    checkpoint(epoch, batch, float(loss_sum))
+                    raise SystemExit(128 + (stop.received or signal.SIGTERM))
+                idx = order[batch * recipe.batch_size : (batch + 1) * recipe.batch_size]
+                x = normalize(crop_flip(train_images[idx], offsets[idx], flips[idx], data.crop_padding), mean_t, std_t)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                step = epoch * steps_per_epoch + batch
+                if optimizer is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = recipe.lr_at(step, total_steps, steps_per_epoch)
+                loss_sum += step_fn(x, train_labels[idx], optimizer, step).double()
+                batches_run += 1
+            mean_loss = float(loss_sum) / steps_per_epoch  # one host sync per epoch
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch + 1}: mean loss {mean_loss}; the last good "
+                    f"checkpoint (end of epoch {epoch}) is kept in {state_path}"
+                )
+            val = run_network(model, data.val_images, data.mean, data.std, recipe.eval_batch_size,
+                              device, channels_last, with_features=False, transform=method.eval_outputs)
+            row = {"epoch": epoch + 1, "loss": mean_loss,
+                   "lr": recipe.lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, steps_per_epoch)}
+            row.update({f"val_acc_{k + 1}": a for k, a in enumerate(per_exit_accuracy(val["logits"], data.val_labels))})
+            history.append(row)
+            checkpoint(epoch + 1, 0)
+            if on_epoch is not None:
+                on_epoch(row)
+    return TrainResult(model, method, history, resumed)
+
+
+def load_weights(path: str | Path, expect_fingerprint: str | None = None) -> dict[str, Any]:
+    """Final weights written by the train rule, checked against what is expected of them."""
+    state = load_tensors(path, what="trained weights")
+    if "model" not in state:
+        raise CorruptFileError(f"{path}: not a weights file of this harness (no 'model' entry)")
+    if expect_fingerprint is not None and state.get("fingerprint") != expect_fingerprint:
+        raise CorruptFileError(
+            f"{path}: weights were trained for another configuration "
+            f"(fingerprint {state.get('fingerprint')!r}, expected {expect_fingerprint!r}); retrain"
+        )
+    return state
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    return asdict(recipe)

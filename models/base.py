@@ -1,0 +1,72 @@
+"""The contract every multi-exit architecture follows.
+
+A multi-exit network maps an image batch to K exits. ``forward_all(x, upto=k)`` runs only what
+exits 1..k need (the blocks up to exit k and the heads of exits 1..k) and returns, per exit, the
+logits, the exit head's penultimate features (the input of its final linear layer, used by
+post-hoc methods such as last-layer Laplace), and, for architectures with a confidence branch
+(EENets), the exit confidence in [0, 1]. ``forward(x)`` returns the list of K logit tensors.
+
+Running a prefix is what makes per-exit FLOPs counting exact: fvcore traces one module per exit
+and the cost of exit k includes every earlier head, as a sample leaving at k has paid for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What an architecture needs to know about its dataset."""
+
+    channels: int
+    size: int
+    num_classes: int
+
+
+@dataclass
+class ExitOutputs:
+    logits: list[torch.Tensor]
+    features: list[torch.Tensor] = field(default_factory=list)
+    confidences: list[torch.Tensor] | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every output tensor, flattened, for tracing."""
+        out = list(self.logits) + list(self.features)
+        if self.confidences is not None:
+            out += list(self.confidences)
+        return out
+
+
+class MultiExitNetwork(nn.Module):
+    """Base class: subclasses set ``num_exits`` and implement ``forward_all``."""
+
+    num_exits: int
+
+    def forward_all(self, x: torch.Tensor, upto: int | None = None) -> ExitOutputs:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        return self.forward_all(x, upto).logits
+
+    def _check_upto(self, upto: int | None) -> int:
+        if upto is None:
+            return self.num_exits
+        if not 1 <= upto <= self.num_exits:
+            raise ValueError(f"upto must be in 1..{self.num_exits}, got {upto}")
+        return upto
+
+
+class ExitPrefix(nn.Module):
+    """The network truncated after exit k, returning every tensor exits 1..k produce."""
+
+    def __init__(self, network: MultiExitNetwork, k: int):
+        super().__init__()
+        self.network = network
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.network.forward_all(x, upto=self.k).tensors()

@@ -1,0 +1,106 @@
+import sys
+
+from snakemake.utils import validate
+
+sys.path.insert(0, workflow.basedir)
+
+from eebench import smk  # noqa: E402
+from eebench.config import Cell, cells, check_config, dependencies, is_posthoc  # noqa: E402
+from eebench.config import posthoc_variant, training_variant  # noqa: E402
+
+
+validate(config, workflow.source_path("../config/schema.yaml"))
+check_config(config)
+
+CELLS = cells(config)
+RESULTS = "results"
+CELL = "{dataset}/{arch}/{variant}/seed{seed}"
+# figure name -> the aggregate it is drawn from
+FIGURES = {
+    "fig2_anytime": "anytime",
+    "fig3_budgeted": "budgeted",
+}
+
+
+wildcard_constraints:
+    dataset=smk.alternatives(config["datasets"]),
+    arch=smk.alternatives(config["architectures"]),
+    variant=smk.alternatives(list(config["methods"]) + list(config.get("posthoc", {}))),
+    seed=r"\d+",
+
+
+def cell_of(wildcards):
+    return Cell(wildcards.dataset, wildcards.arch, wildcards.variant, int(wildcards.seed))
+
+
+def cell_path(cell):
+    return f"{cell.dataset}/{cell.arch}/{cell.variant}/seed{cell.seed}"
+
+
+def init_weights(wildcards):
+    """The weights a training variant starts from (``init_from``), if any."""
+    parent = training_variant(config, wildcards.variant)["init_from"]
+    if parent is None:
+        return []
+    cell = Cell(wildcards.dataset, wildcards.arch, parent, int(wildcards.seed))
+    return f"{RESULTS}/train/{cell_path(cell)}/weights.pt"
+
+
+def posthoc_base(wildcards, part):
+    base = posthoc_variant(config, wildcards.variant)["base"]
+    cell = Cell(wildcards.dataset, wildcards.arch, base, int(wildcards.seed))
+    return f"{RESULTS}/cache/{cell_path(cell)}/{part}.pt"
+
+
+def posthoc_inputs(wildcards):
+    spec = posthoc_variant(config, wildcards.variant)
+    inputs = {
+        "val": posthoc_base(wildcards, "val"),
+        "test": posthoc_base(wildcards, "test"),
+        "flops": f"{RESULTS}/flops/{wildcards.dataset}/{wildcards.arch}.json",
+    }
+    if smk.posthoc_needs_train_split(spec["method"]):
+        inputs["train"] = posthoc_base(wildcards, "train")
+    return inputs
+
+
+def scored_split(wildcards, part):
+    """What a cell is evaluated on: its own cache, or its post-hoc method's scores."""
+    stage = "posthoc" if is_posthoc(config, wildcards.variant) else "cache"
+    return f"{RESULTS}/{stage}/{cell_path(cell_of(wildcards))}/{part}.pt"
+
+
+def scored_val(wildcards):
+    return scored_split(wildcards, "val")
+
+
+def scored_test(wildcards):
+    return scored_split(wildcards, "test")
+
+
+def curve_files(kind, selected=None):
+    chosen = [c for c in CELLS if selected is None or selected(c)]
+    return [f"{RESULTS}/curves/{cell_path(c)}/{kind}.csv" for c in chosen]
+
+
+def provenance_files(selected=None):
+    chosen = [c for c in CELLS if selected is None or selected(c)]
+    return [f"{RESULTS}/curves/{cell_path(c)}/provenance.json" for c in chosen]
+
+
+def train_resources(wildcards, attempt):
+    """Runtime in minutes: the dataset's configured value, doubled on each retry."""
+    base = config["datasets"][wildcards.dataset].get("resources", {}).get("train_runtime", 60)
+    return base * 2 ** (attempt - 1)
+
+
+def train_mem(wildcards):
+    return config["datasets"][wildcards.dataset].get("resources", {}).get("mem_mb", 4000)
+
+
+def figure_spec(wildcards):
+    return config.get("report", {}).get("figures", {}).get(wildcards.figure, {})
+
+
+def figure_kind(wildcards):
+    return FIGURES[wildcards.figure]

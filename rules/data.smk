@@ -1,0 +1,12 @@
+rule split:
+    output:
+        f"{RESULTS}/splits/{{dataset}}.npz",
+    log:
+        f"{RESULTS}/logs/split/{{dataset}}.log",
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/split.py"

@@ -1,0 +1,29 @@
+rule infer:
+    input:
+        weights=f"{RESULTS}/train/{CELL}/weights.pt",
+        split=f"{RESULTS}/splits/{{dataset}}.npz",
+        flops=f"{RESULTS}/flops/{{dataset}}/{{arch}}.json",
+    output:
+        val=f"{RESULTS}/cache/{CELL}/val.pt",
+        test=f"{RESULTS}/cache/{CELL}/test.pt",
+    log:
+        f"{RESULTS}/logs/infer/{CELL}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/infer/{CELL}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=train_mem,
+        runtime=60,
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/infer.py"
+
+
+use rule infer as infer_train_split with:
+    output:
+        train=f"{RESULTS}/cache/{CELL}/train.pt",
+    log:
+        f"{RESULTS}/logs/infer_train/{CELL}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/infer_train/{CELL}.tsv"

@@ -1,0 +1,23 @@
+rule train:
+    input:
+        split=f"{RESULTS}/splits/{{dataset}}.npz",
+        flops=f"{RESULTS}/flops/{{dataset}}/{{arch}}.json",
+        init=init_weights,
+    output:
+        weights=f"{RESULTS}/train/{CELL}/weights.pt",
+        history=f"{RESULTS}/train/{CELL}/history.csv",
+    log:
+        f"{RESULTS}/logs/train/{CELL}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{CELL}.tsv"
+    params:
+        # resumable state lives outside the declared outputs, which Snakemake deletes before a rerun
+        state_dir=f"{RESULTS}/state/{CELL}",
+    resources:
+        gpu=1,
+        mem_mb=train_mem,
+        runtime=train_resources,
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/train.py"
