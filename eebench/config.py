@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from . import registry
-from .datasets import DATASETS, dataset_info
+from .datasets import DATASETS
 from .io import stable_hash
 
 
@@ -155,8 +155,39 @@ def check_config(config: dict[str, Any]) -> None:
                          dataset, get_architecture(family).datasets)
                 for variant in exp.get("methods", []):
                     _wrap(lambda: recipe_for(config, dataset, variant), f"recipe for {dataset}/{variant}")
-    for dataset in config["datasets"]:
-        dataset_info(dataset)
+    _check_report(config, fail)
+
+
+def _check_report(config: dict[str, Any], fail) -> None:
+    """Names in the report section must be configured datasets, architectures and variants."""
+    report = config.get("report", {})
+    variants = list(config["methods"]) + list(config.get("posthoc", {}))
+    known = {"datasets": list(config["datasets"]), "architectures": list(config["architectures"]),
+             "variants": variants}
+    for name, spec in report.get("figures", {}).items():
+        for key, allowed in known.items():
+            for value in spec.get(key, []):
+                if value not in allowed:
+                    fail(f"report.figures.{name}.{key}", value, allowed)
+    table = report.get("table1")
+    if table is not None:
+        if table["dataset"] not in known["datasets"]:
+            fail("report.table1.dataset", table["dataset"], known["datasets"])
+        if table["architecture"] not in known["architectures"]:
+            fail("report.table1.architecture", table["architecture"], known["architectures"])
+        for row, variant in table["rows"].items():
+            if variant not in config["methods"]:
+                fail(f"report.table1.rows.{row}", variant, list(config["methods"]))
+    eenets = report.get("eenets_table")
+    if eenets is not None:
+        for key in ("variant", "plain_variant"):
+            if eenets[key] not in config["methods"]:
+                fail(f"report.eenets_table.{key}", eenets[key], list(config["methods"]))
+        for i, row in enumerate(eenets["rows"]):
+            for key, allowed in (("dataset", known["datasets"]), ("architecture", known["architectures"]),
+                                 ("plain", known["architectures"])):
+                if row[key] not in allowed:
+                    fail(f"report.eenets_table.rows[{i}].{key}", row[key], allowed)
 
 
 def _wrap(fn, where: str = "") -> Any:

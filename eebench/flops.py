@@ -123,11 +123,13 @@ class _KeepAllOutputs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         kept: list[torch.Tensor] = []
-        hooks = [
-            m.register_forward_hook(lambda _m, _i, out: kept.append(out) if isinstance(out, torch.Tensor) else None)
-            for m in self.module.modules()
-            if next(m.children(), None) is None
-        ]
+
+        def keep(_module: nn.Module, _inputs: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                kept.append(out)
+
+        leaves = [m for m in self.module.modules() if next(m.children(), None) is None]
+        hooks = [m.register_forward_hook(keep) for m in leaves]
         try:
             out = self.module(x)
         finally:
@@ -151,33 +153,81 @@ def _count(module: nn.Module, example: torch.Tensor, convention: str) -> int:
         return int(analysis.total())
 
 
-def _params_used(network: MultiExitNetwork, example: torch.Tensor, k: int) -> int:
-    """Parameters of every module that runs when exits 1..k are computed."""
-    used: set[int] = set()
-    hooks = [
-        m.register_forward_hook(lambda mod, _i, _o: used.add(id(mod)))
-        for m in network.modules()
-    ]
-    try:
-        with torch.no_grad():
-            network.forward_all(example, upto=k)
-    finally:
-        for h in hooks:
-            h.remove()
+def _calls_per_prefix(network: MultiExitNetwork, example: torch.Tensor) -> list[dict[int, int]]:
+    """For each k, how many times each module (by id) runs when exits 1..k are computed."""
+    out = []
+    for k in range(1, network.num_exits + 1):
+        calls: dict[int, int] = {}
+
+        def record(module: nn.Module, _inputs: Any, _output: Any) -> None:
+            calls[id(module)] = calls.get(id(module), 0) + 1
+
+        hooks = [m.register_forward_hook(record) for m in network.modules()]
+        try:
+            with torch.no_grad():
+                network.forward_all(example, upto=k)
+        finally:
+            for h in hooks:
+                h.remove()
+        out.append(calls)
+    return out
+
+
+def _params_of(network: MultiExitNetwork, calls: dict[int, int]) -> int:
     params: dict[int, nn.Parameter] = {}
     for m in network.modules():
-        if id(m) in used:
+        if id(m) in calls:
             for p in m.parameters(recurse=False):
                 params[id(p)] = p
     return sum(p.numel() for p in params.values())
+
+
+def _flops_from_one_trace(network: MultiExitNetwork, example: torch.Tensor, convention: str,
+                          prefix_calls: list[dict[int, int]]) -> list[int] | None:
+    """Per-exit FLOPs from a single trace of the whole network, attributing each module's own
+    operations to the exits whose prefix runs it. Returns None when that attribution is not exact:
+    operations outside any submodule, or a module that runs a different number of times in a
+    prefix than in the whole network (then every prefix is traced on its own)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    full = ExitPrefix(network, network.num_exits)
+    analysis = FlopCountAnalysis(full, (example,))
+    if convention == "reference":
+        analysis.set_op_handle(**_REFERENCE_HANDLES)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("fvcore").setLevel(logging.ERROR)
+        by_module = analysis.by_module()
+    names = {id(m): ("network." + n if n else "network") for n, m in network.named_modules()}
+    own: dict[int, int] = {}
+    for module in network.modules():
+        name = names[id(module)]
+        children = sum(by_module.get(names[id(c)], 0) for c in module.children())
+        own[id(module)] = by_module.get(name, 0) - children
+    if by_module.get("", 0) != by_module.get("network", 0) or own[id(network)] != 0:
+        return None
+    all_calls = prefix_calls[-1]
+    flops = []
+    for calls in prefix_calls:
+        if any(all_calls.get(m, 0) != n for m, n in calls.items()):
+            return None
+        flops.append(sum(own.get(m, 0) for m in calls))
+    return flops
 
 
 def exit_costs(
     network: MultiExitNetwork,
     input_shape: tuple[int, int, int],
     convention: str = "reference",
+    exact: bool = False,
 ) -> dict[str, list[int]]:
-    """Cumulative FLOPs and parameter counts per exit for one image of ``input_shape``."""
+    """Cumulative FLOPs and parameter counts per exit for one image of ``input_shape``.
+
+    By default the network is traced once and each module's operations are attributed to the
+    exits that run it (falling back to one trace per exit where that is not exact); ``exact=True``
+    always traces the network truncated after each exit.
+    """
     if convention not in CONVENTIONS:
         raise ValueError(
             f"unknown FLOPs convention {convention!r}; allowed: {', '.join(CONVENTIONS)}"
@@ -186,8 +236,11 @@ def exit_costs(
     network.eval()
     example = torch.zeros(1, *input_shape)
     try:
-        flops = [_count(ExitPrefix(network, k), example, convention) for k in range(1, network.num_exits + 1)]
-        params = [_params_used(network, example, k) for k in range(1, network.num_exits + 1)]
+        prefix_calls = _calls_per_prefix(network, example)
+        flops = None if exact else _flops_from_one_trace(network, example, convention, prefix_calls)
+        if flops is None:
+            flops = [_count(ExitPrefix(network, k), example, convention) for k in range(1, network.num_exits + 1)]
+        params = [_params_of(network, calls) for calls in prefix_calls]
     finally:
         network.train(was_training)
     return {"flops": flops, "params": params}

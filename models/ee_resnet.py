@@ -4,6 +4,8 @@ A plain ResNet with ``num_exits`` early exit blocks inserted after some of its r
 plus the final exit after the last stage, so the network has ``num_exits + 1`` exits. Note the two
 counts: ``EEResNetConfig.num_exits`` is the number of *early* exits (the reference's ``--num-ee``),
 while ``EEResNet.num_exits`` (the ``MultiExitNetwork`` contract) is the total, early + final.
+``num_exits: 0`` builds the plain ResNet as a one-exit network (the final exit, with the same
+confidence and classifier heads), so the harness can train and cost the non-EE counterpart.
 
 Backbones (``style``):
     ``cifar``     6n+2 layers: 3x3 stem, three stages of n BasicBlocks at widths w, 2w, 4w (w = 16).
@@ -80,7 +82,7 @@ def _is_6n2(depth: int) -> bool:
 @dataclass
 class EEResNetConfig:
     depth: int = 20
-    num_exits: int = 2  # early exits; the network has num_exits + 1 exits
+    num_exits: int = 2  # early exits; the network has num_exits + 1 exits (0: the plain ResNet)
     distribution: str = "fine"
     exit_pool: str = "pool"
     width: int | None = None  # base width; None: 16 (cifar) or 64 (imagenet)
@@ -98,8 +100,9 @@ class EEResNetConfig:
         if self.style not in STYLES:
             raise _invalid("style", self.style, ", ".join(STYLES))
         self._validate_depth()
-        if not isinstance(self.num_exits, int) or self.num_exits < 1:
-            raise _invalid("num_exits", self.num_exits, "an integer >= 1 (early exits)")
+        if not isinstance(self.num_exits, int) or self.num_exits < 0:
+            raise _invalid("num_exits", self.num_exits,
+                           "an integer >= 0 (early exits; 0 builds the plain ResNet with one exit)")
         if self.distribution not in DISTRIBUTIONS:
             raise _invalid("distribution", self.distribution, ", ".join(DISTRIBUTIONS))
         if self.exit_pool not in EXIT_POOLS:

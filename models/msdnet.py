@@ -69,8 +69,8 @@ class MSDNetConfig:
                "(those scales split new channels between a strided and a regular conv)")
         for plan in layer_plan(self):
             _check(plan.width_out >= 1, "reduction", self.reduction,
-                   f"a value leaving at least one channel after a transition (width {plan.width_in} "
-                   f"+ growth {self.growth_rate} shrinks to {plan.width_out})")
+                   f"a value leaving at least one channel after a transition (width "
+                   f"{plan.width_in} + growth {self.growth_rate} shrinks to {plan.width_out})")
         if input_size is not None:
             self._validate_input_size(input_size)
 
@@ -115,7 +115,7 @@ def scale_sizes(input_size: int, n_scales: int) -> list[int]:
 
 
 def block_steps(config: MSDNetConfig) -> list[int]:
-    """Layers per block: even gives [base, step, step, ...], lin_grow [base, step+1, 2*step+1, ...]."""
+    """Layers per block: even [base, step, step, ...], lin_grow [base, step+1, 2*step+1, ...]."""
     if config.step_mode == "even":
         return [config.base] + [config.step] * (config.n_blocks - 1)
     return [config.base] + [config.step * i + 1 for i in range(1, config.n_blocks)]
@@ -177,7 +177,9 @@ class ConvBNReLU(nn.Sequential):
         )
 
 
-def dense_conv(c_in: int, c_out: int, stride: int, bottleneck: bool, bn_factor: int) -> nn.Sequential:
+def dense_conv(
+    c_in: int, c_out: int, stride: int, bottleneck: bool, bn_factor: int
+) -> nn.Sequential:
     """3x3 conv, preceded by a 1x1 bottleneck to min(c_in, bn_factor * c_out) channels."""
     layers: list[nn.Module] = []
     if bottleneck:
@@ -194,12 +196,12 @@ class DenseUnit(nn.Module):
     def __init__(self, c_same: int, c_finer: int | None, c_new: int, config: MSDNetConfig,
                  scale: int):
         super().__init__()
-        bn, gr_new = config.bn_factor, c_new
+        bn = config.bn_factor
+        c_conv = c_new if c_finer is None else c_new // 2  # the two convs share the new channels
         self.down = None
         if c_finer is not None:
-            gr_new = c_new // 2
-            self.down = dense_conv(c_finer, gr_new, 2, config.bottleneck, bn[scale - 1])
-        self.regular = dense_conv(c_same, gr_new, 1, config.bottleneck, bn[scale])
+            self.down = dense_conv(c_finer, c_conv, 2, config.bottleneck, bn[scale - 1])
+        self.regular = dense_conv(c_same, c_conv, 1, config.bottleneck, bn[scale])
 
     def forward(self, same: torch.Tensor, finer: torch.Tensor | None = None) -> torch.Tensor:
         parts = [same]
@@ -311,7 +313,9 @@ def init_weights(module: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@register_architecture("msdnet", MSDNetConfig, datasets=("digits", "cifar10", "cifar100", "imagenet"))
+@register_architecture(
+    "msdnet", MSDNetConfig, datasets=("digits", "cifar10", "cifar100", "imagenet")
+)
 class MSDNet(MultiExitNetwork):
     def __init__(self, config: MSDNetConfig, input_spec: InputSpec):
         super().__init__()

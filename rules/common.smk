@@ -5,7 +5,7 @@ from snakemake.utils import validate
 sys.path.insert(0, workflow.basedir)
 
 from eebench import smk  # noqa: E402
-from eebench.config import Cell, cells, check_config, dependencies, is_posthoc  # noqa: E402
+from eebench.config import Cell, cell_fingerprint, cells, check_config, is_posthoc  # noqa: E402
 from eebench.config import posthoc_variant, training_variant  # noqa: E402
 
 
@@ -19,6 +19,8 @@ CELL = "{dataset}/{arch}/{variant}/seed{seed}"
 FIGURES = {
     "fig2_anytime": "anytime",
     "fig3_budgeted": "budgeted",
+    "fig4_posthoc": "budgeted",
+    "fig5_imagenet": "both",
 }
 
 
@@ -104,3 +106,58 @@ def figure_spec(wildcards):
 
 def figure_kind(wildcards):
     return FIGURES[wildcards.figure]
+
+
+def training_fingerprint(wildcards):
+    """Changes when anything that determines the cell's weights changes (a rerun trigger)."""
+    return cell_fingerprint(config, cell_of(wildcards))
+
+
+def posthoc_settings(wildcards):
+    return posthoc_variant(config, wildcards.variant)
+
+
+def evaluation_settings(wildcards):
+    """What an evaluation depends on beyond its input files."""
+    if is_posthoc(config, wildcards.variant):
+        return {"posthoc": posthoc_variant(config, wildcards.variant)}
+    return {"method": training_variant(config, wildcards.variant)["method"]}
+
+
+def report_spec(name):
+    return config.get("report", {}).get(name)
+
+
+def table1_cells():
+    """Only the cells Table 1 needs, so that `snakemake results/table1.csv` builds no more."""
+    spec = report_spec("table1")
+    if spec is None:
+        return []
+    seeds = spec.get("seeds", config["seeds"])
+    return [Cell(spec["dataset"], spec["architecture"], v, s) for v in spec["rows"].values() for s in seeds]
+
+
+def eenets_cells():
+    spec = report_spec("eenets_table")
+    if spec is None:
+        return []
+    seeds = spec.get("seeds", config["seeds"])
+    out = []
+    for row in spec["rows"]:
+        for seed in seeds:
+            out.append(Cell(row["dataset"], row["architecture"], spec["variant"], seed))
+            out.append(Cell(row["dataset"], row["plain"], spec["plain_variant"], seed))
+    return out
+
+
+def cell_curves(selected, kind):
+    return [f"{RESULTS}/curves/{cell_path(c)}/{kind}.csv" for c in selected]
+
+
+def cell_provenance(selected):
+    return [f"{RESULTS}/curves/{cell_path(c)}/provenance.json" for c in selected]
+
+
+def eenets_flops(wildcards):
+    spec = report_spec("eenets_table") or {"rows": []}
+    return [f"{RESULTS}/flops/{row['dataset']}/{row['architecture']}.json" for row in spec["rows"]]

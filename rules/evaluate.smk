@@ -9,6 +9,8 @@ rule evaluate:
         provenance=f"{RESULTS}/curves/{CELL}/provenance.json",
     log:
         f"{RESULTS}/logs/evaluate/{CELL}.log",
+    params:
+        settings=evaluation_settings,
     resources:
         mem_mb=4000,
         runtime=30,

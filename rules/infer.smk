@@ -8,6 +8,8 @@ rule infer:
         test=f"{RESULTS}/cache/{CELL}/test.pt",
     log:
         f"{RESULTS}/logs/infer/{CELL}.log",
+    params:
+        fingerprint=training_fingerprint,
     benchmark:
         f"{RESULTS}/benchmarks/infer/{CELL}.tsv"
     resources:

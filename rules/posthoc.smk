@@ -6,6 +6,8 @@ rule posthoc:
         test=f"{RESULTS}/posthoc/{CELL}/test.pt",
     log:
         f"{RESULTS}/logs/posthoc/{CELL}.log",
+    params:
+        settings=posthoc_settings,
     resources:
         mem_mb=8000,
         runtime=120,

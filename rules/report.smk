@@ -26,6 +26,103 @@ rule all_figures:
         expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["pdf", "png"]),
 
 
+rule aggregate_table1:
+    input:
+        budgeted=cell_curves(table1_cells(), "budgeted"),
+        provenance=cell_provenance(table1_cells()),
+    output:
+        budgeted=f"{RESULTS}/aggregate/table1_budgeted.csv",
+    log:
+        f"{RESULTS}/logs/aggregate_table1.log",
+    params:
+        cells=table1_cells(),
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/aggregate.py"
+
+
+rule table1:
+    input:
+        budgeted=f"{RESULTS}/aggregate/table1_budgeted.csv",
+    output:
+        csv=report(f"{RESULTS}/table1.csv", category="Tables"),
+        md=f"{RESULTS}/table1.md",
+    log:
+        f"{RESULTS}/logs/table1.log",
+    params:
+        spec=report_spec("table1"),
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/table1.py"
+
+
+rule aggregate_eenets:
+    input:
+        anytime=cell_curves(eenets_cells(), "anytime"),
+        provenance=cell_provenance(eenets_cells()),
+    output:
+        anytime=f"{RESULTS}/aggregate/eenets_anytime.csv",
+    log:
+        f"{RESULTS}/logs/aggregate_eenets.log",
+    params:
+        cells=eenets_cells(),
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/aggregate.py"
+
+
+rule eenets_table:
+    input:
+        anytime=f"{RESULTS}/aggregate/eenets_anytime.csv",
+        flops=eenets_flops,
+    output:
+        csv=report(f"{RESULTS}/table_eenets.csv", category="Tables"),
+    log:
+        f"{RESULTS}/logs/table_eenets.log",
+    params:
+        spec=report_spec("eenets_table"),
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/eenets_table.py"
+
+
+rule reproduction:
+    input:
+        anytime=f"{RESULTS}/aggregate/anytime.csv",
+        budgeted=f"{RESULTS}/aggregate/budgeted.csv",
+        published="config/published.yaml",
+    output:
+        report(f"{RESULTS}/reproduction.md", category="Tables"),
+    log:
+        f"{RESULTS}/logs/reproduction.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/reproduction.py"
+
+
 rule all_tables:
     input:
-        f"{RESULTS}/aggregate/budgeted.csv",
+        f"{RESULTS}/table1.csv",
+        f"{RESULTS}/table1.md",
+        f"{RESULTS}/table_eenets.csv",
+        f"{RESULTS}/reproduction.md",

@@ -13,6 +13,7 @@ rule train:
     params:
         # resumable state lives outside the declared outputs, which Snakemake deletes before a rerun
         state_dir=f"{RESULTS}/state/{CELL}",
+        fingerprint=training_fingerprint,
     resources:
         gpu=1,
         mem_mb=train_mem,

@@ -76,6 +76,13 @@ def test_running_average_weights_match_the_recursion():
     want = [1 / 3 / 3] * 3 + [1 / 3 / 3] * 3 + [1 / 3]
     assert w.tolist() == pytest.approx(want)
     assert float(w.sum()) == pytest.approx(1.0)
+    # 30 batches of one: past batch 20 rho is capped at 0.95, so the last batch weighs 0.05
+    run = np.zeros(30)
+    for i in range(30):
+        rho = min(1 - 1 / (i + 1), 0.95)
+        run = rho * run + (1 - rho) * np.eye(30)[i]
+    np.testing.assert_allclose(running_average_weights(30, 1).numpy(), run, atol=1e-12)
+    assert run[-1] == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("batch", [8, 3])

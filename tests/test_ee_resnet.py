@@ -244,7 +244,7 @@ def test_cost_ratios_resnet110() -> None:
         (dict(depth=21), "6n+2"),
         (dict(depth=20, style="imagenet"), "18, 34, 50, 101, 152"),
         (dict(depth=18, style="cifar"), "depth=18"),
-        (dict(num_exits=0), "num_exits=0"),
+        (dict(num_exits=-1), "num_exits=-1"),
         (dict(distribution="quadratic"), "pareto, fine, linear, gold_ratio"),
         (dict(exit_pool="max"), "exit_pool='max'; allowed: pool, bnpool, plain"),
         (dict(style="resnet"), "style='resnet'; allowed: auto, cifar, imagenet"),
@@ -270,3 +270,20 @@ def test_registry() -> None:
     assert isinstance(config, EEResNetConfig)
     with pytest.raises(ValueError, match="num_ee"):
         make_config("ee_resnet", {"num_ee": 2})
+
+
+# ---- num_exits 0: the plain ResNet as a one-exit network ------------------------------------------
+
+def test_zero_early_exits_is_the_plain_resnet() -> None:
+    torch.manual_seed(0)
+    net = _net(depth=20, num_exits=0)
+    assert net.num_exits == 1 and net.exit_blocks == [] and len(net.exits) == 1
+    out = net.forward_all(torch.randn(2, 3, 32, 32))
+    assert [l.shape for l in out.logits] == [(2, 10)]
+    assert len(out.confidences) == 1 and out.confidences[0].shape == (2,)
+    # the plain ResNet's FLOPs plus the final confidence head (64 weights + 1 bias)
+    costs = exit_costs(net, (3, 32, 32), "reference")
+    assert costs["flops"] == [41_005_706 + 65] == [net.total_flops + 65]
+    assert baseline_cost(net, (3, 32, 32), "reference") == 41_005_706
+    # same parameters as the plain counterpart, plus the confidence head
+    assert _params(net) == _params(net.plain_counterpart()) + 65 == 272_474 + 65

@@ -2,15 +2,14 @@ import sys
 
 sys.path.insert(0, snakemake.scriptdir + "/..")
 
-import pandas as pd
+import pandas as pd  # noqa: E402
 
-from eebench import smk
-from eebench.report import curve_figure, figure_panels
+from eebench import smk  # noqa: E402
+from eebench.report import curve_figure, figure_panels  # noqa: E402
 
 with smk.logged(snakemake):
-    kind = snakemake.params.kind
     spec = snakemake.params.spec
-    frame = pd.read_csv(snakemake.input[kind])
-    title = spec.get("title", f"{kind} accuracy versus FLOPs")
-    curve_figure(snakemake.config, frame, kind, figure_panels(frame, spec), title,
-                 snakemake.output.pdf, snakemake.output.png)
+    frames = {kind: pd.read_csv(snakemake.input[kind]) for kind in ("anytime", "budgeted")}
+    panels = figure_panels(frames, spec, snakemake.params.kind)
+    title = spec.get("title", snakemake.wildcards.figure)
+    curve_figure(snakemake.config, panels, title, snakemake.output.pdf, snakemake.output.png)

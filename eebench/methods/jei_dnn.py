@@ -47,6 +47,7 @@ Deviations from the reference, and why:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
@@ -60,6 +61,7 @@ from . import register_method
 from .base import TrainContext, TrainingMethod
 from .gater import frozen_batchnorms, per_exit_ce
 
+log = logging.getLogger("eebench.train")
 Phase = Literal["warmup", "gate", "classifier"]
 POS_WEIGHT_MAX = 5.0  # the reference clips the gate class weights "for stability"
 MIN_COUNT = 0.1  # and floors the counts so an exit nobody should take gets the max weight
@@ -188,6 +190,9 @@ class JEIDNN(TrainingMethod):
                 f"jei_dnn: warmup_epochs ({params.warmup_epochs}) must be smaller than the number "
                 f"of training epochs ({ctx.epochs}), or no gate is ever trained"
             )
+        if params.switch_every >= ctx.steps_per_epoch:
+            log.warning("jei_dnn: switch_every (%d) >= batches per epoch (%d): every epoch after "
+                        "warm-up trains the gates only", params.switch_every, ctx.steps_per_epoch)
         k = model.num_exits
         self.gates = nn.ModuleList(nn.Linear(4, 1) for _ in range(k - 1)).to(ctx.device)
         self.exit_counts = torch.zeros(k, device=ctx.device)  # gate targets since the last update
@@ -216,10 +221,13 @@ class JEIDNN(TrainingMethod):
         self.pos_weight.copy_(state["pos_weight"])
 
     # --- what is trained --------------------------------------------------------------------
+    @torch.compiler.disable  # changes requires_grad: must not run inside a compiled train_step
     def freeze_trunk(self, example: torch.Tensor) -> None:
         """Keep the intermediate exits' own parameters trainable, freeze everything else."""
         private = private_exit_parameters(self.model, example[:2])
         self.im_params = [p for exit_params in private[:-1] for p in exit_params]
+        if not self.im_params:
+            log.warning("jei_dnn: no parameter belongs to one intermediate exit only; only the gates learn")
         keep = {id(p) for p in self.im_params}
         for p in self.model.parameters():
             if id(p) not in keep:
@@ -258,9 +266,10 @@ class JEIDNN(TrainingMethod):
                 loss = gate_loss(self.gate_logits(outputs.logits), best, self.pos_weight)
             else:
                 loss = im_loss(ce)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if loss.requires_grad:  # False only when no IM parameter exists (warned at freeze)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         return loss.detach()
 
     def _maybe_update_pos_weight(self, step: int) -> None:

@@ -43,6 +43,10 @@ Deviations from the reference, and why:
 and a data loader, pins ``asdfghjkl==0.1a4`` and pulls in backpack, curvlinops and torchvision.
 Its Kronecker prior is also not the reference's sqrt(1/var0)-per-factor damping with a running
 average over batches. The factors above are a few lines of linear algebra on the cached tensors.
+
+Cost. Tuning reads only the label's predictive probability. On 5000 val samples (K = 7, C = 100,
+M = 50, 10 x 10 grid) it takes about a minute on one busy CPU core. Scoring 10000 samples takes
+about 2 s. Both are chunked to about 16 MB of Monte-Carlo logits at a time.
 """
 
 from __future__ import annotations
@@ -150,10 +154,11 @@ def mc_label_probability(logits: torch.Tensor, sd: torch.Tensor, noise: torch.Te
     out = torch.empty(len(temperatures), len(logits), dtype=torch.float32)
     for part in _chunks(len(logits), noise.numel()):
         sample = logits[part, None, :].float() + sd[part, None, None] * noise[None]
-        at_label = sample.gather(2, labels[part, None, None].expand(-1, sample.shape[1], 1))[..., 0]
+        centered = sample - sample.amax(dim=-1, keepdim=True)  # <= 0: exp never overflows, any T > 0
+        at_label = centered.gather(2, labels[part, None, None].expand(-1, sample.shape[1], 1))[..., 0]
         for t, temp in enumerate(temperatures):
-            log_p = at_label / temp - torch.logsumexp(sample / temp, dim=-1)
-            out[t, part] = log_p.exp().mean(dim=1)
+            total = centered.mul(1 / temp).exp_().sum(dim=-1)
+            out[t, part] = ((at_label / temp).exp() / total).mean(dim=1)
     return out
 
 
@@ -190,6 +195,12 @@ def select_grid(label_probs: torch.Tensor, weights: torch.Tensor, mie: bool) -> 
             acc += w_k * label_probs[k, t, v].double()
             w_sum += w_k
     return choice
+
+
+def _features(cache: dict[str, Any]) -> list[torch.Tensor]:
+    if cache.get("features") is None:
+        raise ValueError("calibrated_dnn needs each exit head's penultimate features in the cache")
+    return cache["features"]
 
 
 # --- the method --------------------------------------------------------------------------------
@@ -244,7 +255,7 @@ class CalibratedDNN(PosthocMethod):
     def fit_factors(self, train: dict[str, Any]) -> None:
         """KFAC factors of every exit from the training-split cache (labels are not read)."""
         p = self.params
-        logits, features = train["logits"], train["features"]
+        logits, features = train["logits"], _features(train)
         n = logits.shape[1]
         gen = self._generator(1)
         order = torch.randperm(n, generator=gen) if p.shuffle else None
@@ -280,7 +291,7 @@ class CalibratedDNN(PosthocMethod):
 
     def _noise(self, k: int, var0: float, cache: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         l_u, sigma_v = posterior(self.u[k], self.v[k], var0)
-        return logit_noise(cache["features"][k], l_u, sigma_v, self.z)
+        return logit_noise(_features(cache)[k], l_u, sigma_v, self.z)
 
     def predictive(self, cache: dict[str, Any]) -> torch.Tensor:
         """(K, N, C) Laplace predictive of every exit, before ensembling."""

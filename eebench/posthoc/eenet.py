@@ -12,10 +12,10 @@ For exit k, with P_k = softmax(logits_k):
 * Loss = (1/K) sum_k sum_n w_nk BCE(s_nk, 1[argmax P_k = y_n]), w_nk = q_nk / sum_n q_nk
   (detached), + alpha_ce KL(normalised s^beta || q) with the element-wise mean of
   ``nn.KLDivLoss()``, + alpha_cost |mean_n sum_k q_nk cost_k - B| / B.
-* Adam, fixed mini-batch order, alternating ``period``-epoch phases: the score
-  loss alone, then the assignment loss alone. A fit is a candidate for "best" only in epochs whose
-  mean cost loss is below ``cost_tolerance``; training stops after ``patience`` such epochs
-  without improvement.
+* Adam over mini-batches in one fixed order (a single permutation drawn from ``seed``), with
+  alternating ``period``-epoch phases: the score loss alone, then the assignment loss alone. An
+  epoch can be kept as "best" only when its mean cost loss is below ``cost_tolerance``.
+  Training stops after ``patience`` such epochs without improvement.
 * pi = mean_x q(x) on val is the exit distribution the harness's calibration turns into
   thresholds on these scores: n_k = floor(pi_k N) samples leave at exit k, the last exit takes
   the rest.
@@ -30,8 +30,9 @@ are out of reach. The reference sweeps ``linspace(F_1, F_K, 20)``, ends included
 Protocol. The reference fits 10 random trials per budget and keeps the one with the best val
 accuracy among those whose expected cost is within 10% of the budget. ``trials`` defaults to 1
 for speed (set 10 to match). With several trials the accuracy and cost are those of the harness
-threshold rule on val. When no trial is within ``budget_tolerance``, the trial closest to the
-budget is kept (the reference would keep its last trial).
+threshold rule on val; the reference uses the cost implied by pi. When no trial is within
+``budget_tolerance``, the trial closest to the budget is kept (the reference keeps its last
+trial).
 
 Defects of the reference that are not reproduced:
 
@@ -39,16 +40,19 @@ Defects of the reference that are not reproduced:
   as released; only cached pickles for three budgets exist.
 * ``ScoreNormalizer`` adds an (N, 1) class-probability term to an (N, 1, 1) term, which
   broadcasts to (N, N, 1), then keeps ``[:, 0]``: sample 0's class-probability term is used for
-  every sample. Here each sample uses its own.
+  every sample. Here each sample uses its own. (The resulting (N, 1) score also cannot be
+  concatenated with the next exit's 2-D input, so exit 2 would crash as well; checked by running
+  the shapes in torch.)
 * The training loop never calls ``zero_grad``, so every step follows the sum of all past
   gradients, and the alternating phases never isolate one loss. Here gradients are reset each
-  step.
-  Consequence for weight decay: with gradients reset, Adam's L2 term (the reference's
-  ``Adam(weight_decay=1e-2)``) outweighs the assignment loss (alpha_cost 1e-2 times a relative
-  cost error, gradients ~5e-4) about 20 times and pins q at uniform whatever the budget; the
-  reference's ever-growing accumulated gradient made the same term negligible. The default
-  ``weight_decay_mode: decoupled`` (AdamW, same lr and decay) lets the heads move;
-  ``l2`` is the reference's optimiser with the gradient reset.
+  step, and the heads outside the current phase's loss are not stepped.
+  This changes what weight decay does. With gradients reset, the reference's coupled L2 term
+  (``Adam(weight_decay=1e-2)``) is larger than the assignment-loss gradients (alpha_cost 1e-2
+  times a relative cost error: about 1e-4 to 1e-3). It then holds q near uniform whatever the
+  budget: measured, the cost error stalls at 10% where AdamW reaches 0.1%. In the reference,
+  the ever-growing accumulated gradient made the same term negligible. The default
+  ``weight_decay_mode: decoupled`` (AdamW, same lr and decay) lets the heads move; ``l2`` is the
+  reference's optimiser with the gradient reset.
 * The "best" model is stored by reference (``best_model = m``), so it is always the last state.
   Here the best state is copied and restored.
 * "Best" compares the phase-masked loss (score loss in one phase, assignment loss in the other).
@@ -60,8 +64,14 @@ Other choices. The exit score passed to the calibration is the unclamped linear 
 monotone, and this avoids ties at 0 and 1, which would make more than n_k samples leave).
 0 log 0 is taken as 0 in the entropy feature (the reference gets NaN). A sample whose scores are
 all 0 gets a zero KL target. The K heads of all budgets and trials train together as one batch of
-independent models: Adam's update is element-wise, so this is the same as separate fits. Each
-model is initialised like ``nn.Linear`` from a seed derived from (``seed``, budget index, trial).
+independent models: Adam's update is element-wise, so this is the same as separate fits, with
+patience and "best" tracked per model. Each model is initialised like ``nn.Linear`` from a seed
+derived from (``seed``, budget index, trial). The fit runs single-threaded by default
+(``threads``): on the shared 2-core machine, intra-op threading made it 2-5x slower.
+
+Cost. Each step is O(models x K x batch x in x floor(0.5 in)). On 2 busy CPU cores, digits-sized
+val (~270 samples, C = 10, K = 4, 8 budgets, 1000 epochs) fits in about a minute. CIFAR-100-sized
+val (5000, C = 100, K = 7, 8 budgets, 1000 epochs of 10 batches) needs 10-20 minutes.
 """
 
 from __future__ import annotations
@@ -80,15 +90,15 @@ from ..calibration import exit_indices, exit_thresholds
 from . import register_posthoc
 from .base import PosthocMethod, ScoredOutputs
 
-INFERENCE_CHUNK = 4096
+INFERENCE_ELEMENTS = 1 << 22  # models x exits x samples x inputs held at once when scoring
 
 
 @contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run tiny tensor ops on one thread: on a shared machine, intra-op thread synchronisation
-    makes them up to 100x slower than the work itself."""
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (None: leave it)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -240,6 +250,7 @@ class EENet(PosthocMethod):
         patience: int = 100
         cost_tolerance: float = 0.1  # cost loss below which an epoch may be kept as best
         budget_tolerance: float = 0.1  # trials within this relative cost error are eligible
+        threads: int | None = 1  # intra-op threads while fitting; None: torch's setting
 
         def validate(self) -> None:
             if min(self.n_budgets, self.trials, self.epochs, self.patience) < 1:
@@ -250,6 +261,8 @@ class EENet(PosthocMethod):
                 raise ValueError("budgets must be a non-empty list of positive FLOPs")
             if self.lr <= 0 or self.hidden_ratio <= 0:
                 raise ValueError("lr and hidden_ratio must be > 0")
+            if self.threads is not None and self.threads < 1:
+                raise ValueError("threads must be >= 1 or null")
 
     test_params = {"n_budgets": 2, "epochs": 60, "lr": 1e-2, "period": 5, "patience": 20,
                    "batch_size": 256}
@@ -280,7 +293,7 @@ class EENet(PosthocMethod):
         seeds = [self._seed(b, t) for b in range(n_b) for t in range(n_t)]  # model m = b * n_t + t
         bank = SchedulerBank(feats.shape[0], feats.shape[2] - 2, p.hidden_ratio, seeds)
         budgets = self.budgets.float().repeat_interleave(n_t)
-        with single_thread():
+        with intra_op_threads(p.threads):
             best = self._train(bank, feats, correct, budgets)
             raw, pi = self._evaluate(bank, feats, best)
         chosen = self._choose_trials(raw, pi, correct)
@@ -338,9 +351,10 @@ class EENet(PosthocMethod):
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw scores (M, K, N) and exit distributions pi = mean_x q(x) (M, K)."""
         raws, q_sum = [], 0
+        chunk = max(1, INFERENCE_ELEMENTS // (len(params["a"]) * bank.K * bank.D))
         with torch.no_grad():
-            for i in range(0, feats.shape[1], INFERENCE_CHUNK):
-                raw, _, r = bank.forward(feats[:, i : i + INFERENCE_CHUNK], params)
+            for i in range(0, feats.shape[1], chunk):
+                raw, _, r = bank.forward(feats[:, i : i + chunk], params)
                 raws.append(raw)
                 q_sum = q_sum + r.softmax(dim=1).double().sum(dim=2)
         return torch.cat(raws, dim=2), q_sum / feats.shape[1]
@@ -363,7 +377,8 @@ class EENet(PosthocMethod):
         if self.bank is None:
             raise RuntimeError("eenet: call fit before score")
         feats = exit_features(cache["logits"])
-        raw, _ = self._evaluate(self.bank, feats, self.chosen)
+        with intra_op_threads(self.params.threads):
+            raw, _ = self._evaluate(self.bank, feats, self.chosen)
         probs = cache["logits"].float().softmax(dim=-1)
         return ScoredOutputs(scores=raw, predictions=probs.argmax(dim=-1), probabilities=probs,
                              exit_distributions=self.exit_distributions.clone(),

@@ -1,0 +1,19 @@
+import sys
+
+sys.path.insert(0, snakemake.scriptdir + "/..")
+
+import pandas as pd  # noqa: E402
+
+from eebench import io, smk  # noqa: E402
+from eebench.report import table1, table_markdown  # noqa: E402
+
+with smk.logged(snakemake):
+    spec = snakemake.params.spec
+    budgeted = pd.read_csv(snakemake.input.budgeted)
+    table = table1(snakemake.config, budgeted, spec)
+    io.write_csv(snakemake.output.csv, table)
+    note = (f"Budgeted-batch top-1 accuracy (%) of the joint gater on {spec['dataset']} / "
+            f"{spec['architecture']}, per input feature set. Each value is read off the budgeted curve "
+            "by linear interpolation at the budget (MSDNet protocol, 39 budgets, thresholds from val), "
+            "then averaged over seeds (± standard deviation when there are several).")
+    io.write_text(snakemake.output.md, table_markdown(table, "Table 1", note))
