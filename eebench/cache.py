@@ -35,11 +35,24 @@ def load_cache(path: str | Path, expect_meta: dict[str, Any] | None = None) -> d
     cache["logits"] = logits.float()
     if "confidences" in cache and cache["confidences"].shape != logits.shape[:2]:
         raise CorruptFileError(f"{path}: 'confidences' must be {tuple(logits.shape[:2])}")
-    for key, want in (expect_meta or {}).items():
-        have = cache.get("meta", {}).get(key)
-        if have != want:
-            raise StaleCacheError(f"{path}: stale cache: {key} is {have!r}, expected {want!r}; rebuild it")
+    check_meta(path, cache, expect_meta)
     return cache
+
+
+def check_meta(path: str | Path, record: dict[str, Any], expect_meta: dict[str, Any] | None) -> None:
+    """Raise StaleCacheError when ``record['meta']`` differs from ``expect_meta``."""
+    meta = record.get("meta")
+    if expect_meta and not isinstance(meta, dict):
+        raise StaleCacheError(f"{path}: stale cache: it has no record of what produced it (no 'meta' entry); "
+                              "delete it and rerun the workflow to rebuild it")
+    for key, want in (expect_meta or {}).items():
+        have = meta.get(key)
+        if have != want:
+            raise StaleCacheError(
+                f"{path}: stale cache: its {key} is {have!r}, this configuration expects {want!r} (it was "
+                "made from other weights, another split or another config); delete it and rerun the "
+                "workflow to rebuild it"
+            )
 
 
 class StaleCacheError(CorruptFileError):

@@ -35,23 +35,27 @@ def geometric_exit_distributions(num_exits: int, n_budgets: int = N_BUDGETS) -> 
 
 
 def exit_thresholds(val_scores: torch.Tensor, exit_distributions: torch.Tensor) -> torch.Tensor:
-    """Per-budget, per-exit thresholds (B, K) from val scores (K, N) or (B, K, N)."""
+    """Per-budget, per-exit thresholds (B, K) from val scores (K, N) or (B, K, N).
+
+    Scores shared by every budget, (K, N), are sorted once per exit; only the set of samples still
+    remaining differs between budgets. In score order, the running count of remaining samples is
+    non-decreasing, so the n_k-th remaining sample is found by a binary search of that count.
+    """
     n_budgets, num_exits = exit_distributions.shape
-    scores = val_scores if val_scores.dim() == 3 else val_scores.expand(n_budgets, -1, -1)
-    n = scores.shape[-1]
+    shared = val_scores.dim() == 2
+    n = val_scores.shape[-1]
     counts = torch.floor(n * exit_distributions).long()  # (B, K)
-    thresholds = torch.full((n_budgets, num_exits), NO_EXIT, dtype=scores.dtype)
+    thresholds = torch.full((n_budgets, num_exits), NO_EXIT, dtype=val_scores.dtype)
     remaining = torch.ones(n_budgets, n, dtype=torch.bool)
     for k in range(num_exits - 1):
-        score_k = scores[:, k, :]  # (B, N)
+        score_k = val_scores[k][None, :] if shared else val_scores[:, k, :]  # (1 or B, N)
         sorted_scores, order = score_k.sort(dim=1, descending=True, stable=True)
-        remaining_sorted = remaining.gather(1, order)
-        rank = remaining_sorted.cumsum(dim=1)  # rank among the remaining, in score order
-        wanted = counts[:, k : k + 1]
-        hit = remaining_sorted & (rank == wanted)
-        found = hit.any(dim=1) & (wanted[:, 0] > 0)
-        position = hit.float().argmax(dim=1)
-        value = sorted_scores.gather(1, position[:, None])[:, 0]
+        remaining_sorted = remaining.index_select(1, order[0]) if shared else remaining.gather(1, order)
+        rank = remaining_sorted.cumsum(dim=1, dtype=torch.int64)  # rank among the remaining, in score order
+        wanted = counts[:, k : k + 1].contiguous()
+        found = (wanted[:, 0] > 0) & (rank[:, -1] >= wanted[:, 0])
+        position = torch.searchsorted(rank, wanted).clamp_(max=n - 1)  # first place the rank reaches n_k
+        value = sorted_scores.expand(n_budgets, -1).gather(1, position)[:, 0]
         thresholds[:, k] = torch.where(found, value, thresholds[:, k])
         remaining &= ~(score_k >= thresholds[:, k : k + 1])
     thresholds[:, -1] = TAKE_ALL
@@ -60,11 +64,13 @@ def exit_thresholds(val_scores: torch.Tensor, exit_distributions: torch.Tensor) 
 
 def exit_indices(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """(B, N) index of the exit each sample leaves at: the first k with score_k >= T_k."""
-    n_budgets = thresholds.shape[0]
-    scores = scores if scores.dim() == 3 else scores.expand(n_budgets, -1, -1)
-    leaves = scores >= thresholds[:, :, None]  # (B, K, N)
-    leaves[:, -1, :] = True
-    return leaves.to(torch.uint8).argmax(dim=1)
+    n_budgets, num_exits = thresholds.shape
+    shared = scores.dim() == 2
+    exits = torch.full((n_budgets, scores.shape[-1]), num_exits - 1, dtype=torch.long)
+    for k in range(num_exits - 2, -1, -1):  # the last exit takes whoever is left
+        score_k = scores[k][None, :] if shared else scores[:, k, :]
+        exits = torch.where(score_k >= thresholds[:, k : k + 1], k, exits)
+    return exits
 
 
 @dataclass
@@ -108,8 +114,8 @@ def budgeted_curve(
     thresholds = exit_thresholds(val_scores, exit_distributions)
     exits = exit_indices(test_scores, thresholds)  # (B, N)
     n_test = exits.shape[1]
-    one_hot = torch.nn.functional.one_hot(exits, num_exits).to(torch.float64)  # (B, N, K)
-    fractions = one_hot.sum(dim=1) / n_test
+    counts = torch.zeros(exits.shape[0], num_exits, dtype=torch.float64)
+    fractions = counts.scatter_add_(1, exits, torch.ones_like(exits, dtype=torch.float64)) / n_test
     correct = test_correct.T.gather(1, exits.T).T  # (B, N): correctness at the chosen exit
     return BudgetedCurve(
         q=q.numpy(),

@@ -93,10 +93,24 @@ def cmd_budgeted(args: argparse.Namespace) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
-    from .config import ConfigError, check_config, load_config
+    """What the workflow checks at start (schema, registries, data), plus Table 1's budgets
+    against its architecture's traced FLOPs (seconds; the workflow checks those once traced)."""
+    from .config import ConfigError, check_budgets, check_config, check_data, load_config, validate_schema
 
     try:
-        check_config(load_config(args.config))
+        config = load_config(args.config)
+        validate_schema(config)
+        check_config(config)
+        if not args.no_data:
+            check_data(config)
+        table = config.get("report", {}).get("table1")
+        if table is not None and not args.no_flops:
+            from .datasets import dataset_info
+            from .pipeline import build_network, flops_record
+
+            network = build_network(config, table["dataset"], table["architecture"])
+            record = flops_record(network, dataset_info(table["dataset"]).input, config["flops_convention"])
+            check_budgets(config, record["flops"])
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     print(f"{args.config}: ok")
@@ -126,8 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="CSV to write")
     p.set_defaults(func=cmd_budgeted)
 
-    p = sub.add_parser("check-config", help="validate a config against the registries")
+    p = sub.add_parser("check-config", help="validate a config: schema, registries, data, Table 1 budgets")
     p.add_argument("config")
+    p.add_argument("--no-data", action="store_true", help="do not check that the datasets are in data_dir")
+    p.add_argument("--no-flops", action="store_true", help="do not trace FLOPs to check Table 1's budgets")
     p.set_defaults(func=cmd_check_config)
 
     args = parser.parse_args(argv)

@@ -37,12 +37,100 @@ class Cell:
         return f"{self.dataset}/{self.arch}/{self.variant}/seed{self.seed}"
 
 
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} not found")
-    with open(path) as f:
-        return yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys to values, got {type(config).__name__}")
+    return config
+
+
+def validate_schema(config: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> None:
+    """Check ``config`` against the JSON schema and fill in its defaults (as Snakemake's
+    ``validate`` does); the first error is raised as a ConfigError naming the key
+    (``datasets.digits.resources.mem_mb``), the bad value and what is allowed."""
+    import jsonschema
+
+    with open(schema_path) as f:
+        schema = yaml.safe_load(f)
+    if not isinstance(config, dict):
+        raise ConfigError(f"config: expected a mapping of keys to values, got {type(config).__name__}")
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if errors:
+        raise ConfigError(_schema_message(jsonschema.exceptions.best_match(errors)))
+    _set_defaults(config, schema, schema)
+
+
+def _key_path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+               "array": "a list", "object": "a mapping of keys to values", "null": "null"}
+
+
+def _schema_message(err: Any) -> str:
+    where = _key_path(err.absolute_path) or "(top level)"
+    value, rule, kind = err.instance, err.validator_value, err.validator
+    if kind == "type":
+        types = rule if isinstance(rule, list) else [rule]
+        allowed = " or ".join(_TYPE_NAMES.get(t, t) for t in types)
+    elif kind == "enum":
+        allowed = "one of " + ", ".join(map(str, rule))
+    elif kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        sign = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[kind]
+        allowed = f"a number {sign} {rule}"
+    elif kind == "pattern":
+        allowed = f"a string matching {rule}"
+    elif kind in ("minItems", "minProperties"):
+        allowed = f"at least {rule} {'item' if kind == 'minItems' else 'entry'}{'s' if rule != 1 else ''}"
+    elif kind == "additionalProperties":
+        known = sorted(err.schema.get("properties", {}))
+        unknown = sorted(set(value) - set(known))
+        names = ", ".join(map(repr, unknown))
+        return (f"config {where}: unknown key{'s' if len(unknown) > 1 else ''} {names}; "
+                f"allowed: {', '.join(known) if known else 'none'}")
+    elif kind == "required":
+        missing = [k for k in rule if k not in value]
+        return f"config {where}: required key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} missing"
+    else:
+        return f"config {where}: {err.message}"
+    return f"config {where}: {value!r} is not allowed; allowed: {allowed}"
+
+
+def _set_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -> None:
+    """Fill missing keys that have a ``default`` in the schema, recursively."""
+    if "$ref" in schema:
+        target: Any = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        schema = target
+    if isinstance(instance, dict):
+        properties = schema.get("properties", {})
+        for key, sub in properties.items():
+            if key not in instance and "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+            if key in instance:
+                _set_defaults(instance[key], sub, root)
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in instance.keys() - properties.keys():
+                _set_defaults(instance[key], extra, root)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            _set_defaults(item, schema["items"], root)
 
 
 def is_posthoc(config: dict[str, Any], variant: str) -> bool:
@@ -120,9 +208,12 @@ def check_config(config: dict[str, Any]) -> None:
         allowed_text = ", ".join(map(str, allowed)) if isinstance(allowed, (list, tuple)) else allowed
         raise ConfigError(f"config {where}: {value!r} is not allowed; allowed: {allowed_text}")
 
-    for name in config["datasets"]:
+    from .training import Recipe
+
+    for name, spec in config["datasets"].items():
         if name not in DATASETS:
             fail(f"datasets.{name}", name, list(DATASETS))
+        _wrap(lambda: registry.build_params(Recipe, spec.get("recipe", {}), f"config datasets.{name}.recipe"))
     for name, arch in config["architectures"].items():
         if arch["family"] not in list_architectures():
             fail(f"architectures.{name}.family", arch["family"], list_architectures())
@@ -132,8 +223,16 @@ def check_config(config: dict[str, Any]) -> None:
         if variant["method"] not in METHODS.names():
             fail(f"methods.{name}.method", variant["method"], METHODS.names())
         _wrap(lambda: METHODS.make_params(variant["method"], variant["params"]), f"methods.{name}.params")
+        _wrap(lambda: registry.build_params(Recipe, variant["recipe"], f"config methods.{name}.recipe"))
         if variant["init_from"] is not None and variant["init_from"] not in config["methods"]:
             fail(f"methods.{name}.init_from", variant["init_from"], list(config["methods"]))
+    for name in config["methods"]:  # init_from chains must end
+        chain = [name]
+        while (parent := config["methods"][chain[-1]].get("init_from")) is not None:
+            if parent in chain:
+                raise ConfigError(f"config methods.{name}.init_from: {' -> '.join(chain + [parent])} is a cycle; "
+                                  "allowed: a chain that ends at a variant trained from scratch")
+            chain.append(parent)
     for name in config.get("posthoc", {}):
         variant = posthoc_variant(config, name)
         if variant["method"] not in POSTHOC.names():
@@ -141,6 +240,7 @@ def check_config(config: dict[str, Any]) -> None:
         _wrap(lambda: POSTHOC.make_params(variant["method"], variant["params"]), f"posthoc.{name}.params")
         if variant["base"] not in config["methods"]:
             fail(f"posthoc.{name}.base", variant["base"], list(config["methods"]))
+    built: set[tuple[str, str]] = set()
     for i, exp in enumerate(config["experiments"]):
         for key, known in (("datasets", config["datasets"]), ("architectures", config["architectures"]),
                            ("methods", config["methods"]), ("posthoc", config.get("posthoc", {}))):
@@ -155,7 +255,34 @@ def check_config(config: dict[str, Any]) -> None:
                          dataset, get_architecture(family).datasets)
                 for variant in exp.get("methods", []):
                     _wrap(lambda: recipe_for(config, dataset, variant), f"recipe for {dataset}/{variant}")
+                if (arch, dataset) not in built:
+                    _check_buildable(config, arch, dataset)
+                    built.add((arch, dataset))
     _check_report(config, fail)
+
+
+def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:
+    """The checks a network runs on its config and the dataset's input size before it allocates
+    anything (a scale list that does not fit the input, early exits that do not fit the depth),
+    without building it: milliseconds, where building even on the meta device takes seconds."""
+    import inspect
+
+    from models import make_config
+
+    family, params = architecture(config, arch)
+    spec = DATASETS[dataset].input
+    try:
+        arch_config = make_config(family, params)
+        validate = getattr(arch_config, "validate", None)
+        if validate is not None and "input_size" in inspect.signature(validate).parameters:
+            validate(spec.size)  # msdnet, ranet: scales that fit the input size
+        if family == "ee_resnet":
+            from models.ee_resnet import exit_positions, resnet_plan
+
+            exit_positions(arch_config, resnet_plan(arch_config, spec))  # early exits that fit the depth
+    except (ValueError, TypeError, KeyError) as err:
+        message = err.args[0] if err.args else str(err)
+        raise ConfigError(f"config architectures.{arch}.params (on dataset {dataset!r}): {message}") from None
 
 
 def _check_report(config: dict[str, Any], fail) -> None:
@@ -188,6 +315,59 @@ def _check_report(config: dict[str, Any], fail) -> None:
                                  ("plain", known["architectures"])):
                 if row[key] not in allowed:
                     fail(f"report.eenets_table.rows[{i}].{key}", row[key], allowed)
+
+
+# what must be in data_dir for each dataset read from disk (any one of the names)
+DATA_FILES = {
+    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz"),
+    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz"),
+    "mnist": ("MNIST",),
+    "svhn": ("train_32x32.mat",),
+    "imagenet": (),  # ImageFolder trees: only the directory is checked
+    "tinyimagenet": (),
+}
+
+
+def check_data(config: dict[str, Any]) -> None:
+    """Every dataset of the experiments is in ``data_dir`` (unless ``download`` is on): a missing
+    directory fails at workflow start, not in the first job that reads it."""
+    from .datasets import _HOW_TO_PROVIDE
+
+    if config.get("download", False):
+        return
+    used = sorted({d for exp in config["experiments"] for d in exp["datasets"]})
+    root = Path(config["data_dir"])
+    for dataset in used:
+        names = DATA_FILES.get(dataset)
+        if names is None:  # embedded (digits)
+            continue
+        if not root.is_dir():
+            raise ConfigError(
+                f"config data_dir: {config['data_dir']!r} is not a directory ({root.resolve()}), but dataset "
+                f"{dataset!r} is read from it: {_HOW_TO_PROVIDE[dataset]}; or set data_dir to where the data is"
+            )
+        if names and not any((root / name).exists() for name in names):
+            raise ConfigError(
+                f"config data_dir: {config['data_dir']!r} ({root.resolve()}) has no {' or '.join(names)} for "
+                f"dataset {dataset!r}: {_HOW_TO_PROVIDE[dataset]}"
+            )
+
+
+def check_budgets(config: dict[str, Any], exit_flops: list[float]) -> None:
+    """Table 1's budgets lie within the FLOPs range of its architecture (first to last exit);
+    ``exit_flops`` is that architecture's per-exit cumulative FLOPs (``results/flops/...json``)."""
+    spec = config.get("report", {}).get("table1")
+    if spec is None:
+        return
+    low, high = min(exit_flops), max(exit_flops)
+    outside = [b for b in spec["budgets"] if not low <= b <= high]
+    if outside:
+        raise ConfigError(
+            f"config report.table1.budgets: {', '.join(f'{b:.4g}' for b in outside)} "
+            f"{'is' if len(outside) == 1 else 'are'} outside the FLOPs range of {spec['architecture']!r} on "
+            f"{spec['dataset']!r}; allowed: budgets from {low:.4g} (first exit) to {high:.4g} (last exit) "
+            "FLOPs per image"
+        )
 
 
 def _wrap(fn, where: str = "") -> Any:

@@ -139,7 +139,8 @@ class _KeepAllOutputs(nn.Module):
         return out + kept
 
 
-def _count(module: nn.Module, example: torch.Tensor, convention: str) -> int:
+def _analysis(module: nn.Module, example: torch.Tensor, convention: str) -> Any:
+    """An fvcore analysis of ``module`` (every leaf output kept) under ``convention``."""
     from fvcore.nn import FlopCountAnalysis  # imported late: it is slow and noisy to import
 
     analysis = FlopCountAnalysis(_KeepAllOutputs(module), (example,))
@@ -147,10 +148,18 @@ def _count(module: nn.Module, example: torch.Tensor, convention: str) -> int:
         analysis.set_op_handle(**_REFERENCE_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")
+    return analysis
+
+
+def _run_quietly(compute: Any) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("fvcore").setLevel(logging.ERROR)
-        return int(analysis.total())
+        return compute()
+
+
+def _count(module: nn.Module, example: torch.Tensor, convention: str) -> int:
+    return int(_run_quietly(_analysis(module, example, convention).total))
 
 
 def _calls_per_prefix(network: MultiExitNetwork, example: torch.Tensor) -> list[dict[int, int]]:
@@ -188,24 +197,15 @@ def _flops_from_one_trace(network: MultiExitNetwork, example: torch.Tensor, conv
     operations to the exits whose prefix runs it. Returns None when that attribution is not exact:
     operations outside any submodule, or a module that runs a different number of times in a
     prefix than in the whole network (then every prefix is traced on its own)."""
-    from fvcore.nn import FlopCountAnalysis
-
-    full = ExitPrefix(network, network.num_exits)
-    analysis = FlopCountAnalysis(full, (example,))
-    if convention == "reference":
-        analysis.set_op_handle(**_REFERENCE_HANDLES)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("fvcore").setLevel(logging.ERROR)
-        by_module = analysis.by_module()
-    names = {id(m): ("network." + n if n else "network") for n, m in network.named_modules()}
+    analysis = _analysis(ExitPrefix(network, network.num_exits), example, convention)
+    by_module = _run_quietly(analysis.by_module)
+    root = "module.network"
+    names = {id(m): (f"{root}.{n}" if n else root) for n, m in network.named_modules()}
     own: dict[int, int] = {}
     for module in network.modules():
-        name = names[id(module)]
         children = sum(by_module.get(names[id(c)], 0) for c in module.children())
-        own[id(module)] = by_module.get(name, 0) - children
-    if by_module.get("", 0) != by_module.get("network", 0) or own[id(network)] != 0:
+        own[id(module)] = by_module.get(names[id(module)], 0) - children
+    if by_module.get("", 0) != by_module.get(root, 0) or own[id(network)] != 0:
         return None
     all_calls = prefix_calls[-1]
     flops = []

@@ -8,6 +8,7 @@ place, so a killed job leaves the old file or the new one, never half of one. Te
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -29,7 +30,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -40,6 +42,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary files a killed writer of ``path`` left behind (its process is gone)."""
+    for orphan in path.parent.glob(f".{glob.escape(path.name)}.pid*.tmp"):
+        pid = orphan.name[len(path.name) + 5 :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            orphan.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -67,8 +87,8 @@ def write_csv(path: str | os.PathLike, frame: Any) -> None:
 
 
 def save_tensors(path: str | os.PathLike, obj: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # through a handle: the archive's inner name is fixed, so the bytes are too
 
 
 def load_tensors(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
@@ -81,11 +101,23 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
             with np.load(path, allow_pickle=False) as data:
                 return {key: torch.from_numpy(data[key]) for key in data.files}
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-            raise CorruptFileError(f"{path}: corrupt or truncated {what} ({err})") from None
+            raise CorruptFileError(f"{path}: corrupt or truncated {what} ({err}); delete it to have it rebuilt") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        lines = text.splitlines()
+        if "Weights only load failed" in text:  # the pickle names objects other than tensors
+            detail = next((line.strip() for line in lines if "GLOBAL" in line), None)
+            if detail is not None:
+                raise CorruptFileError(
+                    f"{path}: refused to load this {what}: it holds Python objects other than tensors "
+                    f"({detail}), and files are read as data only (torch.load with weights_only=True), "
+                    "never unpickled as code. Use a file written by this harness, or delete it to have "
+                    "it rebuilt"
+                ) from None
+            lines = [line for line in lines if "Unsupported" in line] or ["not a file written by torch.save"]
+        first = lines[0].strip().split(". ")[0] if lines else type(err).__name__
         raise CorruptFileError(
             f"{path}: corrupt, truncated or not a tensor file ({what}): {first[:200]}; "
             "delete it to have it rebuilt"

@@ -15,10 +15,10 @@ import torch
 
 from models import InputSpec, MultiExitNetwork, build_model
 
-from . import io
-from .cache import correctness, load_cache, scored_outputs
+from . import distributed, io
+from .cache import check_meta, correctness, load_cache, scored_outputs
 from .calibration import anytime_curve, budgeted_curve, confidence_exit
-from .config import (Cell, architecture, cell_fingerprint, is_posthoc, posthoc_variant,
+from .config import (Cell, architecture, cell_fingerprint, check_budgets, dependencies, is_posthoc, posthoc_variant,
                      recipe_for, resolved_cell_config, training_variant)
 from .datasets import dataset_info, load_pool, make_split, split_images
 from .flops import baseline_cost, exit_costs
@@ -45,8 +45,25 @@ def read_split(path: str) -> dict[str, np.ndarray]:
     data = io.load_tensors(path, what="split index file")
     missing = {"train", "val", "test"} - set(data)
     if missing:
-        raise io.CorruptFileError(f"{path}: split index file lacks {sorted(missing)}")
+        raise io.CorruptFileError(f"{path}: split index file lacks {sorted(missing)}; delete it to have it rebuilt")
+    for key in ("train", "val", "test"):
+        index = data[key]
+        if index.dim() != 1 or index.is_floating_point() or index.dtype == torch.bool or \
+                (len(index) and int(index.min()) < 0):
+            raise io.CorruptFileError(f"{path}: '{key}' must be a list of non-negative integer indices, got "
+                                      f"{index.dtype} of shape {tuple(index.shape)}; delete it to have it rebuilt")
+    if np.intersect1d(data["train"].numpy(), data["val"].numpy()).size:
+        raise io.CorruptFileError(f"{path}: train and val share images; delete it to have it rebuilt")
     return {k: v.numpy() for k, v in data.items()}
+
+
+def _check_split_fits(split: dict[str, np.ndarray], pool: Any, path: str) -> None:
+    sizes = {"train": len(pool.train_labels), "val": len(pool.train_labels),
+             "test": len(pool.test_labels) or len(pool.train_labels)}
+    for key, size in sizes.items():
+        if len(split[key]) and int(split[key].max()) >= size:
+            raise io.CorruptFileError(f"{path}: '{key}' index {int(split[key].max())} is out of range for a pool "
+                                      f"of {size} images (a split of another dataset?); delete it to have it rebuilt")
 
 
 def build_network(config: dict[str, Any], dataset: str, arch: str) -> MultiExitNetwork:
@@ -67,6 +84,9 @@ def flops_record(network: MultiExitNetwork, input_spec: InputSpec, convention: s
 def write_flops(config: dict[str, Any], dataset: str, arch: str, out: str) -> None:
     network = build_network(config, dataset, arch)
     record = flops_record(network, dataset_info(dataset).input, config["flops_convention"])
+    table = config.get("report", {}).get("table1")
+    if table is not None and (table["dataset"], table["architecture"]) == (dataset, arch):
+        check_budgets(config, record["flops"])  # the first job that knows the FLOPs: fail before training
     io.write_json(out, record)
     log.info("%s/%s FLOPs per exit (M): %s", dataset, arch, [round(f / 1e6, 2) for f in record["flops"]])
 
@@ -74,14 +94,32 @@ def write_flops(config: dict[str, Any], dataset: str, arch: str, out: str) -> No
 def read_flops(path: str) -> dict[str, Any]:
     record = io.read_json(path)
     if not isinstance(record, dict) or "flops" not in record:
-        raise io.CorruptFileError(f"{path}: expected a JSON object with a 'flops' list")
+        raise io.CorruptFileError(f"{path}: expected a JSON object with a 'flops' list; delete it to have it rebuilt")
+    flops = record["flops"]
+    if (not isinstance(flops, list) or not flops
+            or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in flops)
+            or any(b < a for a, b in zip(flops, flops[1:]))):
+        raise io.CorruptFileError(f"{path}: 'flops' must be a non-empty, non-decreasing list of positive numbers "
+                                  f"(cumulative FLOPs per exit), got {flops!r:.200}; delete it to have it rebuilt")
     return record
 
 
+def _load_state(network: torch.nn.Module, state: dict[str, Any], path: str) -> None:
+    """Load weights into ``network``; weights of another architecture name the file, not torch internals."""
+    try:
+        network.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+        first = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])[:300] or type(err).__name__
+        raise io.CorruptFileError(f"{path}: these weights do not fit {type(network).__name__} as configured "
+                                  f"({first}); retrain or use the weights of this architecture") from None
+
+
 # --- train -----------------------------------------------------------------------------------
-def _train_data(config: dict[str, Any], dataset: str, split: dict[str, np.ndarray]) -> TrainData:
+def _train_data(config: dict[str, Any], dataset: str, split_path: str) -> TrainData:
+    split = read_split(split_path)
     info = dataset_info(dataset)
     pool = load_pool(dataset, config["data_dir"], config.get("download", False))
+    _check_split_fits(split, pool, split_path)
     train_images, train_labels = split_images(pool, split, "train")
     val_images, val_labels = split_images(pool, split, "val")
     return TrainData(train_images, train_labels, val_images, val_labels, info.mean, info.std,
@@ -107,12 +145,12 @@ def train_cell(config: dict[str, Any], cell: Cell, split_path: str, flops_path: 
     network = build_network(config, cell.dataset, cell.arch)
     fingerprint = cell_fingerprint(config, cell)
     if init_weights is not None:
-        parent = load_weights(init_weights)
-        network.load_state_dict(parent["model"])
+        parent = load_weights(init_weights, expect_fingerprint=cell_fingerprint(config, dependencies(config, cell)[0]))
+        _load_state(network, parent["model"], init_weights)
         log.info("initialised from %s", init_weights)
     recipe = recipe_for(config, cell.dataset, cell.variant)
     device = pick_device(config.get("device", "auto"))
-    data = _train_data(config, cell.dataset, read_split(split_path))
+    data = _train_data(config, cell.dataset, split_path)
     flops = read_flops(flops_path)
 
     def report(row: dict[str, Any]) -> None:
@@ -123,6 +161,8 @@ def train_cell(config: dict[str, Any], cell: Cell, split_path: str, flops_path: 
     result = train(network, _method_factory(config, cell.variant), data, recipe, _exit_costs(flops),
                    dataset_info(cell.dataset).input.num_classes, cell.seed, state_dir, fingerprint,
                    device, on_epoch=report, stop_after_batches=stop_after_batches)
+    if not distributed.current().is_main:  # [ddp] under torchrun process 0 writes the outputs
+        return
     io.save_tensors(weights_out, {
         "model": {k: v.cpu() for k, v in result.model.state_dict().items()},
         "method": result.method.state_dict(), "fingerprint": fingerprint,
@@ -138,7 +178,7 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
     fingerprint = cell_fingerprint(config, cell)
     state = load_weights(weights, expect_fingerprint=fingerprint)
     network = build_network(config, cell.dataset, cell.arch)
-    network.load_state_dict(state["model"])
+    _load_state(network, state["model"], weights)
     device = pick_device(config.get("device", "auto"))
     network.to(device)
     channels_last = device.type == "cuda"
@@ -173,26 +213,43 @@ def posthoc_cell(config: dict[str, Any], cell: Cell, flops_path: str, val_cache:
     cls = POSTHOC.get(spec["method"])
     params = POSTHOC.make_params(spec["method"], spec["params"], f"posthoc.{cell.variant}.params")
     method = cls(params, read_flops(flops_path)["flops"], seed=cell.seed)
-    val = load_cache(val_cache, {"part": "val"})
-    train_part = load_cache(train_cache, {"part": "train"}) if train_cache else None
+    base_fingerprint = _expected_meta(config, cell, "val")["fingerprint"]
+    val = load_cache(val_cache, {"part": "val", "fingerprint": base_fingerprint})
+    train_part = load_cache(train_cache, {"part": "train", "fingerprint": base_fingerprint}) if train_cache else None
     method.fit(val, train_part)
     for part, path in (("val", val_cache), ("test", test_cache)):
-        cache = val if part == "val" else load_cache(path, {"part": "test"})
+        cache = val if part == "val" else load_cache(path, {"part": "test", "fingerprint": base_fingerprint})
         scored = method.score(cache)
         record = {k: v for k, v in vars(scored).items() if v is not None}
         record["labels"] = cache["labels"]
         record["fitted"] = method.state_dict()
+        record["meta"] = _expected_meta(config, cell, part)
         io.save_tensors(outs[part], record)
 
 
 # --- evaluate --------------------------------------------------------------------------------
+def _expected_meta(config: dict[str, Any], cell: Cell, part: str) -> dict[str, Any]:
+    """What a cache (or post-hoc scores) of ``cell`` must record: the training cell's fingerprint,
+    the part, and for post-hoc scores the post-hoc variant's settings."""
+    if not is_posthoc(config, cell.variant):
+        return {"part": part, "fingerprint": cell_fingerprint(config, cell)}
+    spec = posthoc_variant(config, cell.variant)
+    base = Cell(cell.dataset, cell.arch, spec["base"], cell.seed)
+    return {"part": part, "fingerprint": cell_fingerprint(config, base), "posthoc": io.stable_hash(spec)}
+
+
 def _scored(config: dict[str, Any], cell: Cell, path: str, part: str) -> tuple[ScoredOutputs, torch.Tensor]:
-    data = io.load_tensors(path, what=f"{part} scores")
-    if "scores" in data:  # written by a post-hoc method
+    if is_posthoc(config, cell.variant):  # written by a post-hoc method
+        data = io.load_tensors(path, what=f"{part} post-hoc scores")
+        for key in ("scores", "predictions", "labels"):
+            if key not in data:
+                raise io.CorruptFileError(f"{path}: post-hoc scores have no {key!r} entry (keys: {sorted(data)}); "
+                                          "delete it to have it rebuilt")
+        check_meta(path, data, _expected_meta(config, cell, part))
         fields = {k: data.get(k) for k in ("scores", "predictions", "probabilities",
                                           "exit_distributions", "budget_targets")}
         return ScoredOutputs(**fields), data["labels"].long()
-    cache = load_cache(path, {"part": part})
+    cache = load_cache(path, _expected_meta(config, cell, part))
     exit_score = getattr(METHODS.get(training_variant(config, cell.variant)["method"]), "exit_score", "max_softmax")
     return scored_outputs(cache, exit_score), cache["labels"]
 
@@ -202,6 +259,11 @@ def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: 
     flops = read_flops(flops_path)
     val, _ = _scored(config, cell, val_path, "val")
     test, labels = _scored(config, cell, test_path, "test")
+    for path, scored in ((val_path, val), (test_path, test)):
+        exits = scored.predictions.shape[0]  # scores may carry a leading budget axis
+        if exits != len(flops["flops"]):
+            raise io.CorruptFileError(f"{path} has {exits} exits but {flops_path} has "
+                                      f"{len(flops['flops'])}; delete the stale one to have it rebuilt")
     correct = correctness(test, labels)
     curve = budgeted_curve(val.scores, test.scores, correct, flops["flops"], val.exit_distributions)
     budgeted = pd.DataFrame(curve.rows())

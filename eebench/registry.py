@@ -56,6 +56,10 @@ class Registry:
         return build_params(cls.Params, params or {}, f"{where or self.kind + ' ' + repr(name)}")
 
 
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
 def _type_ok(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if annotation is Any:
@@ -95,7 +99,7 @@ def build_params(params_class: type, values: dict[str, Any], where: str) -> Any:
     for key, value in values.items():
         if not _type_ok(value, hints[key]):
             raise ValueError(
-                f"{where}: parameter {key!r} = {value!r} has the wrong type; expected {hints[key]}"
+                f"{where}: parameter {key!r} = {value!r} has the wrong type; expected {_type_name(hints[key])}"
             )
     params = params_class(**values)
     check = getattr(params, "validate", None)

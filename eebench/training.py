@@ -22,6 +22,7 @@ import torch
 
 from models import MultiExitNetwork
 
+from . import distributed
 from .augment import crop_flip, epoch_plan, normalize
 from .io import CorruptFileError, load_tensors, save_tensors
 from .methods import TrainContext, TrainingMethod
@@ -209,6 +210,8 @@ def train(
     ``stop_after_batches`` simulates a kill after that many batches (tests).
     """
     device = device or pick_device()
+    dctx, device = distributed.setup(device)  # [ddp] several processes under torchrun; no-op alone
+    dctx.check_batch_size(recipe.batch_size)
     state_path = Path(state_dir) / "checkpoint.pt"
     channels_last = recipe.channels_last == "on" or (recipe.channels_last == "auto" and device.type == "cuda")
     model.to(device)
@@ -248,6 +251,11 @@ def train(
             log.info("resuming from %s at epoch %d, batch %d", state_path, start_epoch + 1, start_batch)
 
     def checkpoint(epoch: int, batch: int, loss_sum: float = 0.0) -> None:
+        if not math.isfinite(loss_sum):  # never overwrite the last good checkpoint with diverged weights
+            raise TrainingDiverged(f"training diverged in epoch {epoch + 1} (loss sum {loss_sum} after batch "
+                                   f"{batch}); the last good checkpoint is kept in {state_path}")
+        if not dctx.is_main:  # [ddp] process 0 writes
+            return
         save_tensors(state_path, {
             "fingerprint": fingerprint, "epoch": epoch, "batch": batch, "history": history,
             "loss_sum": loss_sum,
@@ -261,6 +269,7 @@ def train(
     std_t = torch.tensor(data.std, device=device)
     total_steps = recipe.epochs * steps_per_epoch
     batches_run = 0
+    attached = dctx.attach(method, optimizer, device)  # [ddp] average gradients over processes
     with _StopSignal() as stop:
         for epoch in range(start_epoch, recipe.epochs):
             plan = epoch_plan(n_train, data.crop_padding, seed, epoch)
@@ -270,10 +279,11 @@ def train(
             first = start_batch if epoch == start_epoch else 0
             loss_sum = torch.full((), resumed_loss if first else 0.0, device=device, dtype=torch.float64)
             for batch in range(first, steps_per_epoch):
-                if stop.received is not None or (stop_after_batches is not None and batches_run >= stop_after_batches):
-                    checkpoint(epoch, batch, float(loss_sum))
+                if (dctx.should_stop(stop.received is not None, batch, device)
+                        or (stop_after_batches is not None and batches_run >= stop_after_batches)):
+                    checkpoint(epoch, batch, float(dctx.mean(loss_sum)))
                     raise SystemExit(128 + (stop.received or signal.SIGTERM))
-                idx = order[batch * recipe.batch_size : (batch + 1) * recipe.batch_size]
+                idx = dctx.shard(order[batch * recipe.batch_size : (batch + 1) * recipe.batch_size])
                 x = normalize(crop_flip(train_images[idx], offsets[idx], flips[idx], data.crop_padding), mean_t, std_t)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -283,11 +293,14 @@ def train(
                         group["lr"] = recipe.lr_at(step, total_steps, steps_per_epoch)
                 loss_sum += step_fn(x, train_labels[idx], optimizer, step).double()
                 batches_run += 1
-            mean_loss = float(loss_sum) / steps_per_epoch  # one host sync per epoch
+            mean_loss = float(dctx.mean(loss_sum)) / steps_per_epoch  # one host sync per epoch
+            dctx.sync_buffers([model, *method.extra_modules().values()])  # [ddp] process 0's BN statistics
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(
-                    f"training diverged at epoch {epoch + 1}: mean loss {mean_loss}; the last good "
-                    f"checkpoint (end of epoch {epoch}) is kept in {state_path}"
+                    f"training diverged at epoch {epoch + 1}: mean loss {mean_loss}; "
+                    + (f"the last good checkpoint is kept in {state_path}" if state_path.exists()
+                       else "no checkpoint had been written yet")
+                    + "; lower the learning rate (a changed recipe starts the cell afresh)"
                 )
             val = run_network(model, data.val_images, data.mean, data.std, recipe.eval_batch_size,
                               device, channels_last, with_features=False, transform=method.eval_outputs)
@@ -296,8 +309,11 @@ def train(
             row.update({f"val_acc_{k + 1}": a for k, a in enumerate(per_exit_accuracy(val["logits"], data.val_labels))})
             history.append(row)
             checkpoint(epoch + 1, 0)
+            dctx.barrier()
             if on_epoch is not None:
                 on_epoch(row)
+    attached.detach()
+    dctx.check_in_sync([model, *method.extra_modules().values()], device)
     return TrainResult(model, method, history, resumed)
 
 

@@ -70,3 +70,35 @@ class ExitPrefix(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.network.forward_all(x, upto=self.k).tensors()
+
+
+# --- gradient rescaling (BoostNet's "gradient equilibrium"), for architectures that offer it ---
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``factor`` in the backward pass.
+
+    Returns ``x`` itself when no gradient will flow (no_grad, inference, FLOPs tracing), so the
+    traced graph of a network using it is unchanged.
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x
+    return _ScaleGradient.apply(x, factor)
+
+
+def gradient_equilibrium(h: torch.Tensor, exit_index: int,
+                         num_exits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the trunk tensor after block ``exit_index`` (0-based) into (head input, trunk
+    output): the head's gradient into ``h`` is scaled by 1/(K-k), the deeper blocks' gradient by
+    (K-k-1)/(K-k). ``num_exits`` is the network's K, also when running only a prefix."""
+    head_input = scale_gradient(h, 1.0 / (num_exits - exit_index))
+    return head_input, scale_gradient(head_input, float(num_exits - exit_index - 1))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import register_architecture
-from .base import ExitOutputs, InputSpec, MultiExitNetwork
+from .base import ExitOutputs, InputSpec, MultiExitNetwork, gradient_equilibrium
 
 IMAGENET_MIN_SIZE = 64  # inputs at least this large get the ImageNet stem and heads
 CIFAR_HEAD_WIDTH = 128
@@ -322,6 +322,7 @@ class MSDNet(MultiExitNetwork):
         config.validate(input_spec.size)
         self.config = config
         self.num_exits = config.n_blocks
+        self.gradient_rescaling = False  # BoostNet's gradient equilibrium, off unless asked for
         imagenet = input_spec.size >= IMAGENET_MIN_SIZE
         coarsest = scale_sizes(input_spec.size, config.n_scales)[-1]
 
@@ -347,13 +348,22 @@ class MSDNet(MultiExitNetwork):
                 layers.append(Transition(plan, config))
         return nn.Sequential(*layers)
 
+    def set_gradient_rescaling(self, enabled: bool) -> None:
+        """Scale head k's gradient into the coarsest scale by 1/(K-k) and the deeper blocks' by
+        (K-k-1)/(K-k), so each block gets the mean of its heads' gradients (BoostNet, IMTA)."""
+        self.gradient_rescaling = enabled
+
     def forward_all(self, x: torch.Tensor, upto: int | None = None) -> ExitOutputs:
         upto = self._check_upto(upto)
         scales = self.stem(x)
         logits, features = [], []
-        for block, head in zip(self.blocks[:upto], self.heads[:upto]):
+        for k, (block, head) in enumerate(zip(self.blocks[:upto], self.heads[:upto])):
             scales = block(scales)
-            out, feats = head(scales[-1])
+            head_input = scales[-1]
+            if self.gradient_rescaling and self.training:
+                head_input, coarsest = gradient_equilibrium(scales[-1], k, self.num_exits)
+                scales = [*scales[:-1], coarsest]
+            out, feats = head(head_input)
             logits.append(out)
             features.append(feats)
         return ExitOutputs(logits=logits, features=features)

@@ -1,19 +1,26 @@
 import sys
 
-from snakemake.utils import validate
-
 sys.path.insert(0, workflow.basedir)
 
 from eebench import smk  # noqa: E402
-from eebench.config import Cell, cell_fingerprint, cells, check_config, is_posthoc  # noqa: E402
-from eebench.config import posthoc_variant, training_variant  # noqa: E402
+from eebench.config import Cell, architecture, cell_fingerprint, cells, check_config, check_data  # noqa: E402
+from eebench.config import is_posthoc, posthoc_variant, training_variant, validate_schema  # noqa: E402
 
 
-validate(config, workflow.source_path("../config/schema.yaml"))
+# the schema (types, structure; fills defaults), then the registries: a bad config fails here, naming
+# the key, the value and what is allowed, before any job starts
+validate_schema(config)  # config/schema.yaml
 check_config(config)
+
+
+onstart:
+    # not in a dry run (-n), so a run can be planned on a machine without the datasets
+    check_data(config)
+
 
 CELLS = cells(config)
 RESULTS = "results"
+PUBLISHED = f"{workflow.basedir}/config/published.yaml"
 CELL = "{dataset}/{arch}/{variant}/seed{seed}"
 # figure name -> the aggregate it is drawn from
 FIGURES = {
@@ -90,14 +97,26 @@ def provenance_files(selected=None):
     return [f"{RESULTS}/curves/{cell_path(c)}/provenance.json" for c in chosen]
 
 
+def dataset_resources(wildcards):
+    return config["datasets"][wildcards.dataset].get("resources", {})
+
+
 def train_resources(wildcards, attempt):
     """Runtime in minutes: the dataset's configured value, doubled on each retry."""
-    base = config["datasets"][wildcards.dataset].get("resources", {}).get("train_runtime", 60)
-    return base * 2 ** (attempt - 1)
+    return dataset_resources(wildcards).get("train_runtime", 60) * 2 ** (attempt - 1)
+
+
+def infer_runtime(wildcards, attempt):
+    return dataset_resources(wildcards).get("infer_runtime", 60) * 2 ** (attempt - 1)
+
+
+def train_gpus(wildcards):
+    """GPUs of a training job; more than one trains with DDP under torchrun."""
+    return dataset_resources(wildcards).get("gpus", 1)
 
 
 def train_mem(wildcards):
-    return config["datasets"][wildcards.dataset].get("resources", {}).get("mem_mb", 4000)
+    return dataset_resources(wildcards).get("mem_mb", 4000)
 
 
 def figure_spec(wildcards):
@@ -106,6 +125,22 @@ def figure_spec(wildcards):
 
 def figure_kind(wildcards):
     return FIGURES[wildcards.figure]
+
+
+def split_settings(wildcards):
+    """What a split depends on (a rerun trigger: a changed split_seed rebuilds the split)."""
+    return {"dataset": wildcards.dataset, "split_seed": config["split_seed"]}
+
+
+def flops_settings(wildcards):
+    """What a FLOPs record depends on (a rerun trigger: changed architecture parameters recount)."""
+    family, params = architecture(config, wildcards.arch)
+    return {"family": family, "params": params, "convention": config["flops_convention"]}
+
+
+def table1_flops(wildcards):
+    spec = report_spec("table1")
+    return f"{RESULTS}/flops/{spec['dataset']}/{spec['architecture']}.json" if spec else []
 
 
 def training_fingerprint(wildcards):

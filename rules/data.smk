@@ -3,6 +3,8 @@ rule split:
         f"{RESULTS}/splits/{{dataset}}.npz",
     log:
         f"{RESULTS}/logs/split/{{dataset}}.log",
+    params:
+        settings=split_settings,
     resources:
         mem_mb=4000,
         runtime=30,

@@ -3,6 +3,8 @@ rule flops:
         f"{RESULTS}/flops/{{dataset}}/{{arch}}.json",
     log:
         f"{RESULTS}/logs/flops/{{dataset}}/{{arch}}.log",
+    params:
+        settings=flops_settings,
     resources:
         mem_mb=4000,
         runtime=30,

@@ -15,7 +15,7 @@ rule infer:
     resources:
         gpu=1,
         mem_mb=train_mem,
-        runtime=60,
+        runtime=infer_runtime,
     conda:
         "../environment.yml"
     script:

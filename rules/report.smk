@@ -48,6 +48,7 @@ rule aggregate_table1:
 rule table1:
     input:
         budgeted=f"{RESULTS}/aggregate/table1_budgeted.csv",
+        flops=table1_flops,
     output:
         csv=report(f"{RESULTS}/table1.csv", category="Tables"),
         md=f"{RESULTS}/table1.md",
@@ -106,7 +107,7 @@ rule reproduction:
     input:
         anytime=f"{RESULTS}/aggregate/anytime.csv",
         budgeted=f"{RESULTS}/aggregate/budgeted.csv",
-        published="config/published.yaml",
+        published=PUBLISHED,
     output:
         report(f"{RESULTS}/reproduction.md", category="Tables"),
     log:

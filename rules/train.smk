@@ -15,7 +15,7 @@ rule train:
         state_dir=f"{RESULTS}/state/{CELL}",
         fingerprint=training_fingerprint,
     resources:
-        gpu=1,
+        gpu=train_gpus,
         mem_mb=train_mem,
         runtime=train_resources,
     conda:

@@ -154,3 +154,28 @@ def test_params_rejected():
         METHODS.make_params("boostnet", {"ensemble_reweight": -0.1})
     with pytest.raises(ValueError):
         METHODS.make_params("boostnet", {"gradient_rescaling": "yes"})
+
+
+def test_msdnet_gradient_equilibrium_averages_head_gradients():
+    """With the hook on, block 1's coarsest scale in a 3-exit MSDNet gets the mean (not the sum)
+    of the gradients of the heads that depend on it (finer scales pass unscaled, as in the
+    official code): check against three separate backward passes."""
+    from models import InputSpec, build_model
+
+    torch.manual_seed(0)
+    net = build_model("msdnet", InputSpec(3, 32, 10), n_blocks=3, n_channels=4, growth_rate=4)
+    net.train()
+    x = torch.randn(4, 3, 32, 32)
+    first_block = list(net.blocks[0].parameters())[-1]  # a coarsest-scale parameter
+
+    def grad_of(losses_of) -> torch.Tensor:
+        net.zero_grad()
+        losses_of(net.forward_all(x).logits).backward()
+        return first_block.grad.clone()
+
+    net.set_gradient_rescaling(False)
+    per_head = [grad_of(lambda out, k=k: out[k].sum()) for k in range(3)]
+    net.set_gradient_rescaling(True)
+    rescaled = grad_of(lambda out: sum(o.sum() for o in out))
+    # BN in train mode couples the batch, but each head's gradient path is linear in its loss
+    assert torch.allclose(rescaled, sum(per_head) / 3, atol=1e-5, rtol=1e-4)

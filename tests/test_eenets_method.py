@@ -61,18 +61,18 @@ def ce(logits, n: int) -> float:
     return -math.log(softmax(logits[n])[TARGETS[n]])
 
 
-def hand_mixtures(conf=CONF, lam_costs=COSTS):
+def hand_mixtures(conf=CONF, costs=COSTS):
     """Per exit i, per sample: the full mixed distribution P~_i and the mixed cost C~_i."""
     k, n_samples = len(LOGITS), len(TARGETS)
     p = [[softmax(LOGITS[i][n]) for n in range(n_samples)] for i in range(k)]
     p_mix = [None] * k
     c_mix = [None] * k
     p_mix[k - 1] = p[k - 1]
-    c_mix[k - 1] = [lam_costs[k - 1]] * n_samples
+    c_mix[k - 1] = [costs[k - 1]] * n_samples
     for i in range(k - 2, -1, -1):
         p_mix[i] = [[conf[i][n] * p[i][n][c] + (1 - conf[i][n]) * p_mix[i + 1][n][c] for c in range(3)]
                     for n in range(n_samples)]
-        c_mix[i] = [conf[i][n] * lam_costs[i] + (1 - conf[i][n]) * c_mix[i + 1][n] for n in range(n_samples)]
+        c_mix[i] = [conf[i][n] * costs[i] + (1 - conf[i][n]) * c_mix[i + 1][n] for n in range(n_samples)]
     return p_mix, c_mix
 
 
@@ -141,11 +141,15 @@ def test_final_confidence_gets_no_gradient_in_v2():
 
 def test_v1_by_hand():
     expected = hand_v1()
-    assert expected == pytest.approx(
-        -(math.log(0.7 * softmax(LOGITS[0][0])[0] + 0.3 * (0.4 * softmax(LOGITS[1][0])[0] + 0.6 * softmax(LOGITS[2][0])[0]))
-          + math.log(0.2 * softmax(LOGITS[0][1])[2] + 0.8 * (0.9 * softmax(LOGITS[1][1])[2] + 0.1 * softmax(LOGITS[2][1])[2]))) / 2
-        + LAM * ((0.7 * 0.3 + 0.3 * (0.4 * 0.6 + 0.6)) + (0.2 * 0.3 + 0.8 * (0.9 * 0.6 + 0.1))) / 2
-    )
+    # written out: p(i, n) = exit i's probability of sample n's target
+    def p(i: int, n: int) -> float:
+        return softmax(LOGITS[i][n])[TARGETS[n]]
+
+    mix0 = 0.7 * p(0, 0) + 0.3 * (0.4 * p(1, 0) + 0.6 * p(2, 0))
+    mix1 = 0.2 * p(0, 1) + 0.8 * (0.9 * p(1, 1) + 0.1 * p(2, 1))
+    cost0 = 0.7 * 0.3 + 0.3 * (0.4 * 0.6 + 0.6 * 1.0)
+    cost1 = 0.2 * 0.3 + 0.8 * (0.9 * 0.6 + 0.1 * 1.0)
+    assert expected == pytest.approx(-(math.log(mix0) + math.log(mix1)) / 2 + LAM * (cost0 + cost1) / 2)
     value = make_method(loss="v1", two_stage_epochs=0).loss(outputs(), TARGETS_T)
     assert float(value) == pytest.approx(expected, rel=1e-6)
 
@@ -251,11 +255,13 @@ def test_single_exit_network():
 
 
 def test_missing_confidences_is_a_clear_error(toy_network, toy_batch):
-    ctx = TrainContext(exit_costs=torch.tensor([1 / 3, 2 / 3, 1.0]), num_classes=4, epochs=1, steps_per_epoch=1)
+    ctx = TrainContext(exit_costs=torch.tensor([1 / 3, 2 / 3, 1.0]), num_classes=4, epochs=1,
+                       steps_per_epoch=1)
     method = EENets(toy_network, METHODS.make_params("eenets", {}), ctx)
     x, y = toy_batch
     optimizer = torch.optim.SGD(toy_network.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"EENets needs an architecture with confidence branches \(ee_resnet\); got ToyMultiExit"):
+    message = r"EENets needs an architecture with confidence branches \(ee_resnet\); got ToyMultiExit"
+    with pytest.raises(ValueError, match=message):
         method.train_step(x, y, optimizer, 0)
 
 

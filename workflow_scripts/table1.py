@@ -5,10 +5,13 @@ sys.path.insert(0, snakemake.scriptdir + "/..")
 import pandas as pd  # noqa: E402
 
 from eebench import io, smk  # noqa: E402
+from eebench.config import check_budgets  # noqa: E402
+from eebench.pipeline import read_flops  # noqa: E402
 from eebench.report import table1, table_markdown  # noqa: E402
 
 with smk.logged(snakemake):
     spec = snakemake.params.spec
+    check_budgets(snakemake.config, read_flops(snakemake.input.flops)["flops"])
     budgeted = pd.read_csv(snakemake.input.budgeted)
     table = table1(snakemake.config, budgeted, spec)
     io.write_csv(snakemake.output.csv, table)
