@@ -185,8 +185,11 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
     if channels_last:
         network.to(memory_format=torch.channels_last)
     info = dataset_info(cell.dataset)
+    # the method is rebuilt only for eval_outputs, but with the run's real length: some methods
+    # check their schedule against it (JEI-DNN's warm-up must be shorter than the run)
     ctx = TrainContext(exit_costs=_exit_costs(read_flops(flops_path)), num_classes=info.input.num_classes,
-                       epochs=1, steps_per_epoch=1, device=device)
+                       epochs=recipe_for(config, cell.dataset, cell.variant).epochs, steps_per_epoch=1,
+                       device=device)
     method = _method_factory(config, cell.variant)(network, ctx)
     method.load_state_dict(state["method"])
     split = read_split(split_path)
