@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Workflow wall time: the default ``all_figures`` from nothing, per rule, start-up vs computation.
 
-1. Dry runs (``snakemake -n -q``) of the default config and of ``config/paper.yaml`` in an empty
+1. Dry runs (``snakemake -n --quiet rules``) of the default config and of ``config/paper.yaml`` in an empty
    directory: how long planning the DAG takes (the paper config has no data here: it plans only).
 2. Python start-up + imports of each rule's script, measured: ``python -c`` with the snakemake
    script preamble's imports and the script's own top-level imports (median of ``--import-repeats``).
@@ -39,24 +39,33 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 PREAMBLE = "import pickle; from snakemake.logging import logger; from snakemake.iocontainers import Snakemake"
 
 
-def rule_scripts() -> dict[str, str]:
-    """rule name -> workflow script path, from rules/*.smk (``use rule A as B`` inherits A's)."""
+def rule_files() -> tuple[dict[str, str], dict[str, str]]:
+    """rule -> workflow script, and benchmark folder -> rule, from rules/*.smk (``use rule A as B``
+    inherits A's script)."""
     scripts: dict[str, str] = {}
+    bench_dirs: dict[str, str] = {}
     for smk in sorted((ROOT / "rules").glob("*.smk")):
-        current, expect_script = None, False
+        current, expect = None, None
         for line in smk.read_text().splitlines():
             if m := re.match(r"(?:rule|checkpoint)\s+(\w+)\s*:", line):
-                current, expect_script = m.group(1), False
+                current, expect = m.group(1), None
             elif m := re.match(r"use rule\s+(\w+)\s+as\s+(\w+)", line):
                 if m.group(1) in scripts:
                     scripts[m.group(2)] = scripts[m.group(1)]
-                current = m.group(2)
-            elif re.match(r"\s+script:\s*$", line):
-                expect_script = True
-            elif expect_script and line.strip():
-                scripts[current] = str((smk.parent / line.strip().strip("\"'")).resolve())
-                expect_script = False
-    return scripts
+                current, expect = m.group(2), None
+            elif m := re.match(r"\s+(script|benchmark):\s*$", line):
+                expect = m.group(1)
+            elif expect and line.strip():
+                if expect == "script":
+                    scripts[current] = str((smk.parent / line.strip().strip("\"'")).resolve())
+                elif b := re.search(r"benchmarks/(\w+)/", line):
+                    bench_dirs[b.group(1)] = current
+                expect = None
+    return scripts, bench_dirs
+
+
+def rule_scripts() -> dict[str, str]:
+    return rule_files()[0]
 
 
 def import_snippet(script: str) -> str:
@@ -92,8 +101,8 @@ def dry_run(configfile: Path, repeats: int) -> tuple[list[float], int]:
     times, jobs = [], 0
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="eebench-dry-") as empty:
-            seconds, proc = timed([SNAKEMAKE, "-n", "-q", "all_figures", "--snakefile", str(ROOT / "Snakefile"),
-                                   "--directory", empty, "--configfile", str(configfile)])
+            seconds, proc = timed([SNAKEMAKE, "all_figures", "-n", "--snakefile", str(ROOT / "Snakefile"),
+                                   "--directory", empty, "--configfile", str(configfile), "--quiet", "rules"])
         if proc.returncode != 0:
             raise SystemExit(f"dry run of {configfile} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         times.append(seconds)
@@ -131,9 +140,12 @@ def job_times(log: str) -> dict[int, tuple[str, float]]:
 
 
 def benchmark_files(results: Path) -> dict[str, list[dict[str, float]]]:
+    """rule -> rows of its ``benchmark:`` files (s, cpu_time, max_rss, ...)."""
+    folders = rule_files()[1]
     out: dict[str, list[dict[str, float]]] = defaultdict(list)
     for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
-        rule = tsv.relative_to(results / "benchmarks").parts[0]
+        folder = tsv.relative_to(results / "benchmarks").parts[0]
+        rule = folders.get(folder, folder)
         with open(tsv) as f:
             for row in csv.DictReader(f, delimiter="\t"):
                 out[rule].append({k: float(v) for k, v in row.items() if _is_number(v)})
@@ -158,13 +170,16 @@ def main() -> None:
     p.add_argument("--workdir", help="scratch directory for the full run (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--dry-run-only", action="store_true", help="only the dry runs and import timings")
+    p.add_argument("--summarise", metavar="DIR", help="only summarise a run kept with --keep/--workdir (no new run)")
+    p.add_argument("--skip-dry-run", action="store_true", help="leave out the dry runs")
     p.add_argument("--dry-repeats", type=int, default=2)
     p.add_argument("--import-repeats", type=int, default=3)
     opts = p.parse_args()
     print(f"workflow timing; {_bench.load_average()}")
 
-    print("\n== planning (snakemake -n -q, empty directory) ==")
-    for name, cfg in (("default", opts.configfile), ("paper", opts.paper_config)):
+    print("\n== planning (snakemake -n --quiet rules, empty directory) ==")
+    for name, cfg in () if opts.skip_dry_run or opts.summarise else (("default", opts.configfile),
+                                                                        ("paper", opts.paper_config)):
         times, jobs = dry_run(Path(cfg), opts.dry_repeats)
         print(f"{name:<8} {jobs:4d} jobs planned in " + ", ".join(f"{t:.1f}" for t in times) + " s"
               f"  ({_bench.load_average()})")
@@ -180,19 +195,27 @@ def main() -> None:
     if opts.dry_run_only:
         return
 
-    workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="eebench-workflow-"))
-    if workdir.exists() and any(workdir.iterdir()) and opts.workdir:
-        raise SystemExit(f"{workdir} is not empty: the run must start from nothing")
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"\n== full run: snakemake --cores {opts.cores} {opts.target} in {workdir} ==", flush=True)
-    load_before = _bench.load_average()
-    wall, proc = timed([SNAKEMAKE, "--cores", str(opts.cores), opts.target, "--snakefile", str(ROOT / "Snakefile"),
-                        "--directory", str(workdir), "--configfile", opts.configfile])
-    (workdir / "snakemake_run.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"the run failed ({proc.returncode}); log in {workdir}/snakemake_run.log\n"
-                         + proc.stderr[-3000:])
-    jobs = job_times(proc.stdout + proc.stderr)
+    if opts.summarise:  # a finished run: its log and benchmark files
+        workdir = Path(opts.summarise)
+        log = (workdir / "snakemake_run.log").read_text()
+        wall = float((workdir / "snakemake_run.wall").read_text())
+        load_before = "(not recorded)"
+    else:
+        workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="eebench-workflow-"))
+        if workdir.exists() and any(workdir.iterdir()) and opts.workdir:
+            raise SystemExit(f"{workdir} is not empty: the run must start from nothing")
+        workdir.mkdir(parents=True, exist_ok=True)
+        print(f"\n== full run: snakemake --cores {opts.cores} {opts.target} in {workdir} ==", flush=True)
+        load_before = _bench.load_average()
+        wall, proc = timed([SNAKEMAKE, "--cores", str(opts.cores), opts.target, "--snakefile",
+                            str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", opts.configfile])
+        log = proc.stdout + proc.stderr
+        (workdir / "snakemake_run.log").write_text(log)
+        (workdir / "snakemake_run.wall").write_text(f"{wall}\n")
+        if proc.returncode != 0:
+            raise SystemExit(f"the run failed ({proc.returncode}); log in {workdir}/snakemake_run.log\n"
+                             + proc.stderr[-3000:])
+    jobs = job_times(log)
     bench = benchmark_files(workdir / "results")
 
     per_rule: dict[str, list[float]] = defaultdict(list)
@@ -225,7 +248,7 @@ def main() -> None:
           f"x jobs), the remaining {total_job - total_start:.0f} ({100 * (1 - total_start / max(total_job, 1e-9)):.0f}%) "
           "computation and I/O. Job wall times have 1 s resolution (Snakemake's log timestamps); "
           f"jobs overlap on {opts.cores} cores, so job-seconds exceed wall time.")
-    if not opts.keep and not opts.workdir:
+    if not opts.keep and not opts.workdir and not opts.summarise:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         print(f"kept {workdir}")

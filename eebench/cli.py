@@ -1,4 +1,4 @@
-"""Command line: ``python -m eebench {list,flops,budgeted,check-config}``."""
+"""Command line: ``python -m eebench {list,flops,budgeted,check-config,timings}``."""
 
 from __future__ import annotations
 
@@ -116,6 +116,16 @@ def cmd_check_config(args: argparse.Namespace) -> None:
     print(f"{args.config}: ok")
 
 
+def cmd_timings(args: argparse.Namespace) -> None:
+    from .timings import format_table, rule_time_table
+
+    table = rule_time_table(args.results)
+    if args.csv:
+        table.to_csv(sys.stdout, index=False)
+    else:
+        print(format_table(table))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eebench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-data", action="store_true", help="do not check that the datasets are in data_dir")
     p.add_argument("--no-flops", action="store_true", help="do not trace FLOPs to check Table 1's budgets")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("timings", help="per-rule time table of a run, from its Snakemake benchmark files")
+    p.add_argument("results", nargs="?", default="results", help="the run's results directory")
+    p.add_argument("--csv", action="store_true")
+    p.set_defaults(func=cmd_timings)
 
     args = parser.parse_args(argv)
     args.func(args)

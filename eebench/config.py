@@ -194,6 +194,10 @@ def cell_fingerprint(config: dict[str, Any], cell: Cell) -> str:
         "method": variant["method"], "params": variant["params"], "seed": cell.seed,
         "recipe": dataclasses.asdict(recipe_for(config, cell.dataset, cell.variant)),
         "parent": cell_fingerprint(config, parent) if parent else None,
+        # a changed held-out size makes another split (only present when set, so that older
+        # configs keep their fingerprints)
+        **({"val_size": val_size} if (val_size := config["datasets"].get(cell.dataset, {}).get("val_size"))
+           is not None else {}),
     })
 
 
@@ -323,8 +327,8 @@ DATA_FILES = {
     "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz"),
     "mnist": ("MNIST",),
     "svhn": ("train_32x32.mat",),
-    "imagenet": (),  # ImageFolder trees: only the directory is checked
-    "tinyimagenet": (),
+    "imagenet": ("imagenet/train",),  # ImageFolder trees
+    "tinyimagenet": ("tinyimagenet/train",),
 }
 
 

@@ -7,14 +7,17 @@ uint8 tensors (N, C, H, W); normalisation and augmentation happen per batch (``e
 - ``digits``: scikit-learn's 1797 real handwritten digits (8x8, 17 grey levels), upsampled to
   3x32x32. Train/val/test by proportion.
 - ``cifar10``/``cifar100``: through torchvision from ``data_dir``; val = 5000 held out of train.
-- ``imagenet``: an ImageFolder tree ``data_dir/{train,val}``; val = 50000 held out of train.
-- ``mnist``, ``svhn``, ``tinyimagenet``: used by the EENets ResNets (shapes only here; mnist and
-  svhn load through torchvision, tinyimagenet as an ImageFolder tree).
+- ``imagenet``: ImageFolder trees ``data_dir/imagenet/{train,val}``; val = 50000 held out of
+  train, the official val set is the test set (MSDNet's ``--use-valid`` protocol). Read from disk by
+  DataLoader workers (``eebench.imagefolder``), never held in memory.
+- ``mnist``, ``svhn``, ``tinyimagenet``: used by the EENets ResNets (mnist and svhn load through
+  torchvision, tinyimagenet from ImageFolder trees ``data_dir/tinyimagenet/{train,val}``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from models import InputSpec
+
+from .imagefolder import FolderImages, scan_folder
 
 
 class DatasetMissingError(RuntimeError):
@@ -38,6 +43,7 @@ class DatasetInfo:
     test_fraction: float | None = None  # for datasets without a test set of their own
     crop_padding: int = 4
     hflip: bool = True
+    augment: str = "crop"  # crop (pad + random crop) | resized_crop (ImageNet's RandomResizedCrop)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -55,7 +61,7 @@ DATASETS: dict[str, DatasetInfo] = {
     ),
     "imagenet": DatasetInfo(
         "imagenet", InputSpec(3, 224, 1000),
-        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), val_size=50000,
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), val_size=50000, augment="resized_crop",
     ),
     "mnist": DatasetInfo(
         "mnist", InputSpec(1, 28, 10), (0.1307,), (0.3081,), val_size=5000, hflip=False,
@@ -80,11 +86,12 @@ def dataset_info(name: str) -> DatasetInfo:
 
 @dataclass
 class ImagePool:
-    """A dataset held in memory as uint8 images: its training pool and its test set."""
+    """A dataset's training pool and test set: uint8 images in memory (N, C, H, W), or the image
+    files of an ImageFolder tree (``FolderImages``), indexed the same way."""
 
-    train_images: torch.Tensor  # (N, C, H, W) uint8
+    train_images: torch.Tensor | FolderImages
     train_labels: torch.Tensor  # (N,) int64
-    test_images: torch.Tensor
+    test_images: torch.Tensor | FolderImages
     test_labels: torch.Tensor
 
 
@@ -96,10 +103,11 @@ _HOW_TO_PROVIDE = {
     "directory, or allow downloads (download: true) where the network permits",
     "mnist": "put torchvision's 'MNIST/raw' files in that directory, or allow downloads",
     "svhn": "put 'train_32x32.mat' and 'test_32x32.mat' in that directory, or allow downloads",
-    "imagenet": "arrange ILSVRC-2012 as ImageFolder trees '<dir>/train/<wnid>/*.JPEG' and "
-    "'<dir>/val/<wnid>/*.JPEG'",
-    "tinyimagenet": "arrange Tiny-ImageNet as ImageFolder trees '<dir>/train/<wnid>/...' and "
-    "'<dir>/val/<wnid>/...'",
+    "imagenet": "arrange ILSVRC-2012 as ImageFolder trees '<data_dir>/imagenet/train/<wnid>/*.JPEG' and "
+    "'<data_dir>/imagenet/val/<wnid>/*.JPEG' (the official val set sorted into class folders)",
+    "tinyimagenet": "arrange Tiny-ImageNet as ImageFolder trees '<data_dir>/tinyimagenet/train/<wnid>/*.JPEG' "
+    "and '<data_dir>/tinyimagenet/val/<wnid>/*.JPEG' (val images sorted into class folders with "
+    "val_annotations.txt)",
 }
 
 
@@ -111,14 +119,26 @@ def _missing(name: str, where: Path, detail: str = "") -> DatasetMissingError:
     )
 
 
-def _digits() -> ImagePool:
-    from sklearn.datasets import load_digits
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits, (1797, 8, 8) values 0..16 and labels, read from the file that
+    ``sklearn.datasets.load_digits`` reads, without importing scikit-learn (a second per job)."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():  # another scikit-learn layout: let it load its own data
+        from sklearn.datasets import load_digits
 
-    bunch = load_digits()
-    images = torch.from_numpy(bunch.images).float()[:, None]  # (N, 1, 8, 8), values 0..16
+        bunch = load_digits()
+        return bunch.images, bunch.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
+def _digits() -> ImagePool:
+    pixels, target = digits_arrays()
+    images = torch.from_numpy(pixels).float()[:, None]  # (N, 1, 8, 8), values 0..16
     images = F.interpolate(images, size=32, mode="bilinear", align_corners=False)
     images = (images * (255.0 / 16.0)).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
-    labels = torch.from_numpy(bunch.target).long()
+    labels = torch.from_numpy(target).long()
     # digits has no test set of its own: the split carves one out of the pool
     return ImagePool(images.contiguous(), labels, images[:0].contiguous(), labels[:0])
 
@@ -159,8 +179,25 @@ def _mnist_svhn_pool(name: str, root: Path, download: bool) -> ImagePool:
                      torch.from_numpy(test.data), torch.from_numpy(test.labels).long())
 
 
-def load_pool(name: str, data_dir: str | Path, download: bool = False) -> ImagePool:
-    """Load an in-memory dataset (everything but the ImageFolder ones)."""
+def _folder_pool(name: str, root: Path, workers: int) -> ImagePool:
+    info = dataset_info(name)
+    for part in ("train", "val"):  # both, before a long scan of the first
+        if not (root / name / part).is_dir():
+            raise _missing(name, root, f"no folder {root / name / part}")
+    parts = {}
+    for part in ("train", "val"):
+        try:
+            paths, labels = scan_folder(root / name / part)
+        except (FileNotFoundError, OSError) as err:  # e.g. a class folder without images
+            raise _missing(name, root, str(err).splitlines()[0]) from None
+        images = FolderImages(paths, info.input.size, info.augment, info.crop_padding, info.hflip, workers)
+        parts[part] = (images, labels)
+    return ImagePool(*parts["train"], *parts["val"])
+
+
+def load_pool(name: str, data_dir: str | Path, download: bool = False, workers: int = 4) -> ImagePool:
+    """A dataset's training pool and test set: in memory, or (ImageNet, Tiny-ImageNet) as image
+    files that ``workers`` DataLoader processes decode."""
     dataset_info(name)
     root = Path(data_dir)
     if name == "digits":
@@ -173,27 +210,20 @@ def load_pool(name: str, data_dir: str | Path, download: bool = False) -> ImageP
         if not download and not root.is_dir():
             raise _missing(name, root, "directory does not exist")
         return _mnist_svhn_pool(name, root, download)
-    raise ValueError(f"dataset {name!r} is read from image folders: use image_folder()")
+    return _folder_pool(name, root, workers)
 
 
-def image_folder(name: str, data_dir: str | Path, part: str):
-    """An ImageFolder over ``data_dir/part`` (ImageNet, Tiny-ImageNet), decoded lazily."""
-    from .tv import import_torchvision
-
-    tv = import_torchvision()
-    root = Path(data_dir) / part
-    if not root.is_dir():
-        raise _missing(name, Path(data_dir), f"no '{part}' folder")
-    return tv.datasets.ImageFolder(str(root))
-
-
-def make_split(name: str, pool_sizes: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
+def make_split(name: str, pool_sizes: tuple[int, int], seed: int,
+               val_size: int | float | None = None) -> dict[str, np.ndarray]:
     """Index arrays for train / val / test, a function of the dataset and seed only.
 
     ``pool_sizes`` = (size of the training pool, size of the official test set). Datasets without
-    a test set (digits) carve one out of the pool first.
+    a test set (digits) carve one out of the pool first. ``val_size`` (a count or a fraction of the
+    pool) replaces the dataset's usual held-out size.
     """
     info = dataset_info(name)
+    if val_size is not None:
+        info = replace(info, val_size=val_size)
     n_pool, n_test = pool_sizes
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_pool)

@@ -6,6 +6,7 @@ Stages: split -> flops -> train -> infer -> (posthoc) -> evaluate -> aggregate -
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,23 @@ log = logging.getLogger("eebench")
 
 
 # --- split and FLOPs -------------------------------------------------------------------------
+def _pool(config: dict[str, Any], dataset: str):
+    workers = config.get("data_workers")
+    if workers is None:  # this process's share of the job's cores (a SLURM allocation's), less its own
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's DDP processes on this node
+        workers = max(0, len(os.sched_getaffinity(0)) // processes - 1)
+    return load_pool(dataset, config["data_dir"], config.get("download", False), workers)
+
+
+def _val_size(config: dict[str, Any], dataset: str) -> int | float | None:
+    value = config["datasets"].get(dataset, {}).get("val_size")
+    return int(value) if isinstance(value, float) and value >= 1 else value
+
+
 def write_split(config: dict[str, Any], dataset: str, out: str) -> None:
-    pool = load_pool(dataset, config["data_dir"], config.get("download", False))
-    split = make_split(dataset, (len(pool.train_labels), len(pool.test_labels)), config["split_seed"])
+    pool = _pool(config, dataset)
+    split = make_split(dataset, (len(pool.train_labels), len(pool.test_labels)), config["split_seed"],
+                       _val_size(config, dataset))
     with io.atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **split)
@@ -118,7 +133,7 @@ def _load_state(network: torch.nn.Module, state: dict[str, Any], path: str) -> N
 def _train_data(config: dict[str, Any], dataset: str, split_path: str) -> TrainData:
     split = read_split(split_path)
     info = dataset_info(dataset)
-    pool = load_pool(dataset, config["data_dir"], config.get("download", False))
+    pool = _pool(config, dataset)
     _check_split_fits(split, pool, split_path)
     train_images, train_labels = split_images(pool, split, "train")
     val_images, val_labels = split_images(pool, split, "val")
@@ -193,7 +208,7 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
     method = _method_factory(config, cell.variant)(network, ctx)
     method.load_state_dict(state["method"])
     split = read_split(split_path)
-    pool = load_pool(cell.dataset, config["data_dir"], config.get("download", False))
+    pool = _pool(config, cell.dataset)
     batch = config.get("infer_batch_size", 512)
     for part, out in outs.items():
         images, labels = split_images(pool, split, part)

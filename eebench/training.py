@@ -16,14 +16,16 @@ import math
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from models import MultiExitNetwork
 
 from . import distributed
-from .augment import crop_flip, epoch_plan, normalize
+from . import imagefolder
+from .augment import EpochPlan, crop_flip, epoch_plan, normalize
+from .imagefolder import FolderImages
 from .io import CorruptFileError, load_tensors, save_tensors
 from .methods import TrainContext, TrainingMethod
 
@@ -95,6 +97,14 @@ def keep_freed_memory() -> None:
         pass
 
 
+def _compiled_step(method: TrainingMethod) -> Callable:
+    """``torch.compile`` of the method's step, with its ``@outside_compile`` functions left eager."""
+    for name in dir(type(method)):
+        if getattr(getattr(type(method), name, None), "outside_compile", False):
+            setattr(method, name, torch.compiler.disable(getattr(method, name)))
+    return torch.compile(method.train_step)
+
+
 def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
     if not params:
         return None
@@ -130,9 +140,9 @@ class _StopSignal:
 
 @dataclass
 class TrainData:
-    train_images: torch.Tensor  # uint8 (N, C, H, W)
+    train_images: torch.Tensor | FolderImages  # uint8 (N, C, H, W) in memory, or image files
     train_labels: torch.Tensor
-    val_images: torch.Tensor
+    val_images: torch.Tensor | FolderImages
     val_labels: torch.Tensor
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -140,10 +150,38 @@ class TrainData:
     hflip: bool
 
 
+def _eval_batches(images: torch.Tensor | FolderImages, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    if isinstance(images, FolderImages):
+        yield from imagefolder.eval_batches(images, batch_size, device)
+        return
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size].to(device, non_blocking=True)
+
+
+class _TrainBatches:
+    """The augmented uint8 training batches of each epoch: in-memory images are cropped and
+    flipped on the device from the epoch's plan; image files are decoded by DataLoader workers."""
+
+    def __init__(self, data: TrainData, device: torch.device, seed: int) -> None:
+        self.data, self.device, self.seed = data, device, seed
+        self.in_memory = not isinstance(data.train_images, FolderImages)
+        self.images = data.train_images.to(device) if self.in_memory else data.train_images
+
+    def epoch(self, epoch: int, plan: EpochPlan, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        if not self.in_memory:
+            yield from imagefolder.train_batches(self.images, [b.cpu() for b in batches], self.seed, epoch,
+                                                 self.device)
+            return
+        flips = plan.flips if self.data.hflip else torch.zeros_like(plan.flips)
+        offsets, flips = plan.offsets.to(self.device), flips.to(self.device)
+        for idx in batches:
+            yield crop_flip(self.images[idx], offsets[idx], flips[idx], self.data.crop_padding)
+
+
 @torch.inference_mode()
 def run_network(
     model: MultiExitNetwork,
-    images: torch.Tensor,
+    images: torch.Tensor | FolderImages,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     batch_size: int,
@@ -152,13 +190,14 @@ def run_network(
     with_features: bool = True,
     transform: Callable | None = None,
 ) -> dict[str, Any]:
-    """All exits on uint8 images: logits (K, N, C), features, confidences (if the net has them)."""
+    """All exits on uint8 images (or image files): logits (K, N, C), features, confidences (if the
+    net has them)."""
     model.eval()
     mean_t = torch.tensor(mean, device=device)
     std_t = torch.tensor(std, device=device)
     logits, features, confidences = [], [], []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean_t, std_t)
+    for batch in _eval_batches(images, batch_size, device):
+        x = normalize(batch, mean_t, std_t)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model.forward_all(x)
@@ -231,7 +270,7 @@ def train(
     for module in method.extra_modules().values():
         module.to(device)
     optimizer = make_optimizer(recipe, list(method.trainable_parameters()))
-    step_fn = torch.compile(method.train_step) if recipe.compile else method.train_step
+    step_fn = _compiled_step(method) if recipe.compile else method.train_step
 
     history: list[dict[str, Any]] = []
     start_epoch, start_batch, resumed, resumed_loss = 0, 0, None, 0.0
@@ -263,7 +302,7 @@ def train(
             "optimizer": optimizer.state_dict() if optimizer is not None else {},
         })
 
-    train_images = data.train_images.to(device)
+    train_batches = _TrainBatches(data, device, seed)
     train_labels = data.train_labels.to(device)
     mean_t = torch.tensor(data.mean, device=device)
     std_t = torch.tensor(data.std, device=device)
@@ -273,18 +312,19 @@ def train(
     with _StopSignal() as stop:
         for epoch in range(start_epoch, recipe.epochs):
             plan = epoch_plan(n_train, data.crop_padding, seed, epoch)
-            plan_flips = plan.flips if data.hflip else torch.zeros_like(plan.flips)
-            order, offsets, flips = plan.order.to(device), plan.offsets.to(device), plan_flips.to(device)
+            order = plan.order.to(device)
             model.train()
             first = start_batch if epoch == start_epoch else 0
             loss_sum = torch.full((), resumed_loss if first else 0.0, device=device, dtype=torch.float64)
-            for batch in range(first, steps_per_epoch):
+            batches = [dctx.shard(order[b * recipe.batch_size : (b + 1) * recipe.batch_size])
+                       for b in range(first, steps_per_epoch)]
+            images = train_batches.epoch(epoch, plan, batches)
+            for batch, idx in zip(range(first, steps_per_epoch), batches):
                 if (dctx.should_stop(stop.received is not None, batch, device)
                         or (stop_after_batches is not None and batches_run >= stop_after_batches)):
                     checkpoint(epoch, batch, float(dctx.mean(loss_sum)))
                     raise SystemExit(128 + (stop.received or signal.SIGTERM))
-                idx = dctx.shard(order[batch * recipe.batch_size : (batch + 1) * recipe.batch_size])
-                x = normalize(crop_flip(train_images[idx], offsets[idx], flips[idx], data.crop_padding), mean_t, std_t)
+                x = normalize(next(images), mean_t, std_t)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 step = epoch * steps_per_epoch + batch

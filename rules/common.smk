@@ -115,6 +115,11 @@ def train_gpus(wildcards):
     return dataset_resources(wildcards).get("gpus", 1)
 
 
+def cpus_per_gpu(wildcards):
+    """CPU cores per GPU of the train and infer jobs on a cluster (data-loading workers)."""
+    return dataset_resources(wildcards).get("cpus_per_gpu", 2)
+
+
 def train_mem(wildcards):
     return dataset_resources(wildcards).get("mem_mb", 4000)
 
@@ -129,7 +134,8 @@ def figure_kind(wildcards):
 
 def split_settings(wildcards):
     """What a split depends on (a rerun trigger: a changed split_seed rebuilds the split)."""
-    return {"dataset": wildcards.dataset, "split_seed": config["split_seed"]}
+    return {"dataset": wildcards.dataset, "split_seed": config["split_seed"],
+            "val_size": config["datasets"][wildcards.dataset].get("val_size")}
 
 
 def flops_settings(wildcards):

@@ -14,6 +14,7 @@ rule infer:
         f"{RESULTS}/benchmarks/infer/{CELL}.tsv"
     resources:
         gpu=1,
+        cpus_per_gpu=cpus_per_gpu,
         mem_mb=train_mem,
         runtime=infer_runtime,
     conda:

@@ -16,6 +16,7 @@ rule train:
         fingerprint=training_fingerprint,
     resources:
         gpu=train_gpus,
+        cpus_per_gpu=cpus_per_gpu,
         mem_mb=train_mem,
         runtime=train_resources,
     conda:

@@ -88,3 +88,13 @@ def test_epoch_plan_depends_on_seed_and_epoch_only():
     a, b = epoch_plan(100, 4, 0, 5), epoch_plan(100, 4, 0, 5)
     assert torch.equal(a.order, b.order) and torch.equal(a.offsets, b.offsets)
     assert not torch.equal(a.order, epoch_plan(100, 4, 0, 6).order)
+
+
+def test_digits_read_without_sklearn_equal_load_digits():
+    from sklearn.datasets import load_digits
+
+    from eebench.datasets import digits_arrays
+
+    bunch = load_digits()
+    pixels, labels = digits_arrays()
+    assert np.array_equal(pixels, bunch.images) and np.array_equal(labels, bunch.target)

@@ -2,34 +2,66 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pandas as pd
 import pytest
 
-from workflow_helpers import default_config, run_workflow, tiny_config
+from workflow_helpers import default_config, planned_jobs, run_workflow, tiny_config
 
 
-def test_tiny_default_run_produces_figures_and_tables(tmp_path):
-    run_workflow(tmp_path, tiny_config(epochs=1), "all_figures")
+def three_method_config() -> dict:
+    """The tiny config with three training variants: standard, boostnet, and a frozen-backbone
+    gater initialised from standard's weights."""
+    config = tiny_config(epochs=1)
+    methods = default_config()["methods"]
+    config["methods"] = {name: methods[name] for name in ("standard", "boostnet", "gater_frozen")}
+    config["experiments"][0]["methods"] = list(config["methods"])
+    return config
+
+
+def test_small_run_outputs_reruns_and_report(tmp_path):
+    """A finished run: figures, tidy CSVs, provenance; nothing to redo; a change of one method's
+    config replans only its cells, their dependants and the aggregates; the --report HTML."""
+    config = three_method_config()
+    run_workflow(tmp_path, config, "all_figures")
     results = tmp_path / "results"
     for name in ("fig2_anytime", "fig3_budgeted"):
         for ext in ("pdf", "png"):
             assert (results / "figures" / f"{name}.{ext}").stat().st_size > 1000
     budgeted = pd.read_csv(results / "aggregate" / "budgeted.csv")
-    assert len(budgeted) == 39
+    assert len(budgeted) == 3 * 39 and set(budgeted["variant"]) == {"standard", "boostnet", "gater_frozen"}
     assert budgeted["accuracy"].between(0, 100).all()
     assert {"dataset", "architecture", "variant", "seed", "git_commit", "device", "flops"} <= set(budgeted)
     anytime = pd.read_csv(results / "aggregate" / "anytime.csv")
     flops = json.loads((results / "flops" / "digits" / "msdnet.json").read_text())
-    assert anytime["flops"].tolist() == flops["flops"]
+    assert anytime[anytime["variant"] == "standard"]["flops"].tolist() == flops["flops"]
     history = pd.read_csv(results / "train" / "digits" / "msdnet" / "standard" / "seed0" / "history.csv")
     assert list(history["epoch"]) == [1]
     prov = json.loads((results / "curves" / "digits" / "msdnet" / "standard" / "seed0" / "provenance.json").read_text())
     assert prov["config"]["recipe"]["epochs"] == 1 and "torch" in prov["versions"]
-    # a second run has nothing to do
-    again = run_workflow(tmp_path, tiny_config(epochs=1), "all_figures", extra=["-n"])
-    assert "Nothing to be done" in again.stdout + again.stderr
+
+    def plan(changed_config):
+        proc = run_workflow(tmp_path, changed_config, "all_figures", extra=["-n"])
+        return proc.stdout + proc.stderr
+
+    assert "Nothing to be done" in plan(config)
+    changed = copy.deepcopy(config)
+    changed["methods"]["boostnet"]["params"] = {"gradient_rescaling": False}
+    jobs = planned_jobs(plan(changed))
+    per_cell = {(rule, variant) for rule, variant in jobs if variant}
+    assert per_cell == {("train", "boostnet"), ("infer", "boostnet"), ("evaluate", "boostnet")}
+    assert {rule for rule, variant in jobs if not variant} == {"aggregate", "figure", "all_figures"}
+    changed = copy.deepcopy(config)
+    changed["methods"]["standard"]["recipe"] = {"lr": 0.05}  # gater_frozen starts from these weights
+    per_cell = {(rule, variant) for rule, variant in planned_jobs(plan(changed)) if variant}
+    assert {variant for _, variant in per_cell} == {"standard", "gater_frozen"}
+    assert ("train", "gater_frozen") in per_cell
+
+    run_workflow(tmp_path, config, "all_figures", extra=["--report", str(tmp_path / "report.html")])
+    html = (tmp_path / "report.html").read_text(errors="replace")
+    assert len(html) > 10_000 and "fig3_budgeted.png" in html
 
 
 def test_default_config_plans(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,21 @@ def run_workflow(workdir: Path, config: dict[str, Any], *targets: str, extra: li
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def planned_jobs(output: str) -> set[tuple[str, str]]:
+    """(rule, variant or '') of every job that a dry run's output plans."""
+    jobs, rule = set(), None
+    for line in output.splitlines() + ["[end]"]:
+        text = line.strip()
+        job_ends = not text or text.startswith("[") or re.fullmatch(r"(?:local)?rule \w+:", text)
+        if rule and job_ends:  # a job without wildcards
+            jobs.add((rule, ""))
+            rule = None
+        if m := re.fullmatch(r"(?:local)?rule (\w+):", text):
+            rule = m.group(1)
+        elif rule and text.startswith("wildcards:"):
+            variant = re.search(r"\bvariant=([\w-]+)", text)
+            jobs.add((rule, variant.group(1) if variant else ""))
+            rule = None
+    return jobs
