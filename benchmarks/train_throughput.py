@@ -19,8 +19,10 @@ scratch directory; there is no CIFAR here and the speed does not depend on the p
   (so each round also pays one tiny validation pass of 64 images and one checkpoint write): a check
   that the real loop is as fast as the step it runs.
 
-Modifiers: ``+cl`` channels_last, ``+mallopt`` ``keep_freed_memory()`` in that process. Every
-variant runs in its own process; rounds are interleaved (see ``_bench.py``).
+Modifiers: ``+cl`` channels_last, ``+mallopt`` ``keep_freed_memory()`` in that process (what the
+train rule does), ``+compile`` the network's forward under ``torch.compile`` (``recipe.compile:
+true``; compiled during the warm-up steps, which are not timed). Every variant runs in its own
+process; rounds are interleaved (see ``_bench.py``).
 
     python benchmarks/train_throughput.py --reference /tmp/MSDNet-PyTorch
     python benchmarks/train_throughput.py --reference ... --variants ref ours ours+mallopt ours+cl+mallopt
@@ -48,10 +50,10 @@ MSDNET_CIFAR100 = dict(n_blocks=7, step_mode="lin_grow", step=1, base=1, n_chann
 
 def parse_variant(name: str) -> tuple[str, set[str]]:
     base, *mods = name.split("+")
-    if base not in ("ref", "ours", "harness") or not set(mods) <= {"cl", "mallopt"}:
-        raise argparse.ArgumentTypeError(f"unknown variant {name!r}: ref|ours|harness, then +cl, +mallopt")
-    if base == "ref" and "cl" in mods:
-        raise argparse.ArgumentTypeError("the reference runs as shipped (NCHW)")
+    if base not in ("ref", "ours", "harness") or not set(mods) <= {"cl", "mallopt", "compile"}:
+        raise argparse.ArgumentTypeError(f"unknown variant {name!r}: ref|ours|harness, then +cl, +mallopt, +compile")
+    if base == "ref" and set(mods) & {"cl", "compile"}:
+        raise argparse.ArgumentTypeError("the reference runs as shipped (NCHW, eager)")
     return base, set(mods)
 
 
@@ -107,8 +109,11 @@ def ours_worker(opts: argparse.Namespace, mods: set[str], harness: bool):
         state["images"] = images[:N_TRAIN].permute(0, 3, 1, 2).contiguous()  # the harness's uint8 NCHW
         state["labels"] = labels[:N_TRAIN]
         model = build_model("msdnet", InputSpec(3, 32, 100), **MSDNET_CIFAR100)
-        recipe = Recipe(batch_size=BATCH, channels_last="on" if channels_last else "off")
+        recipe = Recipe(batch_size=BATCH, channels_last="on" if channels_last else "off",
+                        compile="compile" in mods)
         state.update(model=model, recipe=recipe)
+        if "compile" in mods and not harness:  # as train() does it
+            model.forward_all = torch.compile(model.forward_all)
         if not harness:
             if channels_last:
                 model.to(memory_format=torch.channels_last)
@@ -153,7 +158,8 @@ def ours_worker(opts: argparse.Namespace, mods: set[str], harness: bool):
         state["round"] += 1
         images, labels = state["images"], state["labels"]
         data = TrainData(images[: n * BATCH], labels[: n * BATCH], images[-64:], labels[-64:], MEAN, STD, 4, True)
-        recipe = Recipe(epochs=1, batch_size=BATCH, channels_last=state["recipe"].channels_last)
+        recipe = Recipe(epochs=1, batch_size=BATCH, channels_last=state["recipe"].channels_last,
+                        compile=state["recipe"].compile and state["round"] == 1)  # compiled once
         state_dir = tempfile.mkdtemp(dir=opts.scratch)
         try:
             result = train(state["model"], lambda m, ctx: Standard(m, Standard.Params(), ctx), data, recipe,

@@ -40,37 +40,50 @@ def exit_thresholds(val_scores: torch.Tensor, exit_distributions: torch.Tensor) 
     Scores shared by every budget, (K, N), are sorted once per exit; only the set of samples still
     remaining differs between budgets. In score order, the running count of remaining samples is
     non-decreasing, so the n_k-th remaining sample is found by a binary search of that count.
+    (Ties: the n_k-th remaining score is the same value whichever tied sample comes first, so an
+    unstable sort gives the same thresholds.) ``remaining`` is kept samples-first, (N, B), where
+    reordering samples copies whole rows.
     """
     n_budgets, num_exits = exit_distributions.shape
     shared = val_scores.dim() == 2
     n = val_scores.shape[-1]
-    counts = torch.floor(n * exit_distributions).long()  # (B, K)
+    counts = torch.floor(n * exit_distributions).to(torch.int32)  # (B, K)
     thresholds = torch.full((n_budgets, num_exits), NO_EXIT, dtype=val_scores.dtype)
-    remaining = torch.ones(n_budgets, n, dtype=torch.bool)
+    remaining = torch.ones(n, n_budgets, dtype=torch.bool)  # (N, B)
     for k in range(num_exits - 1):
-        score_k = val_scores[k][None, :] if shared else val_scores[:, k, :]  # (1 or B, N)
-        sorted_scores, order = score_k.sort(dim=1, descending=True, stable=True)
-        remaining_sorted = remaining.index_select(1, order[0]) if shared else remaining.gather(1, order)
-        rank = remaining_sorted.cumsum(dim=1, dtype=torch.int64)  # rank among the remaining, in score order
+        if shared:
+            sorted_scores, order = val_scores[k].sort(descending=True)  # (N,)
+            remaining_sorted = remaining.index_select(0, order).T  # (B, N)
+        else:
+            sorted_scores, order = val_scores[:, k, :].sort(dim=1, descending=True)  # (B, N)
+            remaining_sorted = remaining.T.gather(1, order)
+        rank = remaining_sorted.cumsum(1, dtype=torch.int32)  # rank among the remaining, in score order
         wanted = counts[:, k : k + 1].contiguous()
         found = (wanted[:, 0] > 0) & (rank[:, -1] >= wanted[:, 0])
         position = torch.searchsorted(rank, wanted).clamp_(max=n - 1)  # first place the rank reaches n_k
         value = sorted_scores.expand(n_budgets, -1).gather(1, position)[:, 0]
         thresholds[:, k] = torch.where(found, value, thresholds[:, k])
-        remaining &= ~(score_k >= thresholds[:, k : k + 1])
+        score_k = val_scores[k][:, None] if shared else val_scores[:, k, :].T  # (N, 1 or B)
+        remaining &= score_k < thresholds[:, k]
     thresholds[:, -1] = TAKE_ALL
     return thresholds
 
 
 def exit_indices(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """(B, N) index of the exit each sample leaves at: the first k with score_k >= T_k."""
+    """(B, N) index of the exit each sample leaves at: the first k with score_k >= T_k.
+
+    Counted as the number of exits a sample passes (bool and int32 arithmetic, cheaper than
+    selecting indices); the last exit takes whoever is left.
+    """
     n_budgets, num_exits = thresholds.shape
     shared = scores.dim() == 2
-    exits = torch.full((n_budgets, scores.shape[-1]), num_exits - 1, dtype=torch.long)
-    for k in range(num_exits - 2, -1, -1):  # the last exit takes whoever is left
+    still_in = torch.ones(n_budgets, scores.shape[-1], dtype=torch.bool)
+    passed = torch.zeros(n_budgets, scores.shape[-1], dtype=torch.int32)
+    for k in range(num_exits - 1):
         score_k = scores[k][None, :] if shared else scores[:, k, :]
-        exits = torch.where(score_k >= thresholds[:, k : k + 1], k, exits)
-    return exits
+        still_in &= score_k < thresholds[:, k : k + 1]
+        passed += still_in
+    return passed.long()
 
 
 @dataclass

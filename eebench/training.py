@@ -97,14 +97,6 @@ def keep_freed_memory() -> None:
         pass
 
 
-def _compiled_step(method: TrainingMethod) -> Callable:
-    """``torch.compile`` of the method's step, with its ``@outside_compile`` functions left eager."""
-    for name in dir(type(method)):
-        if getattr(getattr(type(method), name, None), "outside_compile", False):
-            setattr(method, name, torch.compiler.disable(getattr(method, name)))
-    return torch.compile(method.train_step)
-
-
 def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
     if not params:
         return None
@@ -270,7 +262,9 @@ def train(
     for module in method.extra_modules().values():
         module.to(device)
     optimizer = make_optimizer(recipe, list(method.trainable_parameters()))
-    step_fn = _compiled_step(method) if recipe.compile else method.train_step
+    if recipe.compile:  # the network's forward (and, through AOTAutograd, its backward); method logic,
+        # optimizer and learning-rate changes stay eager, so nothing recompiles as the lr moves
+        model.forward_all = torch.compile(model.forward_all)
 
     history: list[dict[str, Any]] = []
     start_epoch, start_batch, resumed, resumed_loss = 0, 0, None, 0.0
@@ -331,7 +325,7 @@ def train(
                 if optimizer is not None:
                     for group in optimizer.param_groups:
                         group["lr"] = recipe.lr_at(step, total_steps, steps_per_epoch)
-                loss_sum += step_fn(x, train_labels[idx], optimizer, step).double()
+                loss_sum += method.train_step(x, train_labels[idx], optimizer, step).double()
                 batches_run += 1
             mean_loss = float(dctx.mean(loss_sum)) / steps_per_epoch  # one host sync per epoch
             dctx.sync_buffers([model, *method.extra_modules().values()])  # [ddp] process 0's BN statistics

@@ -24,14 +24,16 @@ def digits_data() -> TrainData:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", METHODS.names())
-def test_each_method_trains_two_epochs_and_its_loss_decreases(name, tmp_path):
+def test_each_method_trains_two_epochs_and_its_loss_decreases(name, compiled, tmp_path):
+    """Also with ``recipe.compile: true`` (the network's forward under torch.compile)."""
     torch.manual_seed(0)
     arch, params = ARCH_FOR.get(name, TINY_MSDNET)
     model = build_model(arch, dataset_info("digits").input, **params)
     method_cls = METHODS.get(name)
     method_params = METHODS.make_params(name, dict(method_cls.test_params))
-    recipe = Recipe(epochs=2, batch_size=64, lr=0.05, schedule="constant", eval_batch_size=512)
+    recipe = Recipe(epochs=2, batch_size=64, lr=0.05, schedule="constant", eval_batch_size=512, compile=compiled)
     k = model.num_exits
     result = train(model, lambda m, ctx: method_cls(m, method_params, ctx), digits_data(), recipe,
                    torch.linspace(1 / k, 1.0, k), 10, seed=0, state_dir=tmp_path, fingerprint=name,

@@ -19,14 +19,6 @@ from torch import nn
 from models import ExitOutputs, MultiExitNetwork
 
 
-def outside_compile(fn):
-    """Mark a method's function to run eagerly when ``recipe.compile: true`` wraps the step in
-    ``torch.compile`` (the loop applies ``torch.compiler.disable`` to marked functions then; doing
-    it here would import torch._dynamo, two seconds, in every job)."""
-    fn.outside_compile = True
-    return fn
-
-
 @dataclass
 class TrainContext:
     """What a method may need to know about the run it is part of."""

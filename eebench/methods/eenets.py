@@ -64,7 +64,7 @@ from torch.nn import functional as F
 from models import ExitOutputs, MultiExitNetwork
 
 from . import register_method
-from .base import TrainContext, TrainingMethod, outside_compile
+from .base import TrainContext, TrainingMethod
 
 log = logging.getLogger("eebench.train")
 LossVersion = Literal["v0", "v1", "v2", "v3", "v4"]
@@ -230,7 +230,6 @@ class EENets(TrainingMethod):
             loss = loss_v4(log_q, conf, costs, lam, tags)
         return loss.float()
 
-    @outside_compile  # reads and writes the tag table
     def _swap_tags(self, step: int, current: torch.Tensor) -> torch.Tensor:
         """This batch index's stored tags (random if none fit), replaced by ``current``."""
         batch = step % self.ctx.steps_per_epoch

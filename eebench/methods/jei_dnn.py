@@ -58,7 +58,7 @@ from torch.nn import functional as F
 from models import ExitOutputs, MultiExitNetwork
 
 from . import register_method
-from .base import TrainContext, TrainingMethod, outside_compile
+from .base import TrainContext, TrainingMethod
 from .gater import frozen_batchnorms, per_exit_ce
 
 log = logging.getLogger("eebench.train")
@@ -221,7 +221,6 @@ class JEIDNN(TrainingMethod):
         self.pos_weight.copy_(state["pos_weight"])
 
     # --- what is trained --------------------------------------------------------------------
-    @outside_compile  # changes requires_grad
     def freeze_trunk(self, example: torch.Tensor) -> None:
         """Keep the intermediate exits' own parameters trainable, freeze everything else."""
         private = private_exit_parameters(self.model, example[:2])
