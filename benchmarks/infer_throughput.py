@@ -11,7 +11,8 @@ Both run every exit of the 7-exit CIFAR-100 MSDNet over the same 10,000 random t
 * ``ours``: ``eebench.training.run_network`` as ``pipeline.infer_cell`` calls it (inference_mode,
   uint8 NCHW tensors normalised per batch, logits + features of every exit gathered on the host).
 
-Variant syntax: ``ref`` or ``ours``, then ``+cl`` (channels_last), ``+mallopt``
+Variant syntax: ``ref`` or ``ours``, then ``+cl`` (channels_last), ``+fold`` (BatchNorm folded
+into the convolutions, ``models.base.fold_batchnorm``), ``+mallopt``
 (``keep_freed_memory()`` in that process), ``@B`` (batch size; default ``--batch-size``).
 Each variant runs in its own process; one round = one pass over the images per variant,
 interleaved (see ``_bench.py``).
@@ -39,7 +40,7 @@ N_TRAIN_FILE = 50_000
 def parse_variant(name: str, default_batch: int) -> tuple[str, set[str], int]:
     name, _, batch = name.partition("@")
     base, *mods = name.split("+")
-    if base not in ("ref", "ours") or not set(mods) <= {"cl", "mallopt"}:
+    if base not in ("ref", "ours") or not set(mods) <= {"cl", "mallopt", "fold"}:
         raise argparse.ArgumentTypeError(f"unknown variant {name!r}: ref|ours, then +cl, +mallopt, @batch")
     if base == "ref" and ("cl" in mods or batch):
         raise argparse.ArgumentTypeError("the reference runs as shipped (NCHW, batch 64)")
@@ -91,6 +92,10 @@ def ours_worker(opts, mods, batch):
         images, _ = _bench.random_cifar(N_TRAIN_FILE + opts.images, seed=opts.seed)
         test = images[N_TRAIN_FILE:].permute(0, 3, 1, 2).contiguous()  # the harness's uint8 NCHW
         model = build_model("msdnet", InputSpec(3, 32, 100), **MSDNET_CIFAR100)
+        if "fold" in mods:  # BatchNorm folded into the convolutions
+            from models.base import fold_batchnorm
+
+            fold_batchnorm(model.eval())
         if channels_last:  # as pipeline.infer_cell does
             model.to(memory_format=torch.channels_last)
         method = Standard(model, Standard.Params(), TrainContext(torch.ones(7), 100, 1, 1))

@@ -262,7 +262,10 @@ def train(
     for module in method.extra_modules().values():
         module.to(device)
     optimizer = make_optimizer(recipe, list(method.trainable_parameters()))
-    if recipe.compile:  # the network's forward (and, through AOTAutograd, its backward); method logic,
+    if recipe.compile and not method.compilable:
+        log.warning("recipe.compile: %s needs the network eager (see its class); training without torch.compile",
+                    method.name)
+    elif recipe.compile:  # the network's forward (and, through AOTAutograd, its backward); method logic,
         # optimizer and learning-rate changes stay eager, so nothing recompiles as the lr moves
         model.forward_all = torch.compile(model.forward_all)
 

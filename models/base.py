@@ -60,6 +60,28 @@ class MultiExitNetwork(nn.Module):
         return upto
 
 
+def fold_batchnorm(network: nn.Module) -> int:
+    """Fold each BatchNorm2d that directly follows a Conv2d in an ``nn.Sequential`` into that
+    convolution (inference only: the network must be in eval mode and stay there). Returns how
+    many were folded. The outputs equal the unfolded network's up to float rounding."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if network.training:
+        raise ValueError("fold_batchnorm needs a network in eval mode")
+    folded = 0
+    for module in network.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            conv, bn = module._modules[first], module._modules[second]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                module._modules[first] = fuse_conv_bn_eval(conv, bn)
+                module._modules[second] = nn.Identity()
+                folded += 1
+    return folded
+
+
 class ExitPrefix(nn.Module):
     """The network truncated after exit k, returning every tensor exits 1..k produce."""
 

@@ -54,3 +54,15 @@ def test_unknown_method_lists_the_registered_ones():
     with pytest.raises(KeyError) as err:
         METHODS.get("no_such_method")
     assert "standard" in str(err.value) and "gater" in str(err.value)
+
+
+def test_methods_that_need_eager_autograd_are_not_compiled(tmp_path, caplog):
+    """L2W (double backward) and JEI-DNN (parameter reachability) train eagerly under
+    ``recipe.compile: true``, with a warning; the others declare they can be compiled."""
+    from train_helpers import digits_data, run_training
+
+    assert {name for name in METHODS.names() if not METHODS.get(name).compilable} == {"l2w", "jei_dnn"}
+    with caplog.at_level("WARNING", logger="eebench.train"):
+        result = run_training("l2w", tmp_path, epochs=1, data=digits_data(64, 32), compile=True)
+    assert "forward_all" not in vars(result.model)  # the bound method, not a compiled wrapper
+    assert "l2w needs the network eager" in caplog.text

@@ -196,3 +196,30 @@ def test_validate_checks_scales_fit_the_input():
 def test_build_model_validates():
     with pytest.raises(ValueError, match="step_mode"):
         build_model("msdnet", CIFAR10, step_mode="grow")
+
+
+def test_fold_batchnorm_keeps_the_outputs_and_folds_every_msdnet_batchnorm():
+    from torch import nn
+
+    from models.base import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = build_model("msdnet", InputSpec(3, 32, 10), n_blocks=3, n_channels=6, growth_rate=4)
+    for m in net.modules():  # statistics as after training, not the identity of a fresh BN
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(8, 3, 32, 32)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(net)
+    net.eval()
+    with torch.no_grad():
+        before = net.forward_all(x)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert fold_batchnorm(net) == n_bn and not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    with torch.no_grad():
+        after = net.forward_all(x)
+    for a, b in zip(before.logits + before.features, after.logits + after.features):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))

@@ -47,6 +47,9 @@ class TrainingMethod:
     name: ClassVar[str]
     Params: ClassVar[type]
     test_params: ClassVar[dict[str, Any]] = {}
+    # whether ``recipe.compile: true`` may compile the network's forward for this method; a method
+    # that needs eager autograd of the network (double backward, per-parameter reachability) says no
+    compilable: ClassVar[bool] = True
 
     def __init__(self, model: MultiExitNetwork, params: Any, ctx: TrainContext):
         self.model = model

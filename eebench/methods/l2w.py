@@ -179,6 +179,7 @@ def virtual_sgd_step(
 class L2W(TrainingMethod):
     name = "l2w"
     Params = L2WParams
+    compilable = False  # the meta step differentiates through a gradient: AOTAutograd has no double backward
     test_params = {"hidden": 8}
 
     def __init__(self, model: MultiExitNetwork, params: L2WParams, ctx: TrainContext):
