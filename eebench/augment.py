@@ -21,8 +21,13 @@ class EpochPlan:
     flips: torch.Tensor  # (N,) bool
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's random draws (order, crops, flips) in a run seeded by ``seed``."""
+    return seed * 100_003 + epoch
+
+
 def epoch_plan(n: int, padding: int, seed: int, epoch: int) -> EpochPlan:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     order = torch.randperm(n, generator=g)
     offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=g)
     flips = torch.rand(n, generator=g) < 0.5

@@ -184,6 +184,13 @@ def recipe_for(config: dict[str, Any], dataset: str, variant: str):
     return registry.build_params(Recipe, values, f"recipe of dataset {dataset!r}, method {variant!r}")
 
 
+def val_size(config: dict[str, Any], dataset: str) -> int | float | None:
+    """``datasets.<dataset>.val_size``: a count (a float of at least 1 is read as one), a fraction
+    of the training pool, or None for the dataset's usual held-out size."""
+    value = config["datasets"].get(dataset, {}).get("val_size")
+    return int(value) if isinstance(value, float) and value >= 1 else value
+
+
 def cell_fingerprint(config: dict[str, Any], cell: Cell) -> str:
     """A hash of everything that determines a training cell's weights (its parent's included)."""
     family, params = architecture(config, cell.arch)
@@ -196,8 +203,7 @@ def cell_fingerprint(config: dict[str, Any], cell: Cell) -> str:
         "parent": cell_fingerprint(config, parent) if parent else None,
         # a changed held-out size makes another split (only present when set, so that older
         # configs keep their fingerprints)
-        **({"val_size": val_size} if (val_size := config["datasets"].get(cell.dataset, {}).get("val_size"))
-           is not None else {}),
+        **({"val_size": held_out} if (held_out := val_size(config, cell.dataset)) is not None else {}),
     })
 
 

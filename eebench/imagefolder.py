@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .augment import epoch_seed
 from .tv import import_torchvision
 
 
@@ -99,7 +100,7 @@ def _loader(dataset: _Decoded, batch_sampler, workers: int, pin: bool) -> torch.
 def train_batches(images: FolderImages, batches: list[torch.Tensor], seed: int, epoch: int,
                   device: torch.device) -> Iterator[torch.Tensor]:
     """The augmented uint8 batches of one epoch, ``batches`` being each batch's image indices."""
-    dataset = _Decoded(images, images.train_transform(), seed=seed * 100_003 + epoch)
+    dataset = _Decoded(images, images.train_transform(), seed=epoch_seed(seed, epoch))
     sampler = [b.tolist() for b in batches]
     for x in _loader(dataset, sampler, images.workers, device.type == "cuda"):
         yield x.to(device, non_blocking=True)

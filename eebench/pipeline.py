@@ -21,7 +21,7 @@ from . import distributed, io
 from .cache import check_meta, correctness, load_cache, scored_outputs
 from .calibration import anytime_curve, budgeted_curve, confidence_exit
 from .config import (Cell, architecture, cell_fingerprint, check_budgets, dependencies, is_posthoc, posthoc_variant,
-                     recipe_for, resolved_cell_config, training_variant)
+                     recipe_for, resolved_cell_config, training_variant, val_size)
 from .datasets import dataset_info, load_pool, make_split, split_images
 from .flops import baseline_cost, exit_costs
 from .methods import METHODS, TrainContext
@@ -42,15 +42,10 @@ def _pool(config: dict[str, Any], dataset: str):
     return load_pool(dataset, config["data_dir"], config.get("download", False), workers)
 
 
-def _val_size(config: dict[str, Any], dataset: str) -> int | float | None:
-    value = config["datasets"].get(dataset, {}).get("val_size")
-    return int(value) if isinstance(value, float) and value >= 1 else value
-
-
 def write_split(config: dict[str, Any], dataset: str, out: str) -> None:
     pool = _pool(config, dataset)
     split = make_split(dataset, (len(pool.train_labels), len(pool.test_labels)), config["split_seed"],
-                       _val_size(config, dataset))
+                       val_size(config, dataset))
     with io.atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **split)
@@ -202,7 +197,6 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
     # training, where BatchNorm and cat slow down in it): benchmarks/infer_throughput.py
     network.eval()
     fold_batchnorm(network)
-    channels_last = True
     network.to(memory_format=torch.channels_last)
     info = dataset_info(cell.dataset)
     # the method is rebuilt only for eval_outputs, but with the run's real length: some methods
@@ -221,7 +215,7 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
         if part == "train" and limit is not None and len(labels) > limit:
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit].sort().values
             images, labels = images[keep], labels[keep]
-        cache = run_network(network, images, info.mean, info.std, batch, device, channels_last,
+        cache = run_network(network, images, info.mean, info.std, batch, device, channels_last=True,
                             with_features=True, transform=method.eval_outputs)
         cache["labels"] = labels
         cache["meta"] = {"fingerprint": fingerprint, "part": part, "split": io.file_hash(split_path)}

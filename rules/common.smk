@@ -4,7 +4,7 @@ sys.path.insert(0, workflow.basedir)
 
 from eebench import smk  # noqa: E402
 from eebench.config import Cell, architecture, cell_fingerprint, cells, check_config, check_data  # noqa: E402
-from eebench.config import is_posthoc, posthoc_variant, training_variant, validate_schema  # noqa: E402
+from eebench.config import is_posthoc, posthoc_variant, training_variant, val_size, validate_schema  # noqa: E402
 
 
 # the schema (types, structure; fills defaults), then the registries: a bad config fails here, naming
@@ -135,7 +135,7 @@ def figure_kind(wildcards):
 def split_settings(wildcards):
     """What a split depends on (a rerun trigger: a changed split_seed rebuilds the split)."""
     return {"dataset": wildcards.dataset, "split_seed": config["split_seed"],
-            "val_size": config["datasets"][wildcards.dataset].get("val_size")}
+            "val_size": val_size(config, wildcards.dataset)}
 
 
 def flops_settings(wildcards):
