@@ -38,10 +38,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _ordinary_file_mode())  # mkstemp's 0600 would hide results from colleagues
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _ordinary_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _remove_orphans(path: Path) -> None:

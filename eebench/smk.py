@@ -22,9 +22,10 @@ def posthoc_needs_train_split(method: str) -> bool:
 
 
 @contextmanager
-def logged(snakemake: Any) -> Iterator[None]:
+def logged(snakemake: Any, append: bool = False) -> Iterator[None]:
     """Send the library's log to the rule's log file (and stderr); log errors without a traceback
-    for the expected kinds (bad input), with one for anything else."""
+    for the expected kinds (bad input), with one for anything else. ``append`` keeps what earlier
+    attempts wrote (a resumed training job's log tells the whole story of the cell)."""
     from .config import ConfigError
     from .datasets import DatasetMissingError
     from .io import CorruptFileError
@@ -32,9 +33,11 @@ def logged(snakemake: Any) -> Iterator[None]:
 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if snakemake.log:
-        handlers.append(logging.FileHandler(snakemake.log[0], mode="w"))
+        handlers.append(logging.FileHandler(snakemake.log[0], mode="a" if append else "w"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         handlers=handlers, force=True)
+    if append:
+        logging.getLogger("eebench").info("--- %s job started (earlier attempts above) ---", snakemake.rule)
     try:
         yield
     except (ConfigError, DatasetMissingError, CorruptFileError, TrainingDiverged, FileNotFoundError) as err:

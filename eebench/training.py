@@ -320,7 +320,11 @@ def train(
                 if (dctx.should_stop(stop.received is not None, batch, device)
                         or (stop_after_batches is not None and batches_run >= stop_after_batches)):
                     checkpoint(epoch, batch, float(dctx.mean(loss_sum)))
-                    raise SystemExit(128 + (stop.received or signal.SIGTERM))
+                    signum = stop.received or signal.SIGTERM
+                    if dctx.is_main:
+                        log.info("stopped by %s: checkpoint written to %s at epoch %d, batch %d; a rerun "
+                                 "resumes from it", signal.Signals(signum).name, state_path, epoch + 1, batch)
+                    raise SystemExit(128 + signum)
                 x = normalize(next(images), mean_t, std_t)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)

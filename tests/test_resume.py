@@ -118,3 +118,9 @@ def test_sigterm_checkpoints_and_rerun_resumes(data, uninterrupted, tmp_path):
     weights, history = uninterrupted
     assert_same_weights(weights_of(result), weights)
     assert result.history == history
+
+
+def test_stop_logs_where_the_checkpoint_was_written(data, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="eebench.train"), pytest.raises(SystemExit):
+        run_training("standard", tmp_path, data=data, stop_after_batches=3)
+    assert f"stopped by SIGTERM: checkpoint written to {tmp_path / 'checkpoint.pt'} at epoch 1, batch 3" in caplog.text

@@ -1,0 +1,39 @@
+"""Rule logs: a retried training job adds to its log instead of replacing the cancelled attempt's."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from eebench import smk
+
+
+def _job(log_path):
+    return SimpleNamespace(log=[str(log_path)], rule="train")
+
+
+def test_training_log_keeps_earlier_attempts(tmp_path):
+    log_path = tmp_path / "seed0.log"
+    for attempt in ("first attempt, cancelled", "second attempt, resumed"):
+        with smk.logged(_job(log_path), append=True):
+            logging.getLogger("eebench").info(attempt)
+    text = log_path.read_text()
+    assert "first attempt, cancelled" in text and "second attempt, resumed" in text
+    assert text.count("train job started") == 2
+
+
+def test_other_logs_start_afresh(tmp_path):
+    log_path = tmp_path / "evaluate.log"
+    for message in ("old run", "new run"):
+        with smk.logged(_job(log_path)):
+            logging.getLogger("eebench").info(message)
+    assert "old run" not in log_path.read_text() and "new run" in log_path.read_text()
+
+
+def test_expected_errors_exit_1_and_are_logged(tmp_path):
+    log_path = tmp_path / "x.log"
+    with pytest.raises(SystemExit) as info, smk.logged(_job(log_path)):
+        raise FileNotFoundError("results/x.pt: file not found")
+    assert info.value.code == 1 and "results/x.pt: file not found" in log_path.read_text()
