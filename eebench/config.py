@@ -259,6 +259,8 @@ def check_config(config: dict[str, Any]) -> None:
                     fail(f"experiments[{i}].{key}", value, list(known))
         for arch in exp["architectures"]:
             family = config["architectures"][arch]["family"]
+            for variant in exp.get("methods", []):
+                _check_capabilities(config, variant, arch, f"experiments[{i}]")
             for dataset in exp["datasets"]:
                 if dataset not in get_architecture(family).datasets:
                     fail(f"experiments[{i}]: architecture {arch!r} ({family}) on dataset",
@@ -269,6 +271,30 @@ def check_config(config: dict[str, Any]) -> None:
                     _check_buildable(config, arch, dataset)
                     built.add((arch, dataset))
     _check_report(config, fail)
+
+
+def _check_capabilities(config: dict[str, Any], variant: str, arch: str, where: str) -> None:
+    """A method that needs what an architecture does not offer (EENets' confidence branches) is
+    refused here, naming both, instead of failing in its first training step."""
+    from models import get_architecture
+
+    from .methods import METHODS
+
+    method = training_variant(config, variant)["method"]
+    family = config["architectures"][arch]["family"]
+    missing = METHODS.get(method).requires - get_architecture(family).network_class.capabilities
+    if missing:
+        raise ConfigError(
+            f"config {where}: method {variant!r} ({method}) cannot train architecture {arch!r} ({family}): "
+            f"it needs {', '.join(sorted(missing))}, which {family} does not offer; allowed: an architecture "
+            f"whose family offers it ({', '.join(_families_offering(METHODS.get(method).requires))})"
+        )
+
+
+def _families_offering(capabilities: frozenset[str]) -> list[str]:
+    from models import get_architecture, list_architectures
+
+    return [f for f in list_architectures() if capabilities <= get_architecture(f).network_class.capabilities]
 
 
 def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from models import ExitPrefix, MultiExitNetwork
+from models.base import PLAIN_COUNTERPART
 
 CONVENTIONS = ("reference", "fvcore")
 
@@ -249,11 +250,10 @@ def exit_costs(
 def baseline_cost(network: MultiExitNetwork, input_shape: tuple[int, int, int], convention: str = "reference") -> int | None:
     """FLOPs of the network's plain counterpart (no early exits), if it defines one.
 
-    Architectures such as the EENets ResNets implement ``plain_counterpart()`` returning the
+    Architectures with the ``plain_counterpart`` capability (the EENets ResNets) return the
     non-early-exit network of the same depth; exit costs are then reported as ratios of it.
     """
-    make_plain = getattr(network, "plain_counterpart", None)
-    if make_plain is None:
+    if PLAIN_COUNTERPART not in network.capabilities:
         return None
-    plain = make_plain().eval()
+    plain = network.plain_counterpart().eval()
     return _count(plain, torch.zeros(1, *input_shape), convention)

@@ -267,8 +267,14 @@ def _scored(config: dict[str, Any], cell: Cell, path: str, part: str) -> tuple[S
                                           "exit_distributions", "budget_targets")}
         return ScoredOutputs(**fields), data["labels"].long()
     cache = load_cache(path, _expected_meta(config, cell, part))
-    exit_score = getattr(METHODS.get(training_variant(config, cell.variant)["method"]), "exit_score", "max_softmax")
+    exit_score = METHODS.get(training_variant(config, cell.variant)["method"]).exit_score
     return scored_outputs(cache, exit_score), cache["labels"]
+
+
+def _confidence_exit_threshold(config: dict[str, Any], cell: Cell, num_exits: int) -> float:
+    variant = training_variant(config, cell.variant)
+    params = METHODS.make_params(variant["method"], variant["params"], f"methods.{cell.variant}.params")
+    return METHODS.get(variant["method"]).confidence_exit_threshold(params, num_exits)
 
 
 def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: str, flops_path: str,
@@ -289,7 +295,8 @@ def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: 
     anytime = pd.DataFrame(anytime_curve(correct, flops["flops"]))
     test_cache = io.load_tensors(test_path, what="test cache")
     if "confidences" in test_cache and "cost_ratio" in flops:
-        point = confidence_exit(test_cache["confidences"].float(), correct, flops["cost_ratio"])
+        threshold = _confidence_exit_threshold(config, cell, len(flops["flops"]))
+        point = confidence_exit(test_cache["confidences"].float(), correct, flops["cost_ratio"], threshold)
         anytime["confidence_exit_accuracy"] = point["accuracy"]
         anytime["confidence_exit_cost_ratio"] = point["cost_ratio"]
     io.write_csv(budgeted_out, budgeted)

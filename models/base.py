@@ -13,6 +13,7 @@ and the cost of exit k includes every earlier head, as a sample leaving at k has
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -41,16 +42,35 @@ class ExitOutputs:
         return out
 
 
+# What an architecture may offer beyond the contract; training methods list the ones they need
+# (``TrainingMethod.requires``) and the config check refuses a method on an architecture without them.
+CONFIDENCE_BRANCHES = "confidence_branches"  # ExitOutputs.confidences: a learned confidence per exit
+GRADIENT_RESCALING = "gradient_rescaling"  # set_gradient_rescaling: BoostNet's gradient equilibrium
+PLAIN_COUNTERPART = "plain_counterpart"  # plain_counterpart: the same network without early exits
+
+
 class MultiExitNetwork(nn.Module):
-    """Base class: subclasses set ``num_exits`` and implement ``forward_all``."""
+    """Base class: subclasses set ``num_exits`` and implement ``forward_all``; those that offer
+    more declare it in ``capabilities`` and implement the matching method below."""
 
     num_exits: int
+    capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def forward_all(self, x: torch.Tensor, upto: int | None = None) -> ExitOutputs:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         return self.forward_all(x, upto).logits
+
+    def set_gradient_rescaling(self, enabled: bool) -> None:
+        """Scale each exit head's gradient into the trunk by 1/(K-k) and the deeper blocks' by
+        (K-k-1)/(K-k) (``gradient_equilibrium``); only with the ``gradient_rescaling`` capability."""
+        raise NotImplementedError(f"{type(self).__name__} does not offer gradient rescaling")
+
+    def plain_counterpart(self) -> nn.Module:
+        """The same network without early exits (the baseline of cost ratios); only with the
+        ``plain_counterpart`` capability."""
+        raise NotImplementedError(f"{type(self).__name__} has no plain counterpart")
 
     def _check_upto(self, upto: int | None) -> int:
         if upto is None:

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from . import register_architecture
-from .base import ExitOutputs, InputSpec, MultiExitNetwork
+from .base import CONFIDENCE_BRANCHES, PLAIN_COUNTERPART, ExitOutputs, InputSpec, MultiExitNetwork
 
 STYLES = ("auto", "cifar", "imagenet")
 DISTRIBUTIONS = ("pareto", "fine", "linear", "gold_ratio")
@@ -370,6 +370,8 @@ class PlainResNet(nn.Module):
     datasets=("digits", "mnist", "svhn", "cifar10", "cifar100", "tinyimagenet", "imagenet"),
 )
 class EEResNet(MultiExitNetwork):
+    capabilities = frozenset({CONFIDENCE_BRANCHES, PLAIN_COUNTERPART})
+
     """EENets ResNet with ``config.num_exits`` early exits and the final exit.
 
     ``exit_blocks[i]`` is the 0-based index of the residual block that early exit i follows;

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import register_architecture
-from .base import ExitOutputs, InputSpec, MultiExitNetwork, gradient_equilibrium
+from .base import GRADIENT_RESCALING, ExitOutputs, InputSpec, MultiExitNetwork, gradient_equilibrium
 
 IMAGENET_MIN_SIZE = 64  # inputs at least this large get the ImageNet stem and heads
 CIFAR_HEAD_WIDTH = 128
@@ -317,6 +317,8 @@ def init_weights(module: nn.Module) -> None:
     "msdnet", MSDNetConfig, datasets=("digits", "cifar10", "cifar100", "imagenet")
 )
 class MSDNet(MultiExitNetwork):
+    capabilities = frozenset({GRADIENT_RESCALING})
+
     def __init__(self, config: MSDNetConfig, input_spec: InputSpec):
         super().__init__()
         config.validate(input_spec.size)

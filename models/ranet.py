@@ -122,6 +122,14 @@ class RANetConfig:
                 "resolution) and each next flow must keep the scale or raise it by 1, "
                 "e.g. [1, 2, 3] or [1, 2, 3, 3]"
             )
+        if 1 in scales[1:]:
+            # the reference picks a flow's down-sampling blocks with nBlocks[-(scale - 1):], which
+            # for a second flow at scale 1 is the whole list: it builds another network and crashes
+            raise ValueError(
+                f"RANetConfig.scale_list={scales} is not allowed: only the first flow may be at the "
+                "lowest scale 1 (the reference RANet cannot build a repeated lowest scale); repeat a "
+                "higher scale instead, e.g. [1, 2, 2, 3] or [1, 2, 3, 3]"
+            )
 
     def _check_ratios(self) -> None:
         if not 0 < self.compress_factor < 1:

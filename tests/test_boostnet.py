@@ -9,13 +9,9 @@ import torch
 from torch import nn
 
 from eebench.methods import METHODS, TrainContext
-from eebench.methods.boostnet import (
-    BoostNet,
-    boosting_loss,
-    gradient_equilibrium,
-    scale_gradient,
-)
+from eebench.methods.boostnet import BoostNet, boosting_loss
 from models import ExitOutputs, MultiExitNetwork
+from models.base import GRADIENT_RESCALING, gradient_equilibrium, scale_gradient
 
 
 def ctx() -> TrainContext:
@@ -81,6 +77,8 @@ def test_scale_gradient():
 class ToyGE(MultiExitNetwork):
     """Linear trunk blocks and heads, with the gradient-rescaling hook."""
 
+    capabilities = frozenset({GRADIENT_RESCALING})
+
     def __init__(self, num_exits: int = 3, width: int = 5):
         super().__init__()
         self.num_exits = num_exits
@@ -130,7 +128,7 @@ def test_gradient_equilibrium_gives_each_block_the_mean_over_its_heads():
 def test_rescaling_option_resolution(toy_network):
     assert make_method(toy_network).gradient_rescaling is False  # auto, no hook
     assert make_method(toy_network, gradient_rescaling=False).gradient_rescaling is False
-    with pytest.raises(ValueError, match="set_gradient_rescaling"):
+    with pytest.raises(ValueError, match="does not offer gradient rescaling"):
         make_method(toy_network, gradient_rescaling=True)
     ge = ToyGE()
     assert make_method(ge).gradient_rescaling is True and ge.rescale is True

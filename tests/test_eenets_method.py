@@ -12,6 +12,7 @@ from eebench.io import load_tensors, save_tensors
 from eebench.methods import METHODS, TrainContext
 from eebench.methods.eenets import EENets, inference_threshold
 from models import ExitOutputs, InputSpec, build_model
+from models.base import CONFIDENCE_BRANCHES
 
 # 3 exits, 2 samples, 3 classes
 LOGITS = [
@@ -26,7 +27,9 @@ LAM = 0.5
 
 
 class _Net(torch.nn.Module):
-    """Stands in for the network where only ``num_exits`` is read."""
+    """Stands in for the network where only ``num_exits`` and ``capabilities`` are read."""
+
+    capabilities = frozenset({CONFIDENCE_BRANCHES})
 
     def __init__(self, num_exits: int):
         super().__init__()
@@ -254,15 +257,19 @@ def test_single_exit_network():
 # --- errors and params ---------------------------------------------------------------------------
 
 
-def test_missing_confidences_is_a_clear_error(toy_network, toy_batch):
+def test_network_without_confidence_branches_is_a_clear_error(toy_network):
     ctx = TrainContext(exit_costs=torch.tensor([1 / 3, 2 / 3, 1.0]), num_classes=4, epochs=1,
                        steps_per_epoch=1)
-    method = EENets(toy_network, METHODS.make_params("eenets", {}), ctx)
-    x, y = toy_batch
-    optimizer = torch.optim.SGD(toy_network.parameters(), lr=0.1)
-    message = r"EENets needs an architecture with confidence branches \(ee_resnet\); got ToyMultiExit"
+    message = r"eenets needs an architecture with confidence branches \(ee_resnet\); ToyMultiExit has none"
     with pytest.raises(ValueError, match=message):
-        method.train_step(x, y, optimizer, 0)
+        EENets(toy_network, METHODS.make_params("eenets", {}), ctx)
+
+
+def test_v3_is_evaluated_with_the_reference_threshold():
+    """The reference exits at h > 1/(number of early exits) for v3, at h > 0.5 otherwise."""
+    for loss, exits, expected in (("v3", 4, 1 / 3), ("v3", 2, 1.0), ("v2", 4, 0.5), ("v0", 3, 0.5)):
+        params = METHODS.make_params("eenets", {"loss": loss})
+        assert EENets.confidence_exit_threshold(params, exits) == pytest.approx(expected)
 
 
 def test_cost_count_must_match_exits():

@@ -66,6 +66,14 @@ def _add_arch(name: str, spec: dict) -> Callable[[dict], None]:
     return mutate
 
 
+def _eenets_on(arch: str) -> Callable[[dict], None]:
+    def mutate(config: dict) -> None:
+        config["methods"]["eenets"] = {"method": "eenets"}
+        config["architectures"][arch] = copy.deepcopy(MSDNET)
+        config["experiments"].append({"datasets": ["digits"], "architectures": [arch], "methods": ["eenets"]})
+    return mutate
+
+
 def _cycle(config: dict) -> None:
     config["methods"]["standard"]["init_from"] = "frozen"
 
@@ -110,6 +118,11 @@ CONFIG_CASES = [
      ["architectures.msd.params", "'digits'", "n_scales=6", "input size 32"]),
     ("ranet-scale-list", _add_arch("ra", {**RANET, "params": {**RANET["params"], "scale_list": [3, 2, 1]}}),
      ["architectures.ra.params", "scale_list=[3, 2, 1]", "[1, 2, 3]"]),
+    ("ranet-repeated-lowest-scale", _add_arch("ra", {**RANET, "params": {
+        **RANET["params"], "scale_list": [1, 1, 2, 3], "gr_factor": [4, 4, 2, 1], "bn_factor": [4, 4, 2, 1]}}),
+     ["architectures.ra.params", "scale_list=[1, 1, 2, 3]", "only the first flow may be at the lowest scale"]),
+    ("method-needs-confidence-branches", _eenets_on("msd"),
+     ["experiments[1]", "'eenets'", "'msd' (msdnet)", "confidence_branches", "ee_resnet"]),
     ("table1-budget-type", _set("report.table1", {"dataset": "digits", "architecture": "tiny",
                                                   "budgets": ["4M"], "rows": {"all": "standard"}}),
      ["report.table1.budgets[0]", "'4M'", "a number"]),

@@ -164,7 +164,8 @@ def test_theta_gradient_flows_through_A(toy_network):
         assert grads[k][i, c].item() == pytest.approx(fd, abs=1e-4)
     # The early exits' logits reach the loss through A: with A detached the gradient differs.
     detached = g.weights(g.scores(outputs)).detach()
-    from eebench.methods.gater import inner_loss, per_exit_ce
+    from eebench.methods.common import per_exit_ce
+    from eebench.methods.gater import inner_loss
     ce = per_exit_ce(outputs.logits, torch.tensor(TARGETS))
     alt = torch.autograd.grad(inner_loss(detached, ce, torch.tensor(COSTS), LAM), outputs.logits)
     assert not torch.allclose(alt[0], grads[0], atol=1e-4)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -44,12 +44,30 @@ class TrainContext:
 
 
 class TrainingMethod:
+    """A training method: what one step does, and what is evaluated.
+
+    Subclasses set ``name`` and ``Params`` (a dataclass of the config keys with their defaults) and
+    implement ``loss`` (or override ``train_step``); every other attribute has a declared default.
+    """
+
     name: ClassVar[str]
     Params: ClassVar[type]
-    test_params: ClassVar[dict[str, Any]] = {}
-    # whether ``recipe.compile: true`` may compile the network's forward for this method; a method
-    # that needs eager autograd of the network (double backward, per-parameter reachability) says no
+    test_params: ClassVar[dict[str, Any]] = {}  # a tiny setting the registry-wide tests train with
+    # whether ``recipe.compile`` may compile the network's forward for this method; a method that
+    # needs eager autograd of the network (double backward, per-parameter reachability) says no
     compilable: ClassVar[bool] = True
+    # what the calibration thresholds: ``max_softmax`` of the evaluated logits, or ``confidence``
+    # (the learned per-exit scores the method puts into ``ExitOutputs.confidences``)
+    exit_score: ClassVar[str] = "max_softmax"
+    # capabilities the architecture must declare (``MultiExitNetwork.capabilities``); checked when
+    # the config is read, so a method is refused on an architecture it cannot train
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def confidence_exit_threshold(cls, params: Any, num_exits: int) -> float:
+        """The fixed threshold of the confidence-branch exit rule (EENets' evaluation): a sample
+        leaves at the first exit whose confidence is above it."""
+        return 0.5
 
     def __init__(self, model: MultiExitNetwork, params: Any, ctx: TrainContext):
         self.model = model
@@ -66,7 +84,9 @@ class TrainingMethod:
         return {}
 
     # --- one step ---------------------------------------------------------------------------
-    def loss(self, outputs: ExitOutputs, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: ExitOutputs, targets: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """The loss of one batch; ``step`` is the global step (0-based), for losses that change
+        during training."""
         raise NotImplementedError
 
     def train_step(
@@ -75,7 +95,7 @@ class TrainingMethod:
         """One optimisation step; returns the (detached) loss without a host sync."""
         with self.ctx.autocast():
             outputs = self.model.forward_all(images)
-            loss = self.loss(outputs, targets)
+            loss = self.loss(outputs, targets, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -94,12 +114,3 @@ class TrainingMethod:
         for name, module in self.extra_modules().items():
             module.load_state_dict(state[name])
 
-
-def sum_of_exit_losses(outputs: ExitOutputs, targets: torch.Tensor) -> torch.Tensor:
-    """Unweighted sum over exits of the mean cross-entropy (MSDNet's loss)."""
-    return sum(nn.functional.cross_entropy(logits, targets) for logits in outputs.logits)
-
-
-def freeze(parameters: Iterable[nn.Parameter]) -> None:
-    for p in parameters:
-        p.requires_grad_(False)

@@ -31,17 +31,10 @@ import torch
 from torch.nn import functional as F
 
 from models import ExitOutputs, MultiExitNetwork
-from models.base import gradient_equilibrium, scale_gradient  # noqa: F401  (re-exported)
+from models.base import GRADIENT_RESCALING
 
 from . import register_method
 from .base import TrainContext, TrainingMethod
-
-HOOK = "set_gradient_rescaling"
-
-
-# --------------------------------------------------------------------------------------------
-# Gradient rescaling helpers, for architectures to import
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,21 +80,22 @@ class BoostNet(TrainingMethod):
     def __init__(self, model: MultiExitNetwork, params: BoostNetParams, ctx: TrainContext):
         super().__init__(model, params, ctx)
         self.gradient_rescaling = self._resolve_rescaling(model, params.gradient_rescaling)
-        if hasattr(model, HOOK):
-            getattr(model, HOOK)(self.gradient_rescaling)
+        if GRADIENT_RESCALING in model.capabilities:
+            model.set_gradient_rescaling(self.gradient_rescaling)
 
     @staticmethod
     def _resolve_rescaling(model: MultiExitNetwork, wanted: bool | None) -> bool:
-        has_hook = callable(getattr(model, HOOK, None))
-        if wanted and not has_hook:
+        offered = GRADIENT_RESCALING in model.capabilities
+        if wanted and not offered:
             raise ValueError(
-                f"boostnet: gradient_rescaling is true but {type(model).__name__} does not "
-                f"implement {HOOK}(enabled); set gradient_rescaling to false (as the official "
-                "RANet runs) or null (rescale only where the architecture supports it)"
+                f"boostnet: gradient_rescaling is true but {type(model).__name__} does not offer "
+                "gradient rescaling (capability 'gradient_rescaling', set_gradient_rescaling); set "
+                "gradient_rescaling to false (as the official RANet runs) or null (rescale only where "
+                "the architecture supports it)"
             )
-        return has_hook if wanted is None else wanted
+        return offered if wanted is None else wanted
 
-    def loss(self, outputs: ExitOutputs, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: ExitOutputs, targets: torch.Tensor, step: int = 0) -> torch.Tensor:
         return boosting_loss(outputs.logits, targets, self.params.ensemble_reweight)
 
     def eval_outputs(self, outputs: ExitOutputs) -> ExitOutputs:

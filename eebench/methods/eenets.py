@@ -62,6 +62,7 @@ import torch
 from torch.nn import functional as F
 
 from models import ExitOutputs, MultiExitNetwork
+from models.base import CONFIDENCE_BRANCHES
 
 from . import register_method
 from .base import TrainContext, TrainingMethod
@@ -187,10 +188,17 @@ class EENets(TrainingMethod):
     name = "eenets"
     Params = EENetsParams
     test_params = {"two_stage_epochs": 1}
-    exit_score = "max_softmax"
+    requires = frozenset({CONFIDENCE_BRANCHES})
+
+    @classmethod
+    def confidence_exit_threshold(cls, params: EENetsParams, num_exits: int) -> float:
+        return inference_threshold(params, num_exits)
 
     def __init__(self, model: MultiExitNetwork, params: EENetsParams, ctx: TrainContext):
         super().__init__(model, params, ctx)
+        if CONFIDENCE_BRANCHES not in model.capabilities:
+            raise ValueError(f"eenets needs an architecture with confidence branches (ee_resnet); "
+                             f"{type(model).__name__} has none")
         if len(ctx.exit_costs) != model.num_exits:
             raise ValueError(
                 f"eenets: {len(ctx.exit_costs)} exit costs for a network with {model.num_exits} exits"
@@ -207,11 +215,6 @@ class EENets(TrainingMethod):
         return self.params.loss
 
     def loss(self, outputs: ExitOutputs, targets: torch.Tensor, step: int = 0) -> torch.Tensor:
-        if outputs.confidences is None:
-            raise ValueError(
-                "EENets needs an architecture with confidence branches (ee_resnet); got "
-                f"{type(self.model).__name__}, whose outputs have no confidences"
-            )
         lam, costs = self.params.lam, self.ctx.exit_costs
         log_q = target_log_probs(outputs.logits, targets)
         conf = torch.stack([c.float() for c in outputs.confidences])
@@ -238,17 +241,6 @@ class EENets(TrainingMethod):
             stored = torch.randint(0, self.model.num_exits, current.shape, device=current.device)
         self.tag_table[batch] = current.detach().clone()
         return stored.to(current.device)
-
-    def train_step(
-        self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer, step: int
-    ) -> torch.Tensor:
-        with self.ctx.autocast():
-            outputs = self.model.forward_all(images)
-            loss = self.loss(outputs, targets, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
 
     def state_dict(self) -> dict[str, Any]:
         return {"tag_table": {b: t.clone() for b, t in self.tag_table.items()}}

@@ -54,7 +54,9 @@ from torch.nn import functional as F
 from models import ExitOutputs, MultiExitNetwork
 
 from . import register_method
+from ..schedules import cosine
 from .base import TrainContext, TrainingMethod
+from .common import frozen_batchnorms, per_exit_ce
 
 FEATURES = ("confidence", "margin", "entropy")
 
@@ -132,13 +134,6 @@ def exit_weights(gate_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (exit_log_probs(gate_logits) / temperature).softmax(dim=1)
 
 
-def per_exit_ce(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    """(N, K) per-sample cross-entropies, in float32."""
-    return torch.stack(
-        [F.cross_entropy(out.float(), targets, reduction="none") for out in logits], dim=1
-    )
-
-
 def inner_loss(weights: torch.Tensor, ce: torch.Tensor, costs: torch.Tensor, lam: float) -> torch.Tensor:
     """(1/N) sum_i sum_k (A_ik + 1)(CE_ik + lambda Cost_k) (eq. 10, inner)."""
     return ((weights + 1) * (ce + lam * costs)).sum(dim=1).mean()
@@ -147,21 +142,6 @@ def inner_loss(weights: torch.Tensor, ce: torch.Tensor, costs: torch.Tensor, lam
 def outer_loss(weights: torch.Tensor, ce: torch.Tensor, costs: torch.Tensor, lam: float) -> torch.Tensor:
     """(1/N) sum_i sum_k (CE_ik + lambda Cost_k) A_ik with CE detached (eq. 10, outer)."""
     return (weights * (ce.detach() + lam * costs)).sum(dim=1).mean()
-
-
-def cosine_lr(step: int, total_steps: int, lr_max: float, lr_min: float) -> float:
-    progress = min(step, total_steps) / max(total_steps, 1)
-    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * progress))
-
-
-def frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
-    """BatchNorm layers none of whose parameters is trained: run in eval mode while training so
-    that their running statistics, part of the frozen network, do not change either."""
-    return [
-        m for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and not any(p.requires_grad for p in m.parameters(recurse=False))
-    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +212,7 @@ class Gater(TrainingMethod):
     def _costs(self, ce: torch.Tensor) -> torch.Tensor:
         return self.ctx.exit_costs.to(ce.device, torch.float32)
 
-    def loss(self, outputs: ExitOutputs, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: ExitOutputs, targets: torch.Tensor, step: int = 0) -> torch.Tensor:
         return self.losses(outputs, targets)[0]
 
     # --- one step ---------------------------------------------------------------------------
@@ -258,7 +238,7 @@ class Gater(TrainingMethod):
 
     def gater_step(self, outer: torch.Tensor, step: int) -> None:
         """One Adam step of phi on the outer loss, at the cosine-decayed gater lr."""
-        lr = cosine_lr(step, self.ctx.total_steps, self.params.gater_lr, self.params.gater_lr_min)
+        lr = cosine(step / max(self.ctx.total_steps, 1), self.params.gater_lr, self.params.gater_lr_min)
         for group in self.gater_optimizer.param_groups:
             group["lr"] = lr
         self.gater_optimizer.zero_grad(set_to_none=True)

@@ -59,7 +59,7 @@ from models import ExitOutputs, MultiExitNetwork
 
 from . import register_method
 from .base import TrainContext, TrainingMethod
-from .gater import frozen_batchnorms, per_exit_ce
+from .common import frozen_batchnorms, per_exit_ce
 
 log = logging.getLogger("eebench.train")
 Phase = Literal["warmup", "gate", "classifier"]

@@ -42,7 +42,9 @@ from torch.nn import functional as F
 from models import MultiExitNetwork
 
 from . import register_method
+from ..schedules import cosine
 from .base import TrainContext, TrainingMethod
+from .common import per_exit_ce
 
 Constraint = Literal["col", "mat"]
 
@@ -121,17 +123,10 @@ def assign_exits(confidence: torch.Tensor, probs: Sequence[float]) -> torch.Tens
     return exit_of
 
 
-def per_exit_losses(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    """The (n, K) matrix of per-sample cross-entropies, in float32."""
-    return torch.stack(
-        [F.cross_entropy(out.float(), targets, reduction="none") for out in logits], dim=1
-    )
-
-
 def assigned_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor,
                   exit_of: torch.Tensor) -> torch.Tensor:
     """Sum over exits of the mean CE over the samples assigned to that exit (0 if none)."""
-    losses = per_exit_losses(logits, targets)
+    losses = per_exit_ce(logits, targets)
     mask = F.one_hot(exit_of, losses.shape[1]).to(losses.dtype)
     # masked sums instead of boolean indexing: same value, no host sync
     return ((losses * mask).sum(0) / mask.sum(0).clamp(min=1)).sum()
@@ -208,8 +203,7 @@ class L2W(TrainingMethod):
 
     def meta_lr(self, step: int) -> float:
         """The official per-iteration cosine decay of the meta learning rate."""
-        progress = min(step, self.ctx.total_steps) / max(self.ctx.total_steps, 1)
-        return 0.5 * self.params.meta_lr * (1 + math.cos(math.pi * progress))
+        return cosine(step / max(self.ctx.total_steps, 1), self.params.meta_lr)
 
     # --- one loader batch -------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, targets: torch.Tensor,
@@ -237,7 +231,7 @@ class L2W(TrainingMethod):
 
         with self.ctx.autocast():
             logits = functional_call(self.model, buffers, (x_train,))
-        losses = per_exit_losses(logits, y_train)
+        losses = per_exit_ce(logits, y_train)
         weighted = (self.weights(losses) * losses).mean(0).sum()
         grads = torch.autograd.grad(
             weighted, [p for _, p in named], create_graph=True, allow_unused=True
@@ -261,7 +255,7 @@ class L2W(TrainingMethod):
         """One real step of the main optimizer on the WPN-weighted loss."""
         with self.ctx.autocast():
             logits = self.model.forward_all(x).logits
-        losses = per_exit_losses(logits, y)
+        losses = per_exit_ce(logits, y)
         with torch.no_grad():
             w = self.weights(losses)
         loss = (w * losses).mean(0).sum()

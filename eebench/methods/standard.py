@@ -9,7 +9,8 @@ import torch
 from models import ExitOutputs
 
 from . import register_method
-from .base import TrainingMethod, sum_of_exit_losses
+from .base import TrainingMethod
+from .common import sum_of_exit_losses
 
 
 @register_method
@@ -20,5 +21,5 @@ class Standard(TrainingMethod):
     class Params:
         pass
 
-    def loss(self, outputs: ExitOutputs, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: ExitOutputs, targets: torch.Tensor, step: int = 0) -> torch.Tensor:
         return sum_of_exit_losses(outputs, targets)
