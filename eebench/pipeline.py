@@ -211,6 +211,7 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
     batch = config.get("infer_batch_size", 512)
     for part, out in outs.items():
         images, labels = split_images(pool, split, part)
+        split_size = len(labels)
         limit = config.get("train_cache_samples")
         if part == "train" and limit is not None and len(labels) > limit:
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit].sort().values
@@ -218,6 +219,7 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
         cache = run_network(network, images, info.mean, info.std, batch, device, channels_last=True,
                             with_features=True, transform=method.eval_outputs)
         cache["labels"] = labels
+        cache["split_size"] = split_size  # the whole part's size, also when the cache holds a subsample
         cache["meta"] = {"fingerprint": fingerprint, "part": part, "split": io.file_hash(split_path)}
         io.save_tensors(out, cache)
         log.info("%s %s cache: %d samples, %d exits", cell.path, part, len(labels), cache["logits"].shape[0])

@@ -35,7 +35,11 @@ Everything this module exposes (``backbone_flops``, ``total_flops``) follows ``e
 "reference" convention (``EEBENCH_RULES``), and equals what its fvcore counter measures.
 
 Exit block (``exit_pool``): ``pool`` adaptive average pool to 1x1; ``bnpool`` BatchNorm then the
-same pool (no ReLU, as the reference); ``plain`` flattens C*H*W of the feature map. The reference
+same pool (no ReLU, as the reference); ``bnpool_batchstats`` what the reference's ``bnpool`` really
+computes: it keeps that BatchNorm in a plain Python list, so it is never trained (weight 1, bias
+0), is not in the state dict, and always normalises with the statistics of the batch at hand,
+also in evaluation (a prediction then depends on the other images of its batch); ``plain``
+flattens C*H*W of the feature map. The reference
 sized ``plain`` heads with the *input image's* H*W, which only matches before the first
 downsampling; here the actual feature-map size is used. Then two separate linear heads:
 confidence h = sigmoid(Linear(d, 1)) and classifier Linear(d, C) (logits; the reference applies a
@@ -58,7 +62,7 @@ from .base import CONFIDENCE_BRANCHES, PLAIN_COUNTERPART, ExitOutputs, InputSpec
 
 STYLES = ("auto", "cifar", "imagenet")
 DISTRIBUTIONS = ("pareto", "fine", "linear", "gold_ratio")
-EXIT_POOLS = ("pool", "bnpool", "plain")
+EXIT_POOLS = ("pool", "bnpool", "bnpool_batchstats", "plain")
 # depth -> (bottleneck blocks?, blocks per stage)
 IMAGENET_LAYOUTS: dict[int, tuple[bool, tuple[int, ...]]] = {
     18: (False, (2, 2, 2, 2)),
@@ -331,12 +335,21 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+class BatchStatisticsNorm(nn.Module):
+    """Normalisation by the current batch's statistics, in training and evaluation alike, with no
+    parameters and no running statistics (the reference ``bnpool``'s untracked BatchNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(x, None, None, training=True)
+
+
 class ExitHead(nn.Module):
     """Pooling, then separate confidence (sigmoid) and classifier (logits) linear heads."""
 
     def __init__(self, channels: int, size: int, num_classes: int, pool: str):
         super().__init__()
-        layers: list[nn.Module] = [nn.BatchNorm2d(channels)] if pool == "bnpool" else []
+        norm = {"bnpool": nn.BatchNorm2d(channels), "bnpool_batchstats": BatchStatisticsNorm()}.get(pool)
+        layers: list[nn.Module] = [norm] if norm is not None else []
         if pool != "plain":
             layers.append(nn.AdaptiveAvgPool2d(1))
         self.pool = nn.Sequential(*layers, nn.Flatten())

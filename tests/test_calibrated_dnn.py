@@ -127,6 +127,17 @@ def test_fit_scales_factors_by_sqrt_of_training_size():
     np.testing.assert_allclose(m_ref.u[0].numpy(), 2 * m.u[0].numpy(), atol=1e-10)
 
 
+def test_subsampled_training_cache_is_scaled_by_the_whole_split():
+    """train_cache_samples keeps a subsample of the training split; sqrt(N) is of the whole split."""
+    gen = torch.Generator().manual_seed(0)
+    train = linear_cache(10, [torch.randn(3, 3, generator=gen)], gen)
+    whole = make_method([1.0], curvature="kflr", shuffle=False, batch_size=4)
+    whole.fit_factors(train)
+    subsampled = make_method([1.0], curvature="kflr", shuffle=False, batch_size=4)
+    subsampled.fit_factors({**train, "split_size": 90})
+    np.testing.assert_allclose(subsampled.u[0].numpy(), 3 * whole.u[0].numpy(), atol=1e-10)
+
+
 # --- predictive and MIE --------------------------------------------------------------------------
 def toy_problem(seed: int = 0, k: int = 2, c: int = 3, d: int = 2, sharpen: float = 1.0):
     gen = torch.Generator().manual_seed(seed)

@@ -151,12 +151,34 @@ def test_harness_convention_flops_differ_from_eenets_counter() -> None:
 
 # ---- Outputs ------------------------------------------------------------------------------------
 
+def test_bnpool_batchstats_is_the_reference_untracked_batchnorm() -> None:
+    """Not trained, not in the state dict, batch statistics in eval mode too (the reference bnpool)."""
+    torch.manual_seed(0)
+    tracked = _net(MNIST, depth=20, num_exits=2, exit_pool="bnpool")
+    untracked = _net(MNIST, depth=20, num_exits=2, exit_pool="bnpool_batchstats")
+    extra = set(tracked.state_dict()) - set(untracked.state_dict())
+    assert extra and all(".pool.0." in key for key in extra)  # only the exits' BatchNorms are gone
+    assert not set(untracked.state_dict()) - set(tracked.state_dict())
+    untracked.load_state_dict({k: v for k, v in tracked.state_dict().items() if k not in extra})
+    tracked.eval()
+    for name, module in tracked.named_modules():  # a fresh BatchNorm (weight 1, bias 0) in train mode
+        if name.endswith(".pool.0"):
+            module.train()
+    untracked.eval()  # ... is what the untracked one does in eval mode
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(untracked.forward_all(x).logits[0], tracked.forward_all(x).logits[0])
+        alone = untracked.forward_all(x[:2]).logits[0]
+    assert not torch.allclose(alone, untracked.forward_all(x).logits[0][:2])  # depends on the batch
+
+
 @pytest.mark.parametrize(
     "spec, params",
     [
         (CIFAR10, dict(depth=20, num_exits=3, exit_pool="pool")),
         (CIFAR10, dict(depth=20, num_exits=3, exit_pool="plain", distribution="linear")),
         (MNIST, dict(depth=20, num_exits=2, exit_pool="bnpool")),
+        (MNIST, dict(depth=20, num_exits=2, exit_pool="bnpool_batchstats")),
         (TINY, dict(depth=18, num_exits=2, exit_pool="plain", distribution="pareto")),
         (CIFAR10, dict(depth=50, num_exits=2, style="cifar")),
     ],
@@ -246,7 +268,7 @@ def test_cost_ratios_resnet110() -> None:
         (dict(depth=18, style="cifar"), "depth=18"),
         (dict(num_exits=-1), "num_exits=-1"),
         (dict(distribution="quadratic"), "pareto, fine, linear, gold_ratio"),
-        (dict(exit_pool="max"), "exit_pool='max'; allowed: pool, bnpool, plain"),
+        (dict(exit_pool="max"), "exit_pool='max'; allowed: pool, bnpool, bnpool_batchstats, plain"),
         (dict(style="resnet"), "style='resnet'; allowed: auto, cifar, imagenet"),
         (dict(width=0), "width=0"),
     ],

@@ -29,7 +29,8 @@ Deviations from the reference, and why:
   the same noise.
 * The training-split order is a seeded shuffle (``shuffle``), like the reference's random sampler.
   The running average weights late batches most, so the order matters.
-* ``n_data`` defaults to the number of training-split samples. The reference multiplies by
+* ``n_data`` defaults to the size of the training split (the cache's ``split_size``: the whole
+  split, also when ``train_cache_samples`` keeps only a subsample of it). The reference multiplies by
   ``len(train_loader.dataset)``, which with ``--use-valid`` is the whole CIFAR train set (50000)
   although only the 45000 training-split images go through the loader. Set ``n_data`` to 50000 to
   match it.
@@ -259,7 +260,9 @@ class CalibratedDNN(PosthocMethod):
         n = logits.shape[1]
         gen = self._generator(1)
         order = torch.randperm(n, generator=gen) if p.shuffle else None
-        scale = float(p.n_data if p.n_data is not None else n) ** 0.5
+        # the cache may hold a subsample (train_cache_samples); the curvature is of the whole split
+        split_size = int(train.get("split_size", n))
+        scale = float(p.n_data if p.n_data is not None else split_size) ** 0.5
         self.u, self.v = [], []
         for k in range(logits.shape[0]):
             u, v = kfac_factors(logits[k], features[k], p.batch_size, p.curvature, gen, order)
