@@ -21,7 +21,7 @@ scratch directory; there is no CIFAR here and the speed does not depend on the p
 
 Modifiers: ``+cl`` channels_last, ``+mallopt`` ``keep_freed_memory()`` in that process (what the
 train rule does), ``+compile`` the network's forward under ``torch.compile`` (``recipe.compile:
-true``; compiled during the warm-up steps, which are not timed). Every variant runs in its own
+default``; compiled during the warm-up steps, which are not timed). Every variant runs in its own
 process; rounds are interleaved (see ``_bench.py``).
 
     python benchmarks/train_throughput.py --reference /tmp/MSDNet-PyTorch
@@ -110,7 +110,7 @@ def ours_worker(opts: argparse.Namespace, mods: set[str], harness: bool):
         state["labels"] = labels[:N_TRAIN]
         model = build_model("msdnet", InputSpec(3, 32, 100), **MSDNET_CIFAR100)
         recipe = Recipe(batch_size=BATCH, channels_last="on" if channels_last else "off",
-                        compile="compile" in mods)
+                        compile="default" if "compile" in mods else False)
         state.update(model=model, recipe=recipe)
         if "compile" in mods and not harness:  # as train() does it
             model.forward_all = torch.compile(model.forward_all)
@@ -159,7 +159,7 @@ def ours_worker(opts: argparse.Namespace, mods: set[str], harness: bool):
         images, labels = state["images"], state["labels"]
         data = TrainData(images[: n * BATCH], labels[: n * BATCH], images[-64:], labels[-64:], MEAN, STD, 4, True)
         recipe = Recipe(epochs=1, batch_size=BATCH, channels_last=state["recipe"].channels_last,
-                        compile=state["recipe"].compile and state["round"] == 1)  # compiled once
+                        compile=state["recipe"].compile if state["round"] == 1 else False)  # compiled once
         state_dir = tempfile.mkdtemp(dir=opts.scratch)
         try:
             result = train(state["model"], lambda m, ctx: Standard(m, Standard.Params(), ctx), data, recipe,

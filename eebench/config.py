@@ -178,7 +178,7 @@ def architecture(config: dict[str, Any], name: str) -> tuple[str, dict[str, Any]
 
 
 def recipe_for(config: dict[str, Any], dataset: str, variant: str):
-    from .training import Recipe
+    from .recipe import Recipe
 
     values = {**config["datasets"][dataset].get("recipe", {}), **training_variant(config, variant)["recipe"]}
     return registry.build_params(Recipe, values, f"recipe of dataset {dataset!r}, method {variant!r}")
@@ -218,7 +218,7 @@ def check_config(config: dict[str, Any]) -> None:
         allowed_text = ", ".join(map(str, allowed)) if isinstance(allowed, (list, tuple)) else allowed
         raise ConfigError(f"config {where}: {value!r} is not allowed; allowed: {allowed_text}")
 
-    from .training import Recipe
+    from .recipe import Recipe
 
     for name, spec in config["datasets"].items():
         if name not in DATASETS:

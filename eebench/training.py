@@ -14,7 +14,7 @@ import ctypes
 import logging
 import math
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,6 +27,7 @@ from . import imagefolder
 from .augment import EpochPlan, crop_flip, epoch_plan, normalize
 from .imagefolder import FolderImages
 from .io import CorruptFileError, load_tensors, save_tensors
+from .recipe import Recipe
 from .methods import TrainContext, TrainingMethod
 
 log = logging.getLogger("eebench.train")
@@ -34,47 +35,6 @@ log = logging.getLogger("eebench.train")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclass
-class Recipe:
-    """Optimisation recipe (config key ``recipe``); defaults are MSDNet's CIFAR recipe."""
-
-    epochs: int = 300
-    batch_size: int = 64
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    schedule: str = "multistep"  # multistep | cosine | constant
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the run
-    gamma: float = 0.1
-    lr_min: float = 0.0
-    warmup_epochs: int = 0
-    eval_batch_size: int = 256
-    channels_last: str = "auto"  # auto (GPU only) | on | off
-    compile: bool = False
-
-    def validate(self) -> None:
-        allowed = {"optimizer": ("sgd", "adam", "adamw"), "schedule": ("multistep", "cosine", "constant"),
-                   "channels_last": ("auto", "on", "off")}
-        for key, values in allowed.items():
-            if getattr(self, key) not in values:
-                raise ValueError(f"recipe.{key} = {getattr(self, key)!r}; allowed: {', '.join(values)}")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ValueError(f"recipe needs epochs >= 1 and batch_size >= 2 (got {self.epochs}, {self.batch_size})")
-
-    def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
-        warmup = self.warmup_epochs * steps_per_epoch
-        if step < warmup:
-            return self.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if self.schedule == "cosine":
-            return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * progress))
-        if self.schedule == "multistep":
-            return self.lr * self.gamma ** sum(progress >= m for m in self.milestones)
-        return self.lr
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -244,7 +204,8 @@ def train(
     dctx, device = distributed.setup(device)  # [ddp] several processes under torchrun; no-op alone
     dctx.check_batch_size(recipe.batch_size)
     state_path = Path(state_dir) / "checkpoint.pt"
-    channels_last = recipe.channels_last == "on" or (recipe.channels_last == "auto" and device.type == "cuda")
+    channels_last = recipe.uses_channels_last(device)
+    recipe.apply_matmul_precision(device)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -255,7 +216,7 @@ def train(
     ctx = TrainContext(
         exit_costs=exit_costs.to(device), num_classes=num_classes, epochs=recipe.epochs,
         steps_per_epoch=steps_per_epoch, device=device,
-        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        autocast_dtype=recipe.autocast_dtype(device),
         lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
     )
     method = method_factory(model, ctx)
@@ -267,7 +228,7 @@ def train(
                     method.name)
     elif recipe.compile:  # the network's forward (and, through AOTAutograd, its backward); method logic,
         # optimizer and learning-rate changes stay eager, so nothing recompiles as the lr moves
-        model.forward_all = torch.compile(model.forward_all)
+        model.forward_all = torch.compile(model.forward_all, mode=recipe.compile)
 
     history: list[dict[str, Any]] = []
     start_epoch, start_batch, resumed, resumed_loss = 0, 0, None, 0.0
@@ -370,6 +331,3 @@ def load_weights(path: str | Path, expect_fingerprint: str | None = None) -> dic
         )
     return state
 
-
-def recipe_dict(recipe: Recipe) -> dict[str, Any]:
-    return asdict(recipe)

@@ -24,10 +24,10 @@ def digits_data() -> TrainData:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, "default"], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", METHODS.names())
 def test_each_method_trains_two_epochs_and_its_loss_decreases(name, compiled, tmp_path):
-    """Also with ``recipe.compile: true`` (the network's forward under torch.compile)."""
+    """Also with ``recipe.compile: default`` (the network's forward under torch.compile)."""
     torch.manual_seed(0)
     arch, params = ARCH_FOR.get(name, TINY_MSDNET)
     model = build_model(arch, dataset_info("digits").input, **params)
@@ -58,11 +58,11 @@ def test_unknown_method_lists_the_registered_ones():
 
 def test_methods_that_need_eager_autograd_are_not_compiled(tmp_path, caplog):
     """L2W (double backward) and JEI-DNN (parameter reachability) train eagerly under
-    ``recipe.compile: true``, with a warning; the others declare they can be compiled."""
+    ``recipe.compile: default``, with a warning; the others declare they can be compiled."""
     from train_helpers import digits_data, run_training
 
     assert {name for name in METHODS.names() if not METHODS.get(name).compilable} == {"l2w", "jei_dnn"}
     with caplog.at_level("WARNING", logger="eebench.train"):
-        result = run_training("l2w", tmp_path, epochs=1, data=digits_data(64, 32), compile=True)
+        result = run_training("l2w", tmp_path, epochs=1, data=digits_data(64, 32), compile="default")
     assert "forward_all" not in vars(result.model)  # the bound method, not a compiled wrapper
     assert "l2w needs the network eager" in caplog.text
