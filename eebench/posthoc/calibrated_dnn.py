@@ -19,7 +19,7 @@ which is all the KFAC factors and the predictive need; W itself is never used.
 * MIE: p_bar_k = sum_{i<=k} w_i p_i / sum_{i<=k} w_i with w_i = F_i / F_K.
 * Tuning: grid over temperature x var0 by val NLL; per exit independently without MIE,
   exit by exit on the ensembled prediction with MIE. Ties go to the first grid point in
-  temperature-major order, as the reference's ``nonzero()`` would.
+  temperature-major order (the reference picks the minimum with ``nonzero()`` and fails on a tie).
 
 Deviations from the reference, and why:
 

@@ -59,6 +59,12 @@ Defects of the reference that are not reproduced:
   Here it compares the full loss.
 * Training feeds the clamped past scores to later exits, while test time feeds the unclamped
   ones (``predict``). Here both use the clamped scores.
+* Found by running the reference with ``ce_loss`` patched: its last exit's threshold is 0, so
+  the samples whose clamped score is 0 never exit (about 10% of test samples); an exit where no
+  sample should leave gets threshold 1, which a score of exactly 1 still passes; and a sample whose
+  scores all clamp to 0 gets a NaN KL target (0/0). Here the thresholds come from the harness
+  calibration (the last exit takes everyone left, an exit with n_k = 0 takes nobody) and such a
+  sample gets a zero KL target.
 
 Other choices. The exit score passed to the calibration is the unclamped linear output (clamp is
 monotone, and this avoids ties at 0 and 1, which would make more than n_k samples leave).
