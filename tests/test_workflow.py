@@ -42,11 +42,18 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
     prov = json.loads((results / "curves" / "digits" / "msdnet" / "standard" / "seed0" / "provenance.json").read_text())
     assert prov["config"]["recipe"]["epochs"] == 1 and "torch" in prov["versions"]
 
-    def plan(changed_config):
-        proc = run_workflow(tmp_path, changed_config, "all_figures", extra=["-n"])
+    def plan(changed_config, *extra):
+        proc = run_workflow(tmp_path, changed_config, "all_figures", extra=["-n", *extra])
         return proc.stdout + proc.stderr
 
     assert "Nothing to be done" in plan(config)
+    # retrain one cell (README "Failures ... and reruns"): --forcerun on its weights redoes it and
+    # what depends on it, nothing else; re-evaluating one cell likewise
+    cell = "digits/msdnet/boostnet/seed0"
+    jobs = planned_jobs(plan(config, "--forcerun", f"results/train/{cell}/weights.pt"))
+    assert {(r, v) for r, v in jobs if v} == {("train", "boostnet"), ("infer", "boostnet"), ("evaluate", "boostnet")}
+    jobs = planned_jobs(plan(config, "--forcerun", f"results/curves/{cell}/budgeted.csv"))
+    assert {(r, v) for r, v in jobs if v} == {("evaluate", "boostnet")}
     changed = copy.deepcopy(config)
     changed["methods"]["boostnet"]["params"] = {"gradient_rescaling": False}
     jobs = planned_jobs(plan(changed))
