@@ -152,7 +152,7 @@ def _exit_costs(flops: dict[str, Any]) -> torch.Tensor:
 def train_cell(config: dict[str, Any], cell: Cell, split_path: str, flops_path: str,
                weights_out: str, history_out: str, state_dir: str, init_weights: str | None = None,
                stop_after_batches: int | None = None) -> None:
-    keep_freed_memory()  # also helps training on CPU (reference-throughput.md)
+    keep_freed_memory()  # also helps training on CPU
     torch.manual_seed(cell.seed)
     network = build_network(config, cell.dataset, cell.arch)
     fingerprint = cell_fingerprint(config, cell)

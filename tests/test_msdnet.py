@@ -22,7 +22,7 @@ IMAGENET_PARAMS = dict(
 TINY = dict(n_blocks=4, n_channels=8, growth_rate=4, step_mode="lin_grow", step=1, base=1)
 
 # (id, config, input, cumulative M FLOPs per exit, params at the last exit, slow to count)
-# from running the reference op_counter.py (docs: reference-methods.md section 1). Counting takes
+# from running the reference op_counter.py. Counting takes
 # several seconds per row, so by default only the smallest row and the default (7-exit) config run.
 REFERENCE_ROWS = [
     ("nB5-c10", dict(n_blocks=5), CIFAR10, [6.85, 14.33, 27.50, 41.67, 58.42], 2.02e6, True),

@@ -9,7 +9,7 @@ from eebench.flops import exit_costs
 from models import InputSpec, build_model, make_config
 from models.ranet import RANet, RANetConfig
 
-# Reference per-exit FLOPs (M, op_counter.py) and final params (M), reference-methods.md section 2.
+# Reference per-exit FLOPs (M, measured with the reference op_counter.py) and final params (M).
 CIFAR8 = {}  # train_cifar.sh: the config defaults
 MODEL1 = dict(step=2, step_mode="lg", scale_list=[1, 2, 3],
               gr_factor=[4, 2, 1], bn_factor=[4, 2, 1])

@@ -12,7 +12,7 @@ both at the learning rate the training loop set for that batch, as in the offici
 Recipe. The official CIFAR settings of the meta level are the defaults here (hidden 500,
 epsilon 0.8, ``col``, meta_interval 1, meta lr 1e-4 with per-iteration cosine decay, meta weight
 decay 1e-4, target_p_index 15); ImageNet uses epsilon 0.3, ``mat`` and meta_interval 100. The
-CIFAR *network* recipe is ambiguous (reference-methods.md section 3): issue #1 (2022) says it
+CIFAR *network* recipe is ambiguous: the repository's issue #1 (2022) says it
 follows MSDNet unchanged (batch 64, lr 0.1, multistep), while the CIFAR code released in 2023
 uses batch 1024, lr 0.8, per-iteration cosine. This method does not choose: the harness trains
 every method with the dataset's recipe from the config (batch, lr, schedule, epochs), so L2W is
