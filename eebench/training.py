@@ -200,123 +200,157 @@ def train(
     checkpoint with another fingerprint is stale and is not resumed from.
     ``stop_after_batches`` simulates a kill after that many batches (tests).
     """
-    device = device or pick_device()
-    dctx, device = distributed.setup(device)  # [ddp] several processes under torchrun; no-op alone
-    dctx.check_batch_size(recipe.batch_size)
-    state_path = Path(state_dir) / "checkpoint.pt"
-    channels_last = recipe.uses_channels_last(device)
-    recipe.apply_matmul_precision(device)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    n_train = len(data.train_labels)
-    steps_per_epoch = n_train // recipe.batch_size  # last partial batch dropped, as BN needs > 1
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {recipe.batch_size} is larger than the training set ({n_train})")
-    ctx = TrainContext(
-        exit_costs=exit_costs.to(device), num_classes=num_classes, epochs=recipe.epochs,
-        steps_per_epoch=steps_per_epoch, device=device,
-        autocast_dtype=recipe.autocast_dtype(device),
-        lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
-    )
-    method = method_factory(model, ctx)
-    for module in method.extra_modules().values():
-        module.to(device)
-    optimizer = make_optimizer(recipe, list(method.trainable_parameters()))
-    if recipe.compile and not method.compilable:
-        log.warning("recipe.compile: %s needs the network eager (see its class); training without torch.compile",
-                    method.name)
-    elif recipe.compile:  # the network's forward (and, through AOTAutograd, its backward); method logic,
-        # optimizer and learning-rate changes stay eager, so nothing recompiles as the lr moves
-        model.forward_all = torch.compile(model.forward_all, mode=recipe.compile)
-
-    history: list[dict[str, Any]] = []
-    start_epoch, start_batch, resumed, resumed_loss = 0, 0, None, 0.0
-    if state_path.exists():
-        state = load_tensors(state_path, what="training checkpoint")
-        if state.get("fingerprint") != fingerprint:
-            log.warning("%s was made by another configuration; starting from scratch", state_path)
-        else:
-            model.load_state_dict(state["model"])
-            method.load_state_dict(state["method"])
-            if optimizer is not None:
-                optimizer.load_state_dict(state["optimizer"])
-            start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
-            history = list(state["history"])
-            resumed_loss = float(state.get("loss_sum", 0.0))
-            resumed = (start_epoch, start_batch)
-            log.info("resuming from %s at epoch %d, batch %d", state_path, start_epoch + 1, start_batch)
-
-    def checkpoint(epoch: int, batch: int, loss_sum: float = 0.0) -> None:
-        if not math.isfinite(loss_sum):  # never overwrite the last good checkpoint with diverged weights
-            raise TrainingDiverged(f"training diverged in epoch {epoch + 1} (loss sum {loss_sum} after batch "
-                                   f"{batch}); the last good checkpoint is kept in {state_path}")
-        if not dctx.is_main:  # [ddp] process 0 writes
-            return
-        save_tensors(state_path, {
-            "fingerprint": fingerprint, "epoch": epoch, "batch": batch, "history": history,
-            "loss_sum": loss_sum,
-            "model": model.state_dict(), "method": method.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else {},
-        })
-
-    train_batches = _TrainBatches(data, device, seed)
-    train_labels = data.train_labels.to(device)
-    mean_t = torch.tensor(data.mean, device=device)
-    std_t = torch.tensor(data.std, device=device)
-    total_steps = recipe.epochs * steps_per_epoch
-    batches_run = 0
-    attached = dctx.attach(method, optimizer, device)  # [ddp] average gradients over processes
+    run = _TrainingRun(model, method_factory, data, recipe, exit_costs, num_classes, seed,
+                       Path(state_dir) / "checkpoint.pt", fingerprint, device or pick_device())
+    resumed = run.resume()
     with _StopSignal() as stop:
-        for epoch in range(start_epoch, recipe.epochs):
-            plan = epoch_plan(n_train, data.crop_padding, seed, epoch)
-            order = plan.order.to(device)
-            model.train()
-            first = start_batch if epoch == start_epoch else 0
-            loss_sum = torch.full((), resumed_loss if first else 0.0, device=device, dtype=torch.float64)
-            batches = [dctx.shard(order[b * recipe.batch_size : (b + 1) * recipe.batch_size])
-                       for b in range(first, steps_per_epoch)]
-            images = train_batches.epoch(epoch, plan, batches)
-            for batch, idx in zip(range(first, steps_per_epoch), batches):
-                if (dctx.should_stop(stop.received is not None, batch, device)
-                        or (stop_after_batches is not None and batches_run >= stop_after_batches)):
-                    checkpoint(epoch, batch, float(dctx.mean(loss_sum)))
-                    signum = stop.received or signal.SIGTERM
-                    if dctx.is_main:
-                        log.info("stopped by %s: checkpoint written to %s at epoch %d, batch %d; a rerun "
-                                 "resumes from it", signal.Signals(signum).name, state_path, epoch + 1, batch)
-                    raise SystemExit(128 + signum)
-                x = normalize(next(images), mean_t, std_t)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                step = epoch * steps_per_epoch + batch
-                if optimizer is not None:
-                    for group in optimizer.param_groups:
-                        group["lr"] = recipe.lr_at(step, total_steps, steps_per_epoch)
-                loss_sum += method.train_step(x, train_labels[idx], optimizer, step).double()
-                batches_run += 1
-            mean_loss = float(dctx.mean(loss_sum)) / steps_per_epoch  # one host sync per epoch
-            dctx.sync_buffers([model, *method.extra_modules().values()])  # [ddp] process 0's BN statistics
-            if not math.isfinite(mean_loss):
-                raise TrainingDiverged(
-                    f"training diverged at epoch {epoch + 1}: mean loss {mean_loss}; "
-                    + (f"the last good checkpoint is kept in {state_path}" if state_path.exists()
-                       else "no checkpoint had been written yet")
-                    + "; lower the learning rate (a changed recipe starts the cell afresh)"
-                )
-            val = run_network(model, data.val_images, data.mean, data.std, recipe.eval_batch_size,
-                              device, channels_last, with_features=False, transform=method.eval_outputs)
-            row = {"epoch": epoch + 1, "loss": mean_loss,
-                   "lr": recipe.lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, steps_per_epoch)}
-            row.update({f"val_acc_{k + 1}": a for k, a in enumerate(per_exit_accuracy(val["logits"], data.val_labels))})
-            history.append(row)
-            checkpoint(epoch + 1, 0)
-            dctx.barrier()
+        for epoch in range(run.start_epoch, recipe.epochs):
+            mean_loss = run.train_epoch(epoch, stop, stop_after_batches)
+            row = run.end_epoch(epoch, mean_loss)
             if on_epoch is not None:
                 on_epoch(row)
-    attached.detach()
-    dctx.check_in_sync([model, *method.extra_modules().values()], device)
-    return TrainResult(model, method, history, resumed)
+    run.finish()
+    return TrainResult(model, run.method, run.history, resumed)
+
+
+class _TrainingRun:
+    """The state of one training run: device, method, optimizer, progress, checkpoints."""
+
+    def __init__(self, model: MultiExitNetwork, method_factory: Callable[[MultiExitNetwork, TrainContext], TrainingMethod],
+                 data: TrainData, recipe: Recipe, exit_costs: torch.Tensor, num_classes: int, seed: int,
+                 state_path: Path, fingerprint: str, device: torch.device) -> None:
+        self.dctx, device = distributed.setup(device)  # [ddp] several processes under torchrun; no-op alone
+        self.dctx.check_batch_size(recipe.batch_size)
+        self.model, self.data, self.recipe, self.seed, self.device = model, data, recipe, seed, device
+        self.state_path, self.fingerprint = state_path, fingerprint
+        self.channels_last = recipe.uses_channels_last(device)
+        recipe.apply_matmul_precision(device)
+        model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        n_train = len(data.train_labels)
+        self.steps_per_epoch = n_train // recipe.batch_size  # last partial batch dropped, as BN needs > 1
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch size {recipe.batch_size} is larger than the training set ({n_train})")
+        self.total_steps = recipe.epochs * self.steps_per_epoch
+        ctx = TrainContext(
+            exit_costs=exit_costs.to(device), num_classes=num_classes, epochs=recipe.epochs,
+            steps_per_epoch=self.steps_per_epoch, device=device, autocast_dtype=recipe.autocast_dtype(device),
+            lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+        )
+        self.method = method_factory(model, ctx)
+        for module in self.method.extra_modules().values():
+            module.to(device)
+        self.optimizer = make_optimizer(recipe, list(self.method.trainable_parameters()))
+        self._compile()
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch, self.start_batch, self.resumed_loss = 0, 0, 0.0
+        self.batches_run = 0
+        self.train_batches = _TrainBatches(data, device, seed)
+        self.train_labels = data.train_labels.to(device)
+        self.mean_t = torch.tensor(data.mean, device=device)
+        self.std_t = torch.tensor(data.std, device=device)
+        self.attached = self.dctx.attach(self.method, self.optimizer, device)  # [ddp] average gradients
+
+    def _compile(self) -> None:
+        if not self.recipe.compile:
+            return
+        if not self.method.compilable:
+            log.warning("recipe.compile: %s needs the network eager (see its class); training without "
+                        "torch.compile", self.method.name)
+            return
+        # the network's forward (and, through AOTAutograd, its backward); method logic, optimizer and
+        # learning-rate changes stay eager, so nothing recompiles as the lr moves
+        self.model.forward_all = torch.compile(self.model.forward_all, mode=self.recipe.compile)
+
+    def resume(self) -> tuple[int, int] | None:
+        """Continue from the checkpoint if it is of this run; the (epoch, batch) resumed from."""
+        if not self.state_path.exists():
+            return None
+        state = load_tensors(self.state_path, what="training checkpoint")
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("%s was made by another configuration; starting from scratch", self.state_path)
+            return None
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch, self.start_batch = int(state["epoch"]), int(state["batch"])
+        self.history = list(state["history"])
+        self.resumed_loss = float(state.get("loss_sum", 0.0))
+        log.info("resuming from %s at epoch %d, batch %d", self.state_path, self.start_epoch + 1, self.start_batch)
+        return self.start_epoch, self.start_batch
+
+    def checkpoint(self, epoch: int, batch: int, loss_sum: float = 0.0) -> None:
+        if not math.isfinite(loss_sum):  # never overwrite the last good checkpoint with diverged weights
+            raise TrainingDiverged(f"training diverged in epoch {epoch + 1} (loss sum {loss_sum} after batch "
+                                   f"{batch}); the last good checkpoint is kept in {self.state_path}")
+        if not self.dctx.is_main:  # [ddp] process 0 writes
+            return
+        save_tensors(self.state_path, {
+            "fingerprint": self.fingerprint, "epoch": epoch, "batch": batch, "history": self.history,
+            "loss_sum": loss_sum, "model": self.model.state_dict(), "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+        })
+
+    def train_epoch(self, epoch: int, stop: _StopSignal, stop_after_batches: int | None) -> float:
+        """One epoch's steps (from the resumed batch); the mean loss. Checkpoints and exits with
+        128 + the signal when a stop signal arrived."""
+        recipe, dctx = self.recipe, self.dctx
+        plan = epoch_plan(len(self.data.train_labels), self.data.crop_padding, self.seed, epoch)
+        order = plan.order.to(self.device)
+        self.model.train()
+        first = self.start_batch if epoch == self.start_epoch else 0
+        loss_sum = torch.full((), self.resumed_loss if first else 0.0, device=self.device, dtype=torch.float64)
+        batches = [dctx.shard(order[b * recipe.batch_size : (b + 1) * recipe.batch_size])
+                   for b in range(first, self.steps_per_epoch)]
+        images = self.train_batches.epoch(epoch, plan, batches)
+        for batch, idx in zip(range(first, self.steps_per_epoch), batches):
+            if (dctx.should_stop(stop.received is not None, batch, self.device)
+                    or (stop_after_batches is not None and self.batches_run >= stop_after_batches)):
+                self._stop(epoch, batch, float(dctx.mean(loss_sum)), stop.received or signal.SIGTERM)
+            x = normalize(next(images), self.mean_t, self.std_t)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            step = epoch * self.steps_per_epoch + batch
+            if self.optimizer is not None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = recipe.lr_at(step, self.total_steps, self.steps_per_epoch)
+            loss_sum += self.method.train_step(x, self.train_labels[idx], self.optimizer, step).double()
+            self.batches_run += 1
+        return float(dctx.mean(loss_sum)) / self.steps_per_epoch  # one host sync per epoch
+
+    def _stop(self, epoch: int, batch: int, loss_sum: float, signum: int) -> None:
+        self.checkpoint(epoch, batch, loss_sum)
+        if self.dctx.is_main:
+            log.info("stopped by %s: checkpoint written to %s at epoch %d, batch %d; a rerun resumes from it",
+                     signal.Signals(signum).name, self.state_path, epoch + 1, batch)
+        raise SystemExit(128 + signum)
+
+    def end_epoch(self, epoch: int, mean_loss: float) -> dict[str, Any]:
+        """Check the loss, evaluate every exit on val, checkpoint; the epoch's history row."""
+        self.dctx.sync_buffers([self.model, *self.method.extra_modules().values()])  # [ddp] process 0's BN stats
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch + 1}: mean loss {mean_loss}; "
+                + (f"the last good checkpoint is kept in {self.state_path}" if self.state_path.exists()
+                   else "no checkpoint had been written yet")
+                + "; lower the learning rate (a changed recipe starts the cell afresh)"
+            )
+        data, recipe = self.data, self.recipe
+        val = run_network(self.model, data.val_images, data.mean, data.std, recipe.eval_batch_size, self.device,
+                          self.channels_last, with_features=False, transform=self.method.eval_outputs)
+        last_step = (epoch + 1) * self.steps_per_epoch - 1
+        row = {"epoch": epoch + 1, "loss": mean_loss, "lr": recipe.lr_at(last_step, self.total_steps, self.steps_per_epoch)}
+        row.update({f"val_acc_{k + 1}": a for k, a in enumerate(per_exit_accuracy(val["logits"], data.val_labels))})
+        self.history.append(row)
+        self.checkpoint(epoch + 1, 0)
+        self.dctx.barrier()
+        return row
+
+    def finish(self) -> None:
+        self.attached.detach()
+        self.dctx.check_in_sync([self.model, *self.method.extra_modules().values()], self.device)
 
 
 def load_weights(path: str | Path, expect_fingerprint: str | None = None) -> dict[str, Any]:

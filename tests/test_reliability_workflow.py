@@ -51,9 +51,9 @@ def _diverge_after(monkeypatch, calls: int) -> None:
     """Standard's loss turns NaN after ``calls`` steps: the weights become NaN, as in a real blow-up."""
     loss, count = Standard.loss, [0]
 
-    def diverging(self, outputs, targets):
+    def diverging(self, outputs, targets, step=0):
         count[0] += 1
-        value = loss(self, outputs, targets)
+        value = loss(self, outputs, targets, step)
         return value * float("nan") if count[0] > calls else value
     monkeypatch.setattr(Standard, "loss", diverging)
 
