@@ -55,6 +55,9 @@ class MultiExitNetwork(nn.Module):
 
     num_exits: int
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    # a tiny configuration (parameters, input) that the registry-wide tests build, run and count
+    test_params: ClassVar[dict] = {}
+    test_input: ClassVar[InputSpec] = InputSpec(3, 32, 10)
 
     def forward_all(self, x: torch.Tensor, upto: int | None = None) -> ExitOutputs:
         raise NotImplementedError

@@ -384,6 +384,7 @@ class PlainResNet(nn.Module):
 )
 class EEResNet(MultiExitNetwork):
     capabilities = frozenset({CONFIDENCE_BRANCHES, PLAIN_COUNTERPART})
+    test_params = {"depth": 8, "num_exits": 2, "width": 4, "distribution": "linear"}
 
     """EENets ResNet with ``config.num_exits`` early exits and the final exit.
 

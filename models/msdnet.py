@@ -318,6 +318,7 @@ def init_weights(module: nn.Module) -> None:
 )
 class MSDNet(MultiExitNetwork):
     capabilities = frozenset({GRADIENT_RESCALING})
+    test_params = {"n_blocks": 3, "n_channels": 4, "growth_rate": 2}
 
     def __init__(self, config: MSDNetConfig, input_spec: InputSpec):
         super().__init__()

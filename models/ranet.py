@@ -384,6 +384,9 @@ def _downsample_blocks(previous_counts: list[int], scale: int) -> set[int]:
 class RANet(MultiExitNetwork):
     """Scale flows from low to high resolution; exits in flow order (see the module docstring)."""
 
+    test_params = {"n_blocks": 1, "block_step": 1, "step": 1, "n_channels": 4, "growth_rate": 4,
+                   "scale_list": [1, 2], "gr_factor": [2, 1], "bn_factor": [2, 1]}
+
     def __init__(self, config: RANetConfig, input_spec: InputSpec):
         super().__init__()
         config.validate(input_spec.size)
