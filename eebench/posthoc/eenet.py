@@ -73,11 +73,8 @@ all 0 gets a zero KL target. The K heads of all budgets and trials train togethe
 independent models: Adam's update is element-wise, so this is the same as separate fits, with
 patience and "best" tracked per model. Each model is initialised like ``nn.Linear`` from a seed
 derived from (``seed``, budget index, trial). The fit runs single-threaded by default
-(``threads``): on the shared 2-core machine, intra-op threading made it 2-5x slower.
-
-Cost. Each step is O(models x K x batch x in x floor(0.5 in)). On 2 busy CPU cores, digits-sized
-val (~270 samples, C = 10, K = 4, 8 budgets, 1000 epochs) fits in about a minute. CIFAR-100-sized
-val (5000, C = 100, K = 7, 8 budgets, 1000 epochs of 10 batches) needs 10-20 minutes.
+(``threads``): its tensors are small, and intra-op threading only adds overhead.
+Each step is O(models x K x batch x in x floor(0.5 in)).
 """
 
 from __future__ import annotations
