@@ -177,6 +177,15 @@ def test_restricted_unpickler_imports_and_runs_nothing(tmp_path):
         torch.load(path, weights_only=True)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script, to write one
+def test_torchscript_archives_are_refused(tmp_path):
+    """torch.load hands them to torch.jit.load, which runs their code."""
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(CheckpointError, match="a TorchScript archive"):
+        read_checkpoint(path, "eenets")
+
+
 def test_whole_pickled_model_is_read_as_tensors(tmp_path):
     tensors, about = read_checkpoint(checkpoint("eenets_cifar", tmp_path), "eenets")
     assert about["class"] == "eenet.EENet" and about["num_ee"] == 2 and about["total_layers"] == 8
