@@ -11,7 +11,9 @@ Measured here, on CPU, from the harness's own code (nothing is trained):
   with ``foreach`` as on GPU), view and metadata operators left out. Eager PyTorch on a GPU
   launches about one kernel per such operator.
 * Work per cell: epochs (the cell's recipe) x train-split size (CIFAR 45,000; ImageNet
-  1,231,167) / batch steps, plus one validation pass per epoch (5,000 / 50,000 images).
+  1,231,167) / batch steps, plus one validation pass per epoch (5,000 / 50,000 images); a
+  pretrained variant (converted, not trained) only the inference over val and test; with
+  ``val_from: test`` the whole training pool trains and val is part of the test set.
 
 Assumed (stated, adjustable): one H100 SXM runs a step in max(FLOP time, launch time):
 * FLOP time = step FLOPs / (``--util`` x 989 TFLOP/s bf16 dense peak). Default util 0.05.
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
 
 sys.path.insert(0, str(_bench.ROOT))
-from eebench.config import cells, is_posthoc, recipe_for, training_variant  # noqa: E402
+from eebench.config import cells, is_posthoc, is_pretrained, recipe_for, training_variant, val_from, val_size  # noqa: E402
 from eebench.datasets import dataset_info  # noqa: E402
 from eebench.methods import TrainContext  # noqa: E402
 from eebench.pipeline import _method_factory, build_network, flops_record  # noqa: E402
@@ -88,9 +90,20 @@ class StepCost:
     batch: int
 
 
+def split_sizes(config: dict, dataset: str) -> tuple[int, int, int]:
+    """(training images, val images per epoch, images inferred once: val + test) of a dataset; with
+    ``val_from: test`` val is ``val_size`` images of the test set and the whole pool trains."""
+    if val_from(config, dataset) == "test":
+        held_out = val_size(config, dataset) or VAL_SIZE[dataset]
+        n_val = held_out if held_out >= 1 else round(held_out * TEST_SIZE[dataset])
+        return TRAIN_SIZE[dataset] + VAL_SIZE[dataset], int(n_val), TEST_SIZE[dataset]
+    return TRAIN_SIZE[dataset], VAL_SIZE[dataset], VAL_SIZE[dataset] + TEST_SIZE[dataset]
+
+
 def count_step_cost(config: dict, dataset: str, arch: str, variant: str, probe_batch: int,
-                    flops: list[float]) -> StepCost:
-    """Count FLOPs and kernels of a real train_step of ``variant`` (after a first, uncounted one)."""
+                    flops: list[float], trained: bool = True) -> StepCost:
+    """Count FLOPs and kernels of a real train_step of ``variant`` (after a first, uncounted one);
+    for a pretrained variant (``trained`` false) only the evaluation's kernels."""
     torch.manual_seed(0)
     info = dataset_info(dataset)
     model = build_network(config, dataset, arch)
@@ -107,6 +120,12 @@ def count_step_cost(config: dict, dataset: str, arch: str, variant: str, probe_b
     c, s = info.input.channels, info.input.size
     x = torch.randn(probe_batch, c, s, s)
     y = torch.randint(0, info.input.num_classes, (probe_batch,))
+    if not trained:
+        model.eval()
+        kc = KernelCounter()
+        with torch.inference_mode(), kc:
+            method.eval_outputs(model.forward_all(x))
+        return StepCost(0.0, 0.0, kc.count, recipe.batch_size)
     model.train()
     method.train_step(x, y, opt, 0)  # first step: lazy set-up (JEI-DNN freezes its trunk here)
     interval = getattr(method.params, "meta_interval", 1)
@@ -158,7 +177,7 @@ def main() -> None:
                 net, dataset_info(cell.dataset).input, config.get("flops_convention", "reference"))["flops"]
         batch = 4 if cell.dataset == "imagenet" else opts.probe_batch
         costs[key] = count_step_cost(config, cell.dataset, cell.arch, cell.variant, batch,
-                                     exit_flops[(cell.dataset, cell.arch)])
+                                     exit_flops[(cell.dataset, cell.arch)], not is_pretrained(config, cell.variant))
         print(f"  counted {'/'.join(key)} in {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)
     print(f"(counted {len(costs)} (dataset, architecture, method) steps in {time.perf_counter() - t0:.0f} s)\n")
 
@@ -166,24 +185,27 @@ def main() -> None:
     for (dataset, arch, variant), cost in costs.items():
         n_seeds = sum(1 for c in train_cells if (c.dataset, c.arch, c.variant) == (dataset, arch, variant))
         recipe = recipe_for(config, dataset, variant)
-        steps = recipe.epochs * (TRAIN_SIZE[dataset] // recipe.batch_size)
+        n_train, n_val, infer_n = split_sizes(config, dataset)
+        epochs = 0 if is_pretrained(config, variant) else recipe.epochs  # converted, not trained
+        steps = epochs * (n_train // recipe.batch_size)
         step_flops = cost.flops_per_image * recipe.batch_size
         t_flop = step_flops / (opts.util * opts.peak)
         t_launch = cost.kernels_per_step * opts.us_per_kernel * 1e-6
         train_s = steps * max(t_flop, t_launch)
         f = exit_flops[(dataset, arch)][-1]
-        val_batches = recipe.epochs * math.ceil(VAL_SIZE[dataset] / recipe.eval_batch_size)
-        val_s = max(recipe.epochs * VAL_SIZE[dataset] * 2 * 2 * f / (opts.util * opts.peak),
+        val_batches = epochs * math.ceil(n_val / recipe.eval_batch_size)
+        val_s = max(epochs * n_val * 2 * 2 * f / (opts.util * opts.peak),
                     val_batches * cost.eval_kernels_per_batch * opts.us_per_kernel * 1e-6)
-        infer_n = VAL_SIZE[dataset] + TEST_SIZE[dataset]
         infer_s = max(infer_n * 2 * 2 * f / (opts.util * opts.peak),
                       math.ceil(infer_n / config.get("infer_batch_size", 512)) * cost.eval_kernels_per_batch
                       * opts.us_per_kernel * 1e-6)
         hours = (train_s + val_s + infer_s) / 3600
-        rows.append(dict(cell=f"{dataset}/{arch}/{variant}", seeds=n_seeds, epochs=recipe.epochs, batch=recipe.batch_size,
+        rows.append(dict(cell=f"{dataset}/{arch}/{variant}", seeds=n_seeds, epochs=epochs, batch=recipe.batch_size,
                          fk=f / 1e6, textbook=6 * f / 1e9, counted=cost.flops_per_image / 1e9,
-                         kernels=cost.kernels_per_step, bound="FLOPs" if t_flop > t_launch else "launch",
-                         step_ms=1e3 * max(t_flop, t_launch), img_s=recipe.batch_size / max(t_flop, t_launch),
+                         kernels=cost.kernels_per_step,
+                         bound="-" if not steps else "FLOPs" if t_flop > t_launch else "launch",
+                         step_ms=1e3 * max(t_flop, t_launch),
+                         img_s=recipe.batch_size / max(t_flop, t_launch) if steps else float("nan"),
                          hours=hours, total=hours * n_seeds))
     head = (f"{'cell (dataset/arch/method)':<44} {'seeds':>5} {'ep':>4} {'bs':>4} {'F_K M':>8} {'6F GF':>6} "
             f"{'cnt GF':>7} {'kern/step':>9} {'bound':>6} {'ms/step':>8} {'img/s':>7} {'h/seed':>7} {'GPU h':>7}")

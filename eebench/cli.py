@@ -1,4 +1,4 @@
-"""Command line: ``python -m eebench {list,flops,budgeted,check-config,timings}``."""
+"""Command line: ``python -m eebench {list,flops,budgeted,check-config,timings,convert-checkpoint,logits}``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import sys
 from typing import Any
 
 import yaml
+
+
+# eebench.checkpoints.FORMATS, named here so that the parser does not import torch
+CHECKPOINT_FORMATS = ("msdnet", "l2w", "ranet", "boostnet", "eenets")
 
 
 def parse_value(text: str) -> Any:
@@ -126,6 +130,79 @@ def cmd_timings(args: argparse.Namespace) -> None:
         print(format_table(table))
 
 
+def _network_for(family: str, dataset: str, sets: list[str]):
+    from models import build_model, get_architecture
+
+    from .datasets import dataset_info
+
+    arch = get_architecture(family)
+    info = dataset_info(dataset)
+    if dataset not in arch.datasets:
+        raise ValueError(f"architecture {family!r} is not used with dataset {dataset!r}; "
+                         f"allowed: {', '.join(arch.datasets)}")
+    params = parse_sets(sets)
+    return build_model(family, info.input, **params), params, info
+
+
+def cmd_convert_checkpoint(args: argparse.Namespace) -> None:
+    """A reference checkpoint as a weights file of this harness (what the train rule writes)."""
+    from . import io
+    from .checkpoints import convert_checkpoint
+    from .config import content_hash, pretrained_fingerprint
+
+    try:
+        _, params, info = _network_for(args.arch, args.dataset, args.set)
+        _, state = convert_checkpoint(args.src, args.fmt, args.arch, info.input, params)
+    except (KeyError, ValueError, TypeError, OSError, io.CorruptFileError) as err:
+        raise SystemExit(f"error: {err.args[0] if err.args else err}") from None
+    checkpoint_hash = content_hash(args.src)
+    io.save_tensors(args.out, {
+        "model": state, "method": {},
+        "fingerprint": pretrained_fingerprint(args.dataset, args.arch, params, args.fmt, checkpoint_hash),
+        "source": {"checkpoint": args.src, "hash": checkpoint_hash, "format": args.fmt},
+    })
+    print(f"wrote {args.out}: {len(state)} tensors of {args.arch} for {args.dataset}, from {args.src} ({args.fmt})")
+
+
+def cmd_logits(args: argparse.Namespace) -> None:
+    """Per-exit logits (K, N, C) in eval mode of a weights file on saved, normalised images."""
+    import torch
+
+    from . import io
+    from .checkpoints import load_weights_only
+    from .pipeline import _load_state
+    from .training import load_weights
+
+    try:
+        network, _, info = _network_for(args.arch, args.dataset, args.set)
+        _load_state(network, load_weights(args.weights)["model"], args.weights)
+        images = load_weights_only(args.input)
+        if isinstance(images, dict):
+            images = images.get("images")
+        spec = info.input
+        if (not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4
+                or tuple(images.shape[1:]) != (spec.channels, spec.size, spec.size)):
+            shown = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"{args.input}: expected a float tensor of normalised images (N, {spec.channels}, "
+                             f"{spec.size}, {spec.size}) (or a dict with it under 'images'), got {shown}")
+    except (KeyError, ValueError, TypeError, OSError, io.CorruptFileError) as err:
+        raise SystemExit(f"error: {err.args[0] if err.args else err}") from None
+    network.eval()
+    logits, confidences = [], []
+    with torch.no_grad():
+        for batch in images.float().split(args.batch_size):
+            out = network.forward_all(batch)
+            logits.append(torch.stack(out.logits))
+            if out.confidences is not None:
+                confidences.append(torch.stack(out.confidences))
+    record = {"logits": torch.cat(logits, dim=1)}
+    if confidences:
+        record["confidences"] = torch.cat(confidences, dim=1)
+    io.save_tensors(args.out, record)
+    k, n, c = record["logits"].shape
+    print(f"wrote {args.out}: logits of {k} exits x {n} images x {c} classes")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eebench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +237,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("results", nargs="?", default="results", help="the run's results directory")
     p.add_argument("--csv", action="store_true")
     p.set_defaults(func=cmd_timings)
+
+    p = sub.add_parser("convert-checkpoint", help="a checkpoint of the reference code as a weights file of this harness")
+    p.add_argument("src", help="the checkpoint file the reference's training script saved")
+    p.add_argument("--from", dest="fmt", required=True, choices=CHECKPOINT_FORMATS,
+                   help="the repository that wrote it: msdnet (kalviny/MSDNet-PyTorch), l2w (LeapLabTHU/L2W-DEN), "
+                   "ranet (yangle15/RANet-pytorch), boostnet (SHI-Labs/Boosted-Dynamic-Networks), "
+                   "eenets (eksuas/eenets.pytorch)")
+    p.add_argument("--arch", required=True, help="architecture family of this harness (msdnet, ranet, ee_resnet)")
+    p.add_argument("--dataset", required=True, help="the dataset it was trained on (input size and classes)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture parameter, as in the config; lists as 1-2-4 or [1, 2, 4]")
+    p.add_argument("--out", required=True, help="weights file to write")
+    p.set_defaults(func=cmd_convert_checkpoint)
+
+    p = sub.add_parser("logits", help="per-exit logits (K, N, C) in eval mode of a weights file on saved images")
+    p.add_argument("weights", help="a weights file (convert-checkpoint's or the train rule's)")
+    p.add_argument("--arch", required=True, help="architecture family")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture parameter")
+    p.add_argument("--input", required=True, help="torch.save'd float tensor (N, C, H, W) of normalised images")
+    p.add_argument("--out", required=True, help="file to write: {'logits': (K, N, C)[, 'confidences': (K, N)]}")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_logits)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import yaml
 
 from . import registry
 from .datasets import DATASETS
-from .io import stable_hash
+from .io import file_hash, stable_hash
 
 
 class ConfigError(ValueError):
@@ -137,7 +138,21 @@ def is_posthoc(config: dict[str, Any], variant: str) -> bool:
     return variant in config.get("posthoc", {})
 
 
+def is_pretrained(config: dict[str, Any], variant: str) -> bool:
+    """A variant whose weights are converted from a checkpoint file (config ``pretrained``)."""
+    return variant in config.get("pretrained", {})
+
+
+def pretrained_variant(config: dict[str, Any], name: str) -> dict[str, Any]:
+    return {"method": "standard", "params": {}, "val_indices": None, **config["pretrained"][name]}
+
+
 def training_variant(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """A training variant; a pretrained variant reads as one trained by its ``method`` (whose
+    evaluation, e.g. BoostNet's ensemble, the checkpoint needs), with no recipe and no parent."""
+    if is_pretrained(config, name):
+        spec = pretrained_variant(config, name)
+        return {"method": spec["method"], "params": spec["params"], "recipe": {}, "init_from": None}
     return {"params": {}, "recipe": {}, "init_from": None, **config["methods"][name]}
 
 
@@ -153,7 +168,7 @@ def cells(config: dict[str, Any]) -> list[Cell]:
         for dataset in exp["datasets"]:
             for arch in exp["architectures"]:
                 for seed in exp.get("seeds", config["seeds"]):
-                    for variant in exp.get("methods", []) + exp.get("posthoc", []):
+                    for variant in exp.get("methods", []) + exp.get("pretrained", []) + exp.get("posthoc", []):
                         out.add(Cell(dataset, arch, variant, seed))
     for cell in list(out):
         out.update(dependencies(config, cell))
@@ -191,11 +206,71 @@ def val_size(config: dict[str, Any], dataset: str) -> int | float | None:
     return int(value) if isinstance(value, float) and value >= 1 else value
 
 
+def val_from(config: dict[str, Any], dataset: str) -> str:
+    """``datasets.<dataset>.val_from``: where the val split is drawn from, the training pool
+    (``train``, the default) or the dataset's own test set (``test``)."""
+    return config["datasets"].get(dataset, {}).get("val_from", "train")
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_hash(path)
+
+
+def content_hash(path: str | Path) -> str:
+    """The file's content hash (computed once per process and file version), or ``missing``
+    when it is absent (a dry run plans without the checkpoints; the run itself checks them)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return "missing"
+    return _hash_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def held_out_file(config: dict[str, Any], dataset: str) -> str | None:
+    """The ``val_indices`` file of the pretrained variants the experiments use on ``dataset``
+    (check_config makes sure they agree), when the dataset's val split comes from its training pool."""
+    if val_from(config, dataset) != "train":
+        return None
+    files = {pretrained_variant(config, c.variant)["val_indices"] for c in cells(config)
+             if c.dataset == dataset and is_pretrained(config, c.variant)}
+    files.discard(None)
+    return next(iter(sorted(files)), None)
+
+
+def split_identity(config: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """What makes a dataset's split other than its seed and val size: val drawn from the test set,
+    or the held-out indices of a pretrained checkpoint (empty when neither, so that configs without
+    them keep their fingerprints)."""
+    out: dict[str, Any] = {}
+    if val_from(config, dataset) != "train":
+        out["val_from"] = val_from(config, dataset)
+    held_out = held_out_file(config, dataset)
+    if held_out is not None:
+        out["val_indices"] = content_hash(held_out)
+    return out
+
+
+def pretrained_fingerprint(dataset: str, family: str, arch_params: dict[str, Any], fmt: str, checkpoint_hash: str,
+                           method: str = "standard", method_params: dict[str, Any] | None = None) -> str:
+    """What determines converted weights: the network, the checkpoint's content and format, and
+    the method whose evaluation they get (``convert-checkpoint`` writes the same for ``standard``)."""
+    return stable_hash({
+        "pretrained": {"format": fmt, "checkpoint": checkpoint_hash}, "dataset": dataset, "family": family,
+        "arch": arch_params, "method": method, "params": method_params or {},
+    })
+
+
 def cell_fingerprint(config: dict[str, Any], cell: Cell) -> str:
     """A hash of everything that determines a training cell's weights (its parent's included)."""
     family, params = architecture(config, cell.arch)
+    if is_pretrained(config, cell.variant):
+        spec = pretrained_variant(config, cell.variant)
+        return pretrained_fingerprint(cell.dataset, family, params, spec["format"],
+                                      content_hash(spec["checkpoints"][cell.arch]), spec["method"], spec["params"])
     variant = training_variant(config, cell.variant)
     parent = dependencies(config, cell)[0] if variant["init_from"] else None
+    split = split_identity(config, cell.dataset)
     return stable_hash({
         "dataset": cell.dataset, "split_seed": config["split_seed"], "family": family, "arch": params,
         "method": variant["method"], "params": variant["params"], "seed": cell.seed,
@@ -204,6 +279,7 @@ def cell_fingerprint(config: dict[str, Any], cell: Cell) -> str:
         # a changed held-out size makes another split (only present when set, so that older
         # configs keep their fingerprints)
         **({"val_size": held_out} if (held_out := val_size(config, cell.dataset)) is not None else {}),
+        **({"split": split} if split else {}),
     })
 
 
@@ -234,11 +310,12 @@ def check_config(config: dict[str, Any]) -> None:
             fail(f"methods.{name}.method", variant["method"], METHODS.names())
         _wrap(lambda: METHODS.make_params(variant["method"], variant["params"]), f"methods.{name}.params")
         _wrap(lambda: registry.build_params(Recipe, variant["recipe"], f"config methods.{name}.recipe"))
-        if variant["init_from"] is not None and variant["init_from"] not in config["methods"]:
-            fail(f"methods.{name}.init_from", variant["init_from"], list(config["methods"]))
+        parents = list(config["methods"]) + list(config.get("pretrained", {}))
+        if variant["init_from"] is not None and variant["init_from"] not in parents:
+            fail(f"methods.{name}.init_from", variant["init_from"], parents)
     for name in config["methods"]:  # init_from chains must end
         chain = [name]
-        while (parent := config["methods"][chain[-1]].get("init_from")) is not None:
+        while (parent := training_variant(config, chain[-1])["init_from"]) is not None:
             if parent in chain:
                 raise ConfigError(f"config methods.{name}.init_from: {' -> '.join(chain + [parent])} is a cycle; "
                                   "allowed: a chain that ends at a variant trained from scratch")
@@ -248,18 +325,21 @@ def check_config(config: dict[str, Any]) -> None:
         if variant["method"] not in POSTHOC.names():
             fail(f"posthoc.{name}.method", variant["method"], POSTHOC.names())
         _wrap(lambda: POSTHOC.make_params(variant["method"], variant["params"]), f"posthoc.{name}.params")
-        if variant["base"] not in config["methods"]:
-            fail(f"posthoc.{name}.base", variant["base"], list(config["methods"]))
+        bases = list(config["methods"]) + list(config.get("pretrained", {}))
+        if variant["base"] not in bases:
+            fail(f"posthoc.{name}.base", variant["base"], bases)
+    _check_pretrained(config, fail)
     built: set[tuple[str, str]] = set()
     for i, exp in enumerate(config["experiments"]):
         for key, known in (("datasets", config["datasets"]), ("architectures", config["architectures"]),
-                           ("methods", config["methods"]), ("posthoc", config.get("posthoc", {}))):
+                           ("methods", config["methods"]), ("pretrained", config.get("pretrained", {})),
+                           ("posthoc", config.get("posthoc", {}))):
             for value in exp.get(key, []):
                 if value not in known:
                     fail(f"experiments[{i}].{key}", value, list(known))
         for arch in exp["architectures"]:
             family = config["architectures"][arch]["family"]
-            for variant in exp.get("methods", []):
+            for variant in exp.get("methods", []) + exp.get("pretrained", []):
                 _check_capabilities(config, variant, arch, f"experiments[{i}]")
             for dataset in exp["datasets"]:
                 if dataset not in get_architecture(family).datasets:
@@ -297,6 +377,95 @@ def _families_offering(capabilities: frozenset[str]) -> list[str]:
     return [f for f in list_architectures() if capabilities <= get_architecture(f).network_class.capabilities]
 
 
+def _check_pretrained(config: dict[str, Any], fail) -> None:
+    """Pretrained variants: known names and formats, a checkpoint for every cell that uses one, and
+    a val split the checkpoint was not trained on."""
+    from .checkpoints import FORMATS
+    from .methods import METHODS
+
+    for dataset, spec in config["datasets"].items():
+        if spec.get("val_from") == "test" and DATASETS[dataset].test_fraction is not None:
+            fail(f"datasets.{dataset}.val_from", "test",
+                 f"train ({dataset} has no test set of its own: its test split is carved from the same pool)")
+    for name in config.get("pretrained", {}):
+        where = f"pretrained.{name}"
+        if name in config["methods"] or name in config.get("posthoc", {}):
+            raise ConfigError(f"config {where}: {name!r} also names a training or post-hoc variant; "
+                              "allowed: a name used once across methods, pretrained and posthoc")
+        spec = pretrained_variant(config, name)
+        if spec["dataset"] not in config["datasets"]:
+            fail(f"{where}.dataset", spec["dataset"], list(config["datasets"]))
+        if spec["format"] not in FORMATS:
+            fail(f"{where}.format", spec["format"], list(FORMATS))
+        fmt = FORMATS[spec["format"]]
+        for arch in spec["checkpoints"]:
+            if arch not in config["architectures"]:
+                fail(f"{where}.checkpoints", arch, list(config["architectures"]))
+            family = config["architectures"][arch]["family"]
+            if family not in fmt.families:
+                raise ConfigError(f"config {where}.checkpoints.{arch}: {arch!r} is a {family} architecture, but "
+                                  f"format {fmt.name!r} ({fmt.repository}) holds {' or '.join(fmt.families)} "
+                                  "checkpoints; allowed: an architecture of that family")
+        if spec["method"] not in METHODS.names():
+            fail(f"{where}.method", spec["method"], METHODS.names())
+        _wrap(lambda: METHODS.make_params(spec["method"], spec["params"]), f"{where}.params")
+    used = [c for c in cells(config) if is_pretrained(config, c.variant)]
+    for cell in used:
+        spec = pretrained_variant(config, cell.variant)
+        if cell.dataset != spec["dataset"]:
+            raise ConfigError(f"config experiments: pretrained variant {cell.variant!r} holds checkpoints for dataset "
+                              f"{spec['dataset']!r}; it is not allowed on dataset {cell.dataset!r}")
+        if cell.arch not in spec["checkpoints"]:
+            raise ConfigError(f"config pretrained.{cell.variant}.checkpoints: no checkpoint for architecture "
+                              f"{cell.arch!r}, which the experiments run it on (or a variant initialised from it); "
+                              f"allowed architectures: {', '.join(spec['checkpoints'])}")
+    for dataset in sorted({c.dataset for c in used}):
+        _check_held_out(config, dataset, sorted({c.variant for c in used if c.dataset == dataset}))
+
+
+def _check_held_out(config: dict[str, Any], dataset: str, names: list[str]) -> None:
+    """Refuse a pretrained variant whose training images may be in the val split (or, for a dataset
+    without a test set of its own, the test split): thresholds calibrated on images the network was
+    trained on are biased, all of them."""
+    files = {name: pretrained_variant(config, name)["val_indices"] for name in names}
+    if val_from(config, dataset) == "test":
+        for name, path in files.items():
+            if path is not None:
+                raise ConfigError(
+                    f"config pretrained.{name}.val_indices: not used, since datasets.{dataset}.val_from is 'test' "
+                    f"(val is drawn from the test set); allowed: no val_indices, or datasets.{dataset}.val_from: train")
+        return
+    for name, path in files.items():
+        if path is None:
+            raise ConfigError(
+                f"config pretrained.{name}: its checkpoints may have been trained on any image of {dataset}'s training "
+                f"pool, from which the harness draws its val split, and calibrating exit thresholds on images a "
+                "network was trained on biases every threshold. Give the indices of the images its training held "
+                "out (val_indices: the index.pth the reference code writes with --use-valid), or draw val from "
+                f"the test set (datasets.{dataset}.val_from: test, with a val_size below the test set's size)")
+    if len(set(files.values())) > 1:
+        shown = ", ".join(f"{name}: {path}" for name, path in files.items())
+        raise ConfigError(f"config pretrained: the variants on dataset {dataset!r} give different val_indices ({shown}), "
+                          "but a dataset has one split; allowed: the same val_indices file (or separate configs)")
+
+
+def check_pretrained_files(config: dict[str, Any]) -> None:
+    """Every checkpoint (and val_indices file) the experiments use exists: checked at workflow
+    start, as the data is, so that a dry run plans without them."""
+    seen = set()
+    for cell in cells(config):
+        if not is_pretrained(config, cell.variant) or (cell.variant, cell.arch) in seen:
+            continue
+        seen.add((cell.variant, cell.arch))
+        spec = pretrained_variant(config, cell.variant)
+        fetch = f"; download it from {spec['source']}" if spec.get("source") else ""
+        for key, path in ((f"checkpoints.{cell.arch}", spec["checkpoints"][cell.arch]),
+                          ("val_indices", spec["val_indices"])):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"config pretrained.{cell.variant}.{key}: {path!r} ({Path(path).resolve()}) "
+                                  f"is not a file{fetch}, or set the path to where it is")
+
+
 def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:
     """The checks a network runs on its config and the dataset's input size before it allocates
     anything (a scale list that does not fit the input, early exits that do not fit the depth),
@@ -324,7 +493,7 @@ def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:
 def _check_report(config: dict[str, Any], fail) -> None:
     """Names in the report section must be configured datasets, architectures and variants."""
     report = config.get("report", {})
-    variants = list(config["methods"]) + list(config.get("posthoc", {}))
+    variants = list(config["methods"]) + list(config.get("pretrained", {})) + list(config.get("posthoc", {}))
     known = {"datasets": list(config["datasets"]), "architectures": list(config["architectures"]),
              "variants": variants}
     for name, spec in report.get("figures", {}).items():
@@ -424,6 +593,11 @@ def resolved_cell_config(config: dict[str, Any], cell: Cell) -> dict[str, Any]:
     }
     if is_posthoc(config, cell.variant):
         out["posthoc"] = copy.deepcopy(posthoc_variant(config, cell.variant))
+    elif is_pretrained(config, cell.variant):
+        spec = copy.deepcopy(pretrained_variant(config, cell.variant))
+        path = spec.pop("checkpoints")[cell.arch]
+        out["pretrained"] = {**spec, "checkpoint": path, "checkpoint_hash": content_hash(path)}
+        out["method"] = copy.deepcopy(training_variant(config, cell.variant))
     else:
         out["method"] = copy.deepcopy(training_variant(config, cell.variant))
         out["recipe"] = dataclasses.asdict(recipe_for(config, cell.dataset, cell.variant))

@@ -242,5 +242,7 @@ def split_images(pool: ImagePool, split: dict[str, np.ndarray], part: str) -> tu
     """The uint8 images and labels of one part (train, val, test) of a split."""
     index = torch.as_tensor(split[part], dtype=torch.long)
     from_pool = part != "test" or len(pool.test_labels) == 0
+    if part == "val" and "val_from_test" in split:  # eebench.heldout: val held out of the test set
+        from_pool = False
     images, labels = (pool.train_images, pool.train_labels) if from_pool else (pool.test_images, pool.test_labels)
     return images[index], labels[index]

@@ -20,10 +20,13 @@ from models.base import fold_batchnorm
 from . import distributed, io
 from .cache import check_meta, correctness, load_cache, scored_outputs
 from .calibration import anytime_curve, budgeted_curve, confidence_exit
-from .config import (Cell, architecture, cell_fingerprint, check_budgets, dependencies, is_posthoc, posthoc_variant,
-                     recipe_for, resolved_cell_config, training_variant, val_size)
-from .datasets import dataset_info, load_pool, make_split, split_images
+from .checkpoints import convert_checkpoint
+from .config import (Cell, architecture, cell_fingerprint, check_budgets, content_hash, dependencies, is_posthoc,
+                     is_pretrained, posthoc_variant, pretrained_variant, recipe_for, resolved_cell_config,
+                     training_variant)
+from .datasets import dataset_info, load_pool, split_images
 from .flops import baseline_cost, exit_costs
+from .heldout import dataset_split, val_is_from_test
 from .methods import METHODS, TrainContext
 from .posthoc import POSTHOC
 from .posthoc.base import ScoredOutputs
@@ -44,8 +47,7 @@ def _pool(config: dict[str, Any], dataset: str):
 
 def write_split(config: dict[str, Any], dataset: str, out: str) -> None:
     pool = _pool(config, dataset)
-    split = make_split(dataset, (len(pool.train_labels), len(pool.test_labels)), config["split_seed"],
-                       val_size(config, dataset))
+    split = dataset_split(config, dataset, (len(pool.train_labels), len(pool.test_labels)))
     with io.atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **split)
@@ -63,14 +65,15 @@ def read_split(path: str) -> dict[str, np.ndarray]:
                 (len(index) and int(index.min()) < 0):
             raise io.CorruptFileError(f"{path}: '{key}' must be a list of non-negative integer indices, got "
                                       f"{index.dtype} of shape {tuple(index.shape)}; delete it to have it rebuilt")
-    if np.intersect1d(data["train"].numpy(), data["val"].numpy()).size:
+    if not val_is_from_test(data) and np.intersect1d(data["train"].numpy(), data["val"].numpy()).size:
         raise io.CorruptFileError(f"{path}: train and val share images; delete it to have it rebuilt")
     return {k: v.numpy() for k, v in data.items()}
 
 
 def _check_split_fits(split: dict[str, np.ndarray], pool: Any, path: str) -> None:
-    sizes = {"train": len(pool.train_labels), "val": len(pool.train_labels),
-             "test": len(pool.test_labels) or len(pool.train_labels)}
+    test_size = len(pool.test_labels) or len(pool.train_labels)
+    sizes = {"train": len(pool.train_labels), "val": test_size if val_is_from_test(split) else len(pool.train_labels),
+             "test": test_size}
     for key, size in sizes.items():
         if len(split[key]) and int(split[key].max()) >= size:
             raise io.CorruptFileError(f"{path}: '{key}' index {int(split[key].max())} is out of range for a pool "
@@ -180,6 +183,29 @@ def train_cell(config: dict[str, Any], cell: Cell, split_path: str, flops_path: 
         "method": result.method.state_dict(), "fingerprint": fingerprint,
     })
     io.write_csv(history_out, pd.DataFrame(result.history))
+
+
+# --- convert (pretrained variants) -----------------------------------------------------------
+def convert_cell(config: dict[str, Any], cell: Cell, flops_path: str, weights_out: str) -> None:
+    """A pretrained variant's checkpoint as this cell's weights file, as ``train_cell`` writes it."""
+    spec = pretrained_variant(config, cell.variant)
+    family, params = architecture(config, cell.arch)
+    checkpoint = spec["checkpoints"][cell.arch]
+    info = dataset_info(cell.dataset)
+    network, state = convert_checkpoint(checkpoint, spec["format"], family, info.input, params)
+    ctx = TrainContext(exit_costs=_exit_costs(read_flops(flops_path)), num_classes=info.input.num_classes,
+                       epochs=recipe_for(config, cell.dataset, cell.variant).epochs, steps_per_epoch=1)
+    method = _method_factory(config, cell.variant)(network, ctx)
+    if method.extra_modules():
+        raise io.CorruptFileError(
+            f"config pretrained.{cell.variant}.method: {spec['method']!r} adds networks of its own "
+            f"({', '.join(method.extra_modules())}) that no reference checkpoint holds; allowed: a method whose "
+            "evaluation needs only the network (standard; boostnet for BoostNet's ensemble)")
+    io.save_tensors(weights_out, {
+        "model": state, "method": method.state_dict(), "fingerprint": cell_fingerprint(config, cell),
+        "source": {"checkpoint": str(checkpoint), "hash": content_hash(checkpoint), "format": spec["format"]},
+    })
+    log.info("%s: converted %s (%s format, %d tensors)", cell.path, checkpoint, spec["format"], len(state))
 
 
 # --- infer -----------------------------------------------------------------------------------
@@ -316,7 +342,8 @@ def aggregate(config: dict[str, Any], cells: list[Cell], curve_files: list[str],
     for cell, curve_path, prov_path in zip(cells, curve_files, provenance_files):
         frame = pd.read_csv(curve_path)
         prov = io.read_json(prov_path)
-        kind = "posthoc" if is_posthoc(config, cell.variant) else "training"
+        kind = ("posthoc" if is_posthoc(config, cell.variant)
+                else "pretrained" if is_pretrained(config, cell.variant) else "training")
         method = (posthoc_variant(config, cell.variant) if kind == "posthoc"
                   else training_variant(config, cell.variant))["method"]
         frame.insert(0, "curve", Path(curve_path).stem)

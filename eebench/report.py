@@ -31,7 +31,7 @@ PROTOCOL_NOTE = (
 
 
 def variant_styles(config: dict[str, Any]) -> dict[str, Any]:
-    names = list(config["methods"]) + list(config.get("posthoc", {}))
+    names = list(config["methods"]) + list(config.get("pretrained", {})) + list(config.get("posthoc", {}))
     palette = sns.color_palette("tab20", n_colors=max(len(names), 1))
     return {name: palette[i] for i, name in enumerate(names)}
 
@@ -41,7 +41,8 @@ def arch_markers(config: dict[str, Any]) -> dict[str, str]:
 
 
 def label_of(config: dict[str, Any], variant: str) -> str:
-    spec = config["methods"].get(variant) or config.get("posthoc", {}).get(variant, {})
+    spec = (config["methods"].get(variant) or config.get("pretrained", {}).get(variant)
+            or config.get("posthoc", {}).get(variant, {}))
     return spec.get("label", variant)
 
 

@@ -5,6 +5,7 @@ sys.path.insert(0, workflow.basedir)
 from eebench import smk  # noqa: E402
 from eebench.config import Cell, architecture, cell_fingerprint, cells, check_config, check_data  # noqa: E402
 from eebench.config import is_posthoc, posthoc_variant, training_variant, val_size, validate_schema  # noqa: E402
+from eebench.config import check_pretrained_files, pretrained_variant, split_identity  # noqa: E402
 
 
 # the schema (types, structure; fills defaults), then the registries: a bad config fails here, naming
@@ -16,6 +17,7 @@ check_config(config)
 onstart:
     # not in a dry run (-n), so a run can be planned on a machine without the datasets
     check_data(config)
+    check_pretrained_files(config)
 
 
 CELLS = cells(config)
@@ -34,7 +36,7 @@ FIGURES = {
 wildcard_constraints:
     dataset=smk.alternatives(config["datasets"]),
     arch=smk.alternatives(config["architectures"]),
-    variant=smk.alternatives(list(config["methods"]) + list(config.get("posthoc", {}))),
+    variant=smk.alternatives(list(config["methods"]) + list(config.get("pretrained", {})) + list(config.get("posthoc", {}))),
     seed=r"\d+",
 
 
@@ -135,7 +137,7 @@ def figure_kind(wildcards):
 def split_settings(wildcards):
     """What a split depends on (a rerun trigger: a changed split_seed rebuilds the split)."""
     return {"dataset": wildcards.dataset, "split_seed": config["split_seed"],
-            "val_size": val_size(config, wildcards.dataset)}
+            "val_size": val_size(config, wildcards.dataset), **split_identity(config, wildcards.dataset)}
 
 
 def flops_settings(wildcards):
@@ -152,6 +154,12 @@ def table1_flops(wildcards):
 def training_fingerprint(wildcards):
     """Changes when anything that determines the cell's weights changes (a rerun trigger)."""
     return cell_fingerprint(config, cell_of(wildcards))
+
+
+def pretrained_checkpoint(wildcards):
+    """The checkpoint file a pretrained variant's weights are converted from (a param, not an
+    input, so that a dry run plans without it; its content hash is in the fingerprint)."""
+    return pretrained_variant(config, wildcards.variant)["checkpoints"][wildcards.arch]
 
 
 def posthoc_settings(wildcards):

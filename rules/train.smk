@@ -8,6 +8,8 @@ rule train:
         history=f"{RESULTS}/train/{CELL}/history.csv",
     log:
         f"{RESULTS}/logs/train/{CELL}.log",
+    wildcard_constraints:
+        variant=smk.alternatives(config["methods"]),  # pretrained variants are converted instead
     benchmark:
         f"{RESULTS}/benchmarks/train/{CELL}.tsv"
     params:
