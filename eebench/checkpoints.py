@@ -373,6 +373,15 @@ def _by_rules(rules: list[tuple[str, Callable[[re.Match], str]]]) -> Callable[[s
     return rename
 
 
+def _ee_resnet_unused(network: MultiExitNetwork, key: str) -> bool:
+    """With ``exit_pool: bnpool_batchstats`` the reference's exit BatchNorm (``exits.k.layers.0``,
+    a plain-list module that never learns and always normalises by the batch) has no tensors here."""
+    return network.config.exit_pool == "bnpool_batchstats" and re.fullmatch(r"exits\.\d+\.layers\.0\.\w+", key) is not None
+
+
+_UNUSED: dict[str, Callable[[MultiExitNetwork, str], bool]] = {"ee_resnet": _ee_resnet_unused}
+
+
 # family -> a function of the built network giving each of its tensor names the reference's
 REFERENCE_NAMES: dict[str, Callable[[MultiExitNetwork], Callable[[str], str | None]]] = {
     "msdnet": _msdnet_names,
@@ -533,8 +542,10 @@ def convert_state(source: dict[str, torch.Tensor], network: MultiExitNetwork, fa
     missing = [k for k in expected if k not in have]
     wrong = [k for k in expected if k in have and have[k] != expected[k]]
     used = {_storage_key(source[k]) for k in expected if k in have}
-    # aliases (EENets registers its last stage twice) are not extra tensors
-    extra = [k for k in have if k not in expected and _storage_key(source[k]) not in used]
+    unused = _UNUSED.get(family, lambda net, key: False)
+    # aliases (EENets registers its last stage twice) are not extra tensors, nor reference tensors
+    # that the network as configured computes without (EENets' untracked exit BatchNorm)
+    extra = [k for k in have if k not in expected and _storage_key(source[k]) not in used and not unused(network, k)]
     if missing or wrong or extra:
         raise CheckpointError(_mismatch_message(path, spec, family, network, have, expected, missing, wrong,
                                                 extra, described))

@@ -341,13 +341,21 @@ def boostnet_fixtures(repo: Path) -> None:
 
 # --- EENets (eksuas/eenets.pytorch) -----------------------------------------------------------
 def eenets_fixture(repo: Path) -> None:
+    # ``bnpool``'s BatchNorm lives in a plain list: untrained, normalising by each batch also in eval
+    # mode, which the harness's ``bnpool_batchstats`` reproduces
+    for exit_type, name, exit_pool in (("pool", "eenets_cifar", "pool"),
+                                       ("bnpool", "eenets_cifar_bnpool", "bnpool_batchstats")):
+        eenets_model_fixture(repo, exit_type, name, exit_pool)
+
+
+def eenets_model_fixture(repo: Path, exit_type: str, name: str, exit_pool: str) -> None:
     # imported as the EENets scripts import it (``from eenet import EENet``), so that the pickle
     # names the classes as a model saved by its main.py does
     with on_path(repo, "eenet", "resnet", "flops_counter"):
         eenet = importlib.import_module("eenet")
         with contextlib.redirect_stdout(io.StringIO()):
             model = eenet.EENet(True, eenet.BasicBlock, 8, num_ee=2, distribution="fine", num_classes=10,
-                                input_shape=(3, 32, 32), exit_type="pool", loss_func="v2")
+                                input_shape=(3, 32, 32), exit_type=exit_type, loss_func="v2")
         randomise(model, 7)
         model.eval()
         pixels = images(3, 32, 17)
@@ -365,11 +373,11 @@ def eenets_fixture(repo: Path) -> None:
         def save(path):  # utils.save_model: torch.save(model, ...), with the torch of 2019
             torch.save(model, path, _use_new_zipfile_serialization=False)
 
-        write_fixture("eenets_cifar", save, {
+        write_fixture(name, save, {
             "pixels": pixels, "logits": logits_of(classifier_inputs), "probabilities": logits_of(probabilities),
             "confidences": logits_of([c.squeeze(1) for c in confidences]), "meta": {
                 "format": "eenets", "family": "ee_resnet", "input": [3, 32, 10],
-                "params": {"depth": 8, "num_exits": 2, "distribution": "fine", "exit_pool": "pool"},
+                "params": {"depth": 8, "num_exits": 2, "distribution": "fine", "exit_pool": exit_pool},
                 "cost": list(cost), "source": f"eksuas/eenets.pytorch@{commit_of(repo)}",
                 "saved_as": "utils.save_model: torch.save(model) after set_multiple_gpus(), legacy format"}})
 
