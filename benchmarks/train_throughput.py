@@ -67,12 +67,16 @@ def reference_worker(opts: argparse.Namespace, mods: set[str]):
         torch.set_num_threads(opts.threads)
         if "mallopt" in mods:
             _bench.keep_freed_memory()
-        ref = _bench.import_reference_main(Path(opts.reference), [*_bench.REFERENCE_ARGV, "--data-root", opts.data],
-                                           opts.scratch)
+        argv = [*_bench.REFERENCE_ARGV, "--data-root", opts.data, *getattr(opts, "reference_args", [])]
+        ref = _bench.import_reference_main(Path(opts.reference), argv, opts.scratch)
         _bench.accept_fake_cifar()
         args = ref.args
         model = getattr(ref.models, args.arch)(args)  # as main.py; DataParallel left out on CPU
         criterion = torch.nn.CrossEntropyLoss()
+        if torch.cuda.is_available():  # as main.py does it on a GPU
+            model = torch.nn.DataParallel(model).cuda()
+            criterion = criterion.cuda()
+            torch.backends.cudnn.benchmark = True
         optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
         train_loader, _, _ = ref.get_dataloaders(args)
@@ -84,6 +88,8 @@ def reference_worker(opts: argparse.Namespace, mods: set[str]):
     def run(n: int):
         state["chunk"].take = n
         state["ref"].train(state["chunk"], state["model"], state["criterion"], state["optimizer"], 0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the last optimizer step is still queued
 
     return setup, run
 
