@@ -37,8 +37,9 @@ each timed chunk:
 
 * ``speed_train``: the 7-exit CIFAR-100 MSDNet training step at batch 64 (the step
   ``training.train`` runs: on-device crop and flip, normalisation, the standard method's step) in
-  img/s for fp32, tf32, bf16, channels_last and torch.compile ``default`` and ``reduce-overhead``,
-  and the reference MSDNet ``train()`` when ``--reference`` gives its checkout.
+  img/s for the ``TRAIN_VARIANTS`` (fp32, tf32, bf16, channels_last, torch.compile ``default``
+  and ``reduce-overhead``), and the reference MSDNet ``train()`` when ``--reference`` gives its
+  checkout.
 * ``speed_infer``: ``run_network`` at batch 1024 as the infer rule runs it.
 * ``flops_share``: FLOPs of one training step (``torch.utils.flop_counter``) times steps per
   second, against the device's datasheet peak and a measured matmul peak.
@@ -96,18 +97,19 @@ from eebench.posthoc import POSTHOC  # noqa: E402
 from eebench.recipe import Recipe  # noqa: E402
 from eebench.registry import build_params  # noqa: E402
 from eebench.training import TrainData, _TrainingRun, run_network, train  # noqa: E402
-from models import InputSpec, MultiExitNetwork, build_model, get_architecture, list_architectures  # noqa: E402
+from models import MultiExitNetwork, build_model, get_architecture, list_architectures  # noqa: E402
 from models.base import fold_batchnorm  # noqa: E402
 
 CIFAR100 = dataset_info("cifar100")
 SPEC = CIFAR100.input  # 3 x 32 x 32, 100 classes
 PREFERRED_ARCH = "msdnet"  # the architecture of the paper's tables, where a method can train it
 # dense peak FLOP/s by NVIDIA's datasheets: fp32 (CUDA cores), tf32 and bf16 (tensor cores)
+# (words the device name contains, as torch.cuda.get_device_name gives it) -> peaks
 DATASHEET_PEAKS = {
-    "H200": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},
-    "H100 PCIe": {"fp32": 51e12, "tf32": 378e12, "bf16": 756e12},
-    "H100": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},  # SXM5
-    "A100": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12},
+    ("H200",): {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},
+    ("H100", "PCIe"): {"fp32": 51e12, "tf32": 378e12, "bf16": 756e12},
+    ("H100", "HBM3"): {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},  # SXM5: "NVIDIA H100 80GB HBM3"
+    ("A100",): {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12},
 }
 
 
@@ -184,10 +186,13 @@ class Report:
         self.checks: list[dict[str, Any]] = []
         self.started = time.perf_counter()
 
+    def selected(self, group: str) -> bool:
+        return (not self.only or group in self.only) and group not in self.skip
+
     def run(self, group: str, name: str, fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
         t0 = time.perf_counter()
         entry: dict[str, Any] = {"name": name, "group": group, "status": "pass", "reason": "", "figures": {}}
-        if (self.only and group not in self.only) or group in self.skip:
+        if not self.selected(group):
             entry.update(status="skipped", reason="not selected (--only / --skip)")
         else:
             try:
@@ -304,13 +309,17 @@ def check_environment(device: torch.device) -> dict[str, Any]:
         "pandas": pandas.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
         "cpus": os.cpu_count(), "platform": platform.platform(),
     }
-    figures["importable"] = {name: importable(name) for name in ("yaml", "jsonschema", "fvcore", "snakemake", "torchvision")}
+    figures["importable"] = {name: importable(name)
+                             for name in ("yaml", "jsonschema", "fvcore", "snakemake", "torchvision")}
     if device.type == "cuda":
         expect(torch.cuda.is_available(), "torch sees no CUDA device (a CPU build of torch, or no driver)", figures)
         props = torch.cuda.get_device_properties(device)
         figures.update(device=props.name, capability=f"{props.major}.{props.minor}",
                        memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
-                       gpus=torch.cuda.device_count(), nccl=".".join(map(str, torch.cuda.nccl.version())))
+                       gpus=torch.cuda.device_count())
+        with contextlib.suppress(Exception):  # a tuple in recent torch, an int in older ones
+            version = torch.cuda.nccl.version()
+            figures["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
         x = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
         use_fp32(device)
         difference = float((x.to(device) @ x.to(device)).cpu().sub(x @ x).abs().max())
@@ -367,30 +376,28 @@ def check_training(case: TrainCase, precision: str, device: torch.device, sizes:
     cls = METHODS.get(case.method)
     params = METHODS.make_params(case.method, case.params, f"{case.label} params")
     made: dict[str, Any] = {}
+    seen, hooks = conv_dtypes(model)
+    reached: set[int] = set()  # parameters a gradient was accumulated into, at any step
+
+    def watch(parameters: Any) -> None:
+        hooks.extend(p.register_post_accumulate_grad_hook(lambda p: reached.add(id(p))) for p in parameters)
 
     def factory(network: MultiExitNetwork, ctx: Any) -> Any:
+        """The method, with a snapshot of everything before the first step."""
         made["method"] = method = cls(network, params, ctx)
         for module in method.extra_modules().values():
             module.to(device)
+            watch(module.parameters())
         made["before"] = snapshot(network, method)
         return method
 
+    watch(model.parameters())
     data = random_data(sizes.batch * sizes.train_batches, 2 * sizes.batch, seed=1)
     recipe = Recipe(epochs=1, batch_size=sizes.batch, lr=0.05, schedule="constant", precision=precision,
                     eval_batch_size=2 * sizes.batch)
-    seen, hooks = conv_dtypes(model)
-    reached: set[int] = set()  # parameters a gradient was accumulated into, at any step
-    hooks += [p.register_post_accumulate_grad_hook(lambda p: reached.add(id(p))) for p in model.parameters()]
     t0 = time.perf_counter()
-    def factory_with_hooks(network: MultiExitNetwork, ctx: Any) -> Any:
-        method = factory(network, ctx)
-        for module in method.extra_modules().values():
-            hooks.extend(p.register_post_accumulate_grad_hook(lambda p: reached.add(id(p)))
-                         for p in module.parameters())
-        return method
-
     try:
-        result = train(model, factory_with_hooks, data, recipe, exit_costs(model), SPEC.num_classes, seed=0,
+        result = train(model, factory, data, recipe, exit_costs(model), SPEC.num_classes, seed=0,
                        state_dir=scratch / f"train-{case.label}-{precision}", fingerprint=case.label, device=device)
     finally:
         for h in hooks:
@@ -729,9 +736,12 @@ TRAIN_VARIANTS = {
     "bf16+cl": {"precision": "bf16", "channels_last": "on"},
     "fp32+cl+compile": {"channels_last": "on", "compile": "default"},
     "fp32+cl+reduce-overhead": {"channels_last": "on", "compile": "reduce-overhead"},
-    "bf16+cl+compile": {"precision": "bf16", "channels_last": "on", "compile": "default"},
     "bf16+cl+reduce-overhead": {"precision": "bf16", "channels_last": "on", "compile": "reduce-overhead"},
 }
+
+
+# the variant that is what config/paper.yaml trains with (fp32, eager, channels_last: auto) there
+CONFIGURED_VARIANT = {"cuda": "fp32+cl", "cpu": "fp32"}
 
 
 def variant_skip_reason(name: str, device: torch.device, cpu_compile: bool) -> str | None:
@@ -807,23 +817,25 @@ def reference_worker(spec: dict[str, Any]) -> None:
     _bench.serve(*train_throughput.reference_worker(opts, set()))
 
 
-def start_workers(specs: dict[str, dict[str, Any]], scratch: Path) -> dict[str, _bench.Worker]:
-    """One process per spec, all building (and compiling) at once; waits until all are ready."""
-    workers = {}
+def start_workers(specs: dict[str, dict[str, Any]], scratch: Path) -> tuple[dict[str, _bench.Worker], dict[str, str]]:
+    """One process per spec, all building (and compiling) at once; waits until all are ready.
+    Returns the ready workers and, for those that ended during set-up, the last line of their stderr."""
+    workers, errors = {}, {}
     try:
         for name, spec in specs.items():
             log = scratch / f"worker-{name}.log"
             workers[name] = _bench.Worker(name, [__file__, "--worker", json.dumps(spec)], wait=False, log=log)
-        for name, worker in workers.items():
+        for name, worker in list(workers.items()):
             try:
                 worker.ready()
             except RuntimeError as err:
-                tail = worker.log.read_text()[-1500:] if worker.log and worker.log.exists() else ""
-                raise RuntimeError(f"{err}: {tail.strip().splitlines()[-1] if tail.strip() else ''}") from None
+                lines = worker.log.read_text().strip().splitlines() if worker.log and worker.log.exists() else []
+                errors[name] = f"{err}: {lines[-1] if lines else ''}"[:500]
+                del workers[name]
     except BaseException:
         stop_workers(workers)
         raise
-    return workers
+    return workers, errors
 
 
 def stop_workers(workers: dict[str, _bench.Worker]) -> None:
@@ -835,9 +847,10 @@ def stop_workers(workers: dict[str, _bench.Worker]) -> None:
 
 
 def check_speed_train(device: torch.device, sizes: Sizes, opts: argparse.Namespace, scratch: Path,
-                      keep: dict[str, Any]) -> dict[str, Any]:
-    skipped = {v: r for v in TRAIN_VARIANTS if (r := variant_skip_reason(v, device, opts.cpu_compile))}
-    names = [v for v in TRAIN_VARIANTS if v not in skipped]
+                      keep: dict[str, Any], with_sharing: bool) -> dict[str, Any]:
+    chosen = opts.variants or list(TRAIN_VARIANTS)
+    skipped = {v: r for v in chosen if (r := variant_skip_reason(v, device, opts.cpu_compile))}
+    names = [v for v in chosen if v not in skipped]
     threads = 1 if sizes.small else opts.threads
     specs = {v: {"kind": "step", "device": str(device), "small": sizes.small, "batch": sizes.speed_batch,
                  "threads": threads, "recipe": TRAIN_VARIANTS[v]} for v in names}
@@ -850,8 +863,17 @@ def check_speed_train(device: torch.device, sizes: Sizes, opts: argparse.Namespa
         workers_j = str(min(16, os.cpu_count() or 1)) if device.type == "cuda" else "0"  # README's -j 16 on GPUs
         specs["reference"] = {"kind": "reference", "threads": threads, "reference": str(reference), "data": str(data),
                               "scratch": str(scratch), "warmup": sizes.warmup, "reference_args": ["-j", workers_j]}
-        reference_note = f"kalviny/MSDNet-PyTorch train() at batch 64, -j {workers_j}, DataParallel and cudnn.benchmark as main.py"
-    workers = start_workers(specs, scratch)
+        reference_note = (f"kalviny/MSDNet-PyTorch train() at batch 64, -j {workers_j}, DataParallel and "
+                          "cudnn.benchmark as its main.py")
+    sharing = sharing_specs(device, sizes, opts) if with_sharing else {}
+    workers, errors = start_workers({**specs, **sharing}, scratch)  # the sharing check's workers build meanwhile
+    if not set(sharing) & set(errors):
+        keep["sharing_workers"] = [workers.pop(name) for name in sharing]
+    else:
+        stop_workers({name: workers.pop(name) for name in sharing if name in workers})
+    if names[0] not in workers:
+        stop_workers(workers)
+        raise CheckFailed(f"the baseline variant {names[0]} could not start: {errors[names[0]]}", {"errors": errors})
     try:
         times = _bench.interleave(list(workers.values()), sizes.speed_iters, sizes.speed_rounds,
                                   quiet=opts.quiet_below, max_wait=0.0 if sizes.small else opts.max_wait)
@@ -859,19 +881,24 @@ def check_speed_train(device: torch.device, sizes: Sizes, opts: argparse.Namespa
         stop_workers(workers)
     rates = {name: [sizes.speed_iters * sizes.speed_batch / t for t in ts] for name, ts in times.items()}
     print("\n".join(_bench.ratio_table(rates, names[0], "img/s")), flush=True)
+    names = [n for n in names if n in rates]
     medians = {name: statistics.median(r) for name, r in rates.items()}
     best = max((n for n in medians if n != "reference"), key=medians.get)
     keep["train_rates"] = medians
     figures: dict[str, Any] = {
         "batch": sizes.speed_batch, "steps_per_chunk": sizes.speed_iters, "rounds": sizes.speed_rounds,
         "img_s_median": medians, "img_s_rounds": rates,
-        "ratio_to_fp32_median": {n: statistics.median(a / b for a, b in zip(rates[n], rates[names[0]])) for n in rates},
-        "best": best, "skipped_variants": skipped, "reference": reference_note,
-        "workers": {name: w.info for name, w in workers.items()},
+        "baseline": names[0],
+        "ratio_to_baseline_median": {n: statistics.median(a / b for a, b in zip(r, rates[names[0]]))
+                                     for n, r in rates.items()},
+        "best": best, "configured_variant": CONFIGURED_VARIANT[device.type], "skipped_variants": skipped,
+        "reference": reference_note,
+        "workers": {name: w.info for name, w in workers.items()}, "errors": errors,
     }
     if "reference" in rates:
         figures["best_vs_reference_median"] = statistics.median(
             a / b for a, b in zip(rates[best], rates["reference"]))
+    expect(not errors, f"{len(errors)} variant(s) could not start: {errors}", figures)
     return figures
 
 
@@ -928,8 +955,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, tf32: bool = F
 
 
 def datasheet_peak(device_name: str) -> dict[str, float] | None:
-    for key, peaks in DATASHEET_PEAKS.items():
-        if all(word in device_name for word in key.split()):
+    for words, peaks in DATASHEET_PEAKS.items():
+        if all(word in device_name for word in words):
             return peaks
     return None
 
@@ -956,14 +983,26 @@ def check_flops_share(device: torch.device, sizes: Sizes, keep: dict[str, Any]) 
     return figures
 
 
-def check_sharing(device: torch.device, sizes: Sizes, opts: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    """Total img/s of N processes training at once on the one device, N = sizes.sharing."""
-    variant = "fp32+cl" if device.type == "cuda" else "fp32"
-    most = max(sizes.sharing)
-    specs = {f"p{i}": {"kind": "step", "device": str(device), "small": sizes.small, "batch": sizes.speed_batch,
-                       "threads": 1 if device.type == "cpu" else opts.threads, "recipe": TRAIN_VARIANTS[variant]}
-             for i in range(most)}
-    workers = list(start_workers(specs, scratch).values())
+
+
+def sharing_specs(device: torch.device, sizes: Sizes, opts: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    recipe = TRAIN_VARIANTS[CONFIGURED_VARIANT[device.type]]
+    return {f"share{i}": {"kind": "step", "device": str(device), "small": sizes.small, "batch": sizes.speed_batch,
+                          "threads": 1 if device.type == "cpu" else opts.threads, "recipe": recipe}
+            for i in range(max(sizes.sharing))}
+
+
+def check_sharing(device: torch.device, sizes: Sizes, opts: argparse.Namespace, scratch: Path,
+                  keep: dict[str, Any]) -> dict[str, Any]:
+    """Total img/s of N processes training at once on the one device, N = sizes.sharing (the
+    workers were started beside the speed_train check's, or are started here)."""
+    workers = keep.pop("sharing_workers", None)
+    if workers is None:
+        started, errors = start_workers(sharing_specs(device, sizes, opts), scratch)
+        workers = list(started.values())
+        if errors:
+            stop_workers(started)
+            raise CheckFailed(f"{len(errors)} worker(s) could not start: {errors}")
     totals: dict[int, list[float]] = {n: [] for n in sizes.sharing}
     try:
         for r in range(sizes.speed_rounds):
@@ -977,7 +1016,7 @@ def check_sharing(device: torch.device, sizes: Sizes, opts: argparse.Namespace, 
     finally:
         stop_workers(dict(enumerate(workers)))
     medians = {n: statistics.median(t) for n, t in totals.items()}
-    return {"variant": variant, "total_img_s_median": medians, "total_img_s_rounds": totals,
+    return {"variant": CONFIGURED_VARIANT[device.type], "total_img_s_median": medians, "total_img_s_rounds": totals,
             "gain_over_one_process": {n: medians[n] / medians[1] for n in medians}}
 
 
@@ -1039,7 +1078,8 @@ def check_projection(device: torch.device, sizes: Sizes, opts: argparse.Namespac
     import projection
     from eebench.config import cells, is_posthoc
 
-    config_path = Path(opts.projection_config or _bench.ROOT / "config" / ("config.yaml" if sizes.small else "paper.yaml"))
+    default = _bench.ROOT / "config" / ("config.yaml" if sizes.small else "paper.yaml")
+    config_path = Path(opts.projection_config or default)
     config = yaml.safe_load(config_path.read_text())
     restricted = sizes.small and not opts.projection_config
     if restricted:
@@ -1062,13 +1102,15 @@ def check_projection(device: torch.device, sizes: Sizes, opts: argparse.Namespac
         _bench.ROOT) else config_path), "device": str(device), "cells": measured, "errors": errors}
     if restricted:
         figures["experiments"] = SMALL_EXPERIMENTS
-    expect(not errors, f"{len(errors)} cell(s) could not be measured, e.g. {next(iter(errors.items()), '')}", figures)
     rates = keep.get("train_rates", {})
     best = max((n for n in rates if n != "reference"), key=rates.get, default=None)
-    speedup = rates[best] / rates["fp32+cl"] if best and "fp32+cl" in rates else None
-    rows, totals = projection.measured_projection(config, measured, speedup)
+    configured = CONFIGURED_VARIANT[device.type]
+    speedup = rates[best] / rates[configured] if best and configured in rates else None
+    rows, totals = projection.measured_projection(config, measured, speedup, missing_ok=True)
     print("\n".join(projection.format_measured(rows, totals)), flush=True)
     figures["gpu_hours"] = totals
+    expect(not errors, f"{len(errors)} cell(s) could not be measured (left out of the hours), e.g. "
+           f"{next(iter(errors.items()), '')}", figures)
     return figures
 
 
@@ -1082,6 +1124,8 @@ def main() -> int:
     p.add_argument("--reference", help="checkout of kalviny/MSDNet-PyTorch for the reference training step")
     p.add_argument("--only", nargs="+", default=[], help="run only these groups (others are reported skipped)")
     p.add_argument("--skip", nargs="+", default=[], help="skip these groups")
+    p.add_argument("--variants", nargs="+", choices=list(TRAIN_VARIANTS),
+                   help="training-step variants to time (default: all; the first is the baseline)")
     p.add_argument("--threads", type=int, default=4, help="torch threads in the speed workers on a GPU")
     p.add_argument("--cpu-compile", action="store_true", help="include the torch.compile variants on CPU (slow)")
     p.add_argument("--projection-config", help="config to project (default config/paper.yaml; --small: config.yaml)")
@@ -1126,12 +1170,15 @@ def main() -> int:
             report.run("ddp", f"torchrun {nproc} process{'es' if nproc > 1 else ''}",
                        lambda: check_ddp(nproc, device, sizes, scratch))
         report.run("resume", "kill and resume", lambda: check_resume(device, sizes, scratch))
-        report.run("speed_train", "speed: training step", lambda: check_speed_train(device, sizes, opts, scratch, keep))
+        report.run("speed_train", "speed: training step",
+                   lambda: check_speed_train(device, sizes, opts, scratch, keep, report.selected("sharing")))
         report.run("speed_infer", "speed: inference", lambda: check_speed_infer(device, sizes))
         report.run("flops_share", "speed: share of peak FLOP/s", lambda: check_flops_share(device, sizes, keep))
-        report.run("sharing", "speed: processes sharing the device", lambda: check_sharing(device, sizes, opts, scratch))
+        report.run("sharing", "speed: processes sharing the device",
+                   lambda: check_sharing(device, sizes, opts, scratch, keep))
         report.run("projection", "projection (measured)", lambda: check_projection(device, sizes, opts, keep))
     finally:
+        stop_workers(dict(enumerate(keep.get("sharing_workers", []))))
         shutil.rmtree(scratch, ignore_errors=True)
     print()
     print(report.table())

@@ -137,21 +137,23 @@ def count_step_cost(config: dict, dataset: str, arch: str, variant: str, probe_b
 
 
 # --- from measured step times ------------------------------------------------------------------
-def measured_projection(config: dict, measured: dict[str, dict], speedup: float | None = None) -> tuple[list[dict], dict]:
+def measured_projection(config: dict, measured: dict[str, dict], speedup: float | None = None,
+                        missing_ok: bool = False) -> tuple[list[dict], dict]:
     """Rows per training cell and GPU-hour totals from measured seconds per step and per image.
 
     ``measured`` maps "dataset/arch/variant" to gpu_check's figures (``step_s``,
     ``eval_s_per_image``, ``batch``). ``speedup``: a measured speed-up of the training step that is
-    applied to every cell, for a second, extrapolated total.
+    applied to every cell, for a second, extrapolated total. ``missing_ok``: cells without figures
+    are left out of the totals and listed in ``totals["missing"]`` instead of raising.
     """
     train_cells = [c for c in cells(config) if not is_posthoc(config, c.variant)]
     keys = sorted({(c.dataset, c.arch, c.variant) for c in train_cells})
     missing = ["/".join(k) for k in keys if "/".join(k) not in measured]
-    if missing:
+    if missing and not missing_ok:
         raise KeyError(f"no measured figures for {len(missing)} training cell(s) of this config, e.g. {missing[0]}; "
                        "run benchmarks/gpu_check.py with the same config (--projection-config)")
     rows = []
-    for key in keys:
+    for key in (k for k in keys if "/".join(k) not in missing):
         dataset, _, variant = key
         m = measured["/".join(key)]
         recipe = recipe_for(config, dataset, variant)
@@ -169,7 +171,7 @@ def measured_projection(config: dict, measured: dict[str, dict], speedup: float 
     by_dataset: dict[str, float] = defaultdict(float)
     for r in rows:
         by_dataset[r["cell"].split("/")[0]] += r["total"]
-    totals = {"as_configured": sum(by_dataset.values()), "by_dataset": dict(by_dataset)}
+    totals = {"as_configured": sum(by_dataset.values()), "by_dataset": dict(by_dataset), "missing": missing}
     if speedup:
         # only the training steps are sped up; evaluation stays as measured
         totals["speedup"] = speedup
@@ -189,9 +191,13 @@ def format_measured(rows: list[dict], totals: dict) -> list[str]:
     lines.append("MEASURED-STEP PROJECTION, GPU hours (one GPU per job, each cell's recipe as configured): "
                  + ", ".join(f"{d} {h:.1f}" for d, h in totals["by_dataset"].items())
                  + f"; total {total:.1f} h ({total / 24:.1f} GPU-days)")
+    if totals.get("missing"):
+        lines.append(f"INCOMPLETE: {len(totals['missing'])} cell(s) could not be measured and are not in the total: "
+                     + ", ".join(totals["missing"]))
     if "at_speedup_extrapolated" in totals:
         lines.append(f"EXTRAPOLATION: with every training step {totals['speedup']:.2f}x faster (the best switches' "
-                     f"speed-up measured on the CIFAR-100 MSDNet step only): {totals['at_speedup_extrapolated']:.1f} h")
+                     f"speed-up over the configured recipe, measured on the CIFAR-100 MSDNet step only; methods "
+                     f"that cannot be compiled would not get its compiled part): {totals['at_speedup_extrapolated']:.1f} h")
     lines.append("Not included: data loading (ImageNet JPEG decoding), checkpoint writes, queueing, reruns.")
     return lines
 
@@ -212,10 +218,10 @@ def measured_main(path: str, configfile: str | None) -> None:
         config["experiments"] = figures["experiments"]
     speed = next((c["figures"] for c in checks if c.get("group") == "speed_train" and c.get("status") == "pass"), None)
     speedup = None
-    if speed is not None and "fp32+cl" in speed.get("img_s_median", {}):
+    if speed is not None and speed.get("configured_variant") in speed.get("img_s_median", {}):
         rates = speed["img_s_median"]
-        speedup = rates[speed["best"]] / rates["fp32+cl"]
-    rows, totals = measured_projection(config, figures["cells"], speedup)
+        speedup = rates[speed["best"]] / rates[speed["configured_variant"]]
+    rows, totals = measured_projection(config, figures["cells"], speedup, missing_ok=True)
     print(f"measured on {figures['device']} ({path}) for {config_path}")
     print("\n".join(format_measured(rows, totals)))
 

@@ -11,7 +11,9 @@ scratch directory; there is no CIFAR here and the speed does not depend on the p
   RandomHorizontalFlip + ToTensor + Normalize, DataLoader over the 45k ``--use-valid`` subset,
   ``-j 0``) and its ``models/msdnet.py``. Only ``.cuda()`` is made a no-op on CPU, the
   DataParallel wrapper is left out (on CPU it only calls the module) and torchvision's md5 check
-  of the dataset files is skipped.
+  of the dataset files is skipped. Where CUDA is available (``gpu_check.py`` drives this worker
+  there) the model is wrapped in DataParallel and moved to the GPU with ``cudnn.benchmark`` on,
+  as ``main.py`` does.
 * ``ours``: the step ``eebench.training.train()`` runs: uint8 NCHW tensors on the device, the
   epoch plan, ``crop_flip`` + ``normalize`` per batch, the ``standard`` method's ``train_step`` (sum
   of CE, no host sync; the loss is summed on the device), the harness's MSDNet.
