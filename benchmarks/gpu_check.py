@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """GPU check: does every CUDA path of the harness work on this machine, and how fast is it?
 
-One command (at most about 8 minutes on one GPU) that runs every check below, prints a table and
-writes a JSON (``--json``): one entry per check with its name, group, status (pass, fail or
-skipped, with the reason), seconds and figures. The exit status is 1 when any check failed.
+One command (sized for at most 8 minutes on one GPU; not yet timed on one) that runs every check
+below, prints a table and writes a JSON (``--json``): one entry per check with its name, group,
+status (pass, fail or skipped, with the reason), seconds and figures. The exit status is 1 when
+any check failed.
 
 Correctness, on CIFAR-shaped random data (uint8 3x32x32, 100 classes) held on the device:
 
@@ -94,6 +95,7 @@ from eebench.datasets import dataset_info  # noqa: E402
 from eebench.methods import METHODS  # noqa: E402
 from eebench.methods.common import frozen_batchnorms  # noqa: E402
 from eebench.posthoc import POSTHOC  # noqa: E402
+from eebench.provenance import device_name, git_commit, versions  # noqa: E402
 from eebench.recipe import Recipe  # noqa: E402
 from eebench.registry import build_params  # noqa: E402
 from eebench.training import TrainData, _TrainingRun, run_network, train  # noqa: E402
@@ -1148,7 +1150,9 @@ def main() -> int:
     if device.type == "cpu":  # one thread: tiny networks, and bit-equal resumes need a fixed count
         torch.set_num_threads(1)
     header = {"what": "benchmarks/gpu_check.py", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": str(device), "small": sizes.small, "argv": sys.argv[1:]}
+              "git_commit": git_commit(), "versions": versions(),
+              "device": device_name(device) if device.type != "cuda" or torch.cuda.is_available() else "cuda (none)",
+              "small": sizes.small, "argv": sys.argv[1:]}
     report = Report(opts.json, header, set(opts.only), set(opts.skip))
     keep: dict[str, Any] = {}
     scratch = Path(tempfile.mkdtemp(prefix="eebench-gpu-check-"))

@@ -101,3 +101,62 @@ def test_projection_reads_the_measured_json(report, tmp_path, capsys):
     figures = next(c["figures"] for c in data["checks"] if c["group"] == "projection")
     assert f"total {figures['gpu_hours']['as_configured']:.1f} h" in printed
     assert "digits/msdnet/gater_frozen" in printed
+
+
+def _gpu_check():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu_check
+
+
+def test_report_records_pass_skip_fail_and_crash(tmp_path):
+    gc = _gpu_check()
+    path = tmp_path / "checks.json"
+    report = gc.Report(path, {"what": "test"}, only=set(), skip={"skipped_group"})
+
+    def fails():
+        gc.expect(1 + 1 == 3, "arithmetic is off", {"got": 2})
+
+    def crashes():
+        raise ZeroDivisionError("boom")
+
+    def skips():
+        raise gc.Skip("not here")
+
+    report.run("a", "passes", lambda: {"x": 1.23456789, "bad": float("nan")})
+    report.run("a", "fails", fails)
+    report.run("a", "crashes", crashes)
+    report.run("a", "skips", skips)
+    report.run("skipped_group", "not selected", lambda: {})
+    written = json.loads(path.read_text())["checks"]
+    assert [c["status"] for c in written] == ["pass", "fail", "fail", "skipped", "skipped"]
+    assert written[0]["figures"] == {"x": 1.23457, "bad": "nan"}  # 6 significant digits, JSON-safe
+    assert written[1]["reason"] == "arithmetic is off" and written[1]["figures"] == {"got": 2}
+    assert "ZeroDivisionError: boom" in written[2]["reason"] and "boom" in written[2]["traceback"]
+    assert written[3]["reason"] == "not here" and "--only" in written[4]["reason"]
+    assert [c["name"] for c in report.failed()] == ["fails", "crashes"]
+
+
+def test_datasheet_peaks_by_device_name():
+    gc = _gpu_check()
+    assert gc.datasheet_peak("NVIDIA H200")["bf16"] == 989.4e12
+    assert gc.datasheet_peak("NVIDIA H100 80GB HBM3")["tf32"] == 494.7e12
+    assert gc.datasheet_peak("NVIDIA H100 PCIe")["bf16"] == 756e12
+    assert gc.datasheet_peak("NVIDIA A100-SXM4-80GB")["fp32"] == 19.5e12
+    assert gc.datasheet_peak("NVIDIA H100 NVL") is None  # not in the table: only the measured peak
+
+
+def test_projection_split_sizes_are_the_harness_splits():
+    from eebench.datasets import make_split
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import projection
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    split = make_split("digits", (1797, 0), 0)
+    assert (projection.TRAIN_SIZE["digits"], projection.VAL_SIZE["digits"], projection.TEST_SIZE["digits"]) == (
+        len(split["train"]), len(split["val"]), len(split["test"]))
