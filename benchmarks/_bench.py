@@ -188,25 +188,45 @@ def serve(setup, run) -> None:
 
 
 class Worker:
-    def __init__(self, name: str, argv: list[str], quiet: bool = True):
+    """A persistent worker process; ``wait=False`` starts it without waiting for its set-up (call
+    ``ready()``), so that several workers can build (and compile) at the same time."""
+
+    def __init__(self, name: str, argv: list[str], quiet: bool = True, wait: bool = True,
+                 log: Path | None = None):
         self.name = name
+        self.log = log
+        self._stderr = open(log, "w") if log is not None else None
         self.proc = subprocess.Popen(
             [sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL if quiet else None, text=True, bufsize=1,
+            stderr=self._stderr or (subprocess.DEVNULL if quiet else None), text=True, bufsize=1,
         )
+        self.info: dict[str, Any] = {}
+        if wait:
+            self.ready()
+
+    def ready(self) -> dict[str, Any]:
         self.info = json.loads(self._expect("ready"))
+        return self.info
 
     def _expect(self, word: str) -> str:
         for line in self.proc.stdout:
             if line.startswith(f"{TAG} {word}"):
                 return line[len(TAG) + len(word) + 2:].strip()
-        raise RuntimeError(f"worker {self.name} ended (exit code {self.proc.wait()}); rerun with --verbose")
+        where = f"its stderr is in {self.log}" if self.log is not None else "rerun with --verbose"
+        raise RuntimeError(f"worker {self.name} ended (exit code {self.proc.wait()}); {where}")
 
-    def run(self, units: int) -> tuple[float, dict[str, Any]]:
+    def start(self, units: int) -> None:
+        """Ask for ``units`` units of work without waiting (``finish()`` collects the answer)."""
         self.proc.stdin.write(f"run {units}\n")
         self.proc.stdin.flush()
+
+    def finish(self) -> tuple[float, dict[str, Any]]:
         seconds, extra = self._expect("done").split(" ", 1)
         return float(seconds), json.loads(extra)
+
+    def run(self, units: int) -> tuple[float, dict[str, Any]]:
+        self.start(units)
+        return self.finish()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -216,6 +236,8 @@ class Worker:
             except BrokenPipeError:
                 pass
             self.proc.wait(timeout=60)
+        if self._stderr is not None:
+            self._stderr.close()
 
 
 def cpu_busy(seconds: float = 1.0) -> float:

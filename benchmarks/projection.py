@@ -28,8 +28,15 @@ Assumed (stated, adjustable): one H100 SXM runs a step in max(FLOP time, launch 
 Not modelled: data loading (ImageNet JPEG decoding needs many CPU cores per GPU), checkpoint
 writes, queueing, failed or repeated runs. This is a PROJECTION, not a measurement.
 
+With ``--measured GPU_CHECK.json`` (written by ``benchmarks/gpu_check.py``) nothing is assumed
+about the GPU and nothing is counted: each training cell's seconds per step and per evaluated
+image were measured there, on that GPU, with the cell's own recipe (batch, precision, compile),
+and the hours are epochs x steps x step time + one validation pass per epoch + one inference
+pass over val and test. Data loading, checkpoints and queueing are still left out.
+
     python benchmarks/projection.py                       # config/paper.yaml
     python benchmarks/projection.py --util 0.2 --us-per-kernel 5
+    python benchmarks/projection.py --measured gpu_check.json
 """
 
 from __future__ import annotations
@@ -58,9 +65,10 @@ from eebench.pipeline import _method_factory, build_network, flops_record  # noq
 from eebench.training import make_optimizer  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM5 datasheet (1979 is the 2:4-sparsity figure)
-TRAIN_SIZE = {"cifar10": 45_000, "cifar100": 45_000, "imagenet": 1_231_167}
-VAL_SIZE = {"cifar10": 5_000, "cifar100": 5_000, "imagenet": 50_000}
-TEST_SIZE = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 50_000}
+# split sizes; digits: make_split of scikit-learn's 1797 images (25% test, 20% of the rest val)
+TRAIN_SIZE = {"cifar10": 45_000, "cifar100": 45_000, "imagenet": 1_231_167, "digits": 1078}
+VAL_SIZE = {"cifar10": 5_000, "cifar100": 5_000, "imagenet": 50_000, "digits": 270}
+TEST_SIZE = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 50_000, "digits": 449}
 VIEW_OPS = {  # no kernel of their own
     "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "as_strided", "detach",
     "alias", "slice", "select", "unsqueeze", "squeeze", "split", "chunk", "split_with_sizes",
@@ -147,15 +155,110 @@ def count_step_cost(config: dict, dataset: str, arch: str, variant: str, probe_b
     return StepCost(step_flops / probe_batch, kernels, kc.count, recipe.batch_size)
 
 
+# --- from measured step times ------------------------------------------------------------------
+def measured_projection(config: dict, measured: dict[str, dict], speedup: float | None = None,
+                        missing_ok: bool = False) -> tuple[list[dict], dict]:
+    """Rows per training cell and GPU-hour totals from measured seconds per step and per image.
+
+    ``measured`` maps "dataset/arch/variant" to gpu_check's figures (``step_s``,
+    ``eval_s_per_image``, ``batch``). ``speedup``: a measured speed-up of the training step that is
+    applied to every cell, for a second, extrapolated total. ``missing_ok``: cells without figures
+    are left out of the totals and listed in ``totals["missing"]`` instead of raising.
+    """
+    train_cells = [c for c in cells(config) if not is_posthoc(config, c.variant)]
+    keys = sorted({(c.dataset, c.arch, c.variant) for c in train_cells})
+    missing = ["/".join(k) for k in keys if "/".join(k) not in measured]
+    if missing and not missing_ok:
+        raise KeyError(f"no measured figures for {len(missing)} training cell(s) of this config, e.g. {missing[0]}; "
+                       "run benchmarks/gpu_check.py with the same config (--projection-config)")
+    rows = []
+    for key in (k for k in keys if "/".join(k) not in missing):
+        dataset, _, variant = key
+        m = measured["/".join(key)]
+        recipe = recipe_for(config, dataset, variant)
+        if m["batch"] != recipe.batch_size:
+            raise ValueError(f"{'/'.join(key)}: measured at batch {m['batch']}, the config trains at {recipe.batch_size}")
+        seeds = sum(1 for c in train_cells if (c.dataset, c.arch, c.variant) == key)
+        steps = recipe.epochs * (TRAIN_SIZE[dataset] // recipe.batch_size)
+        train_s = steps * m["step_s"]
+        eval_s = (recipe.epochs * VAL_SIZE[dataset] + VAL_SIZE[dataset] + TEST_SIZE[dataset]) * m["eval_s_per_image"]
+        hours = (train_s + eval_s) / 3600
+        rows.append(dict(cell="/".join(key), seeds=seeds, epochs=recipe.epochs, batch=recipe.batch_size,
+                         step_ms=1e3 * m["step_s"], img_s=recipe.batch_size / m["step_s"],
+                         eval_share=eval_s / (train_s + eval_s), hours=hours, total=hours * seeds,
+                         train_hours=train_s / 3600 * seeds))
+    by_dataset: dict[str, float] = defaultdict(float)
+    for r in rows:
+        by_dataset[r["cell"].split("/")[0]] += r["total"]
+    totals = {"as_configured": sum(by_dataset.values()), "by_dataset": dict(by_dataset), "missing": missing}
+    if speedup:
+        # only the training steps are sped up; evaluation stays as measured
+        totals["speedup"] = speedup
+        totals["at_speedup_extrapolated"] = sum(r["total"] - r["train_hours"] + r["train_hours"] / speedup for r in rows)
+    return rows, totals
+
+
+def format_measured(rows: list[dict], totals: dict) -> list[str]:
+    head = (f"{'cell (dataset/arch/method)':<44} {'seeds':>5} {'ep':>4} {'bs':>4} {'ms/step':>8} {'img/s':>7} "
+            f"{'eval%':>6} {'h/seed':>7} {'GPU h':>7}")
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: -r["total"]):
+        lines.append(f"{r['cell']:<44} {r['seeds']:>5} {r['epochs']:>4} {r['batch']:>4} {r['step_ms']:>8.1f} "
+                     f"{r['img_s']:>7.0f} {100 * r['eval_share']:>5.1f}% {r['hours']:>7.2f} {r['total']:>7.1f}")
+    lines.append("-" * len(head))
+    total = totals["as_configured"]
+    lines.append("MEASURED-STEP PROJECTION, GPU hours (one GPU per job, each cell's recipe as configured): "
+                 + ", ".join(f"{d} {h:.1f}" for d, h in totals["by_dataset"].items())
+                 + f"; total {total:.1f} h ({total / 24:.1f} GPU-days)")
+    if totals.get("missing"):
+        lines.append(f"INCOMPLETE: {len(totals['missing'])} cell(s) could not be measured and are not in the total: "
+                     + ", ".join(totals["missing"]))
+    if "at_speedup_extrapolated" in totals:
+        lines.append(f"EXTRAPOLATION: with every training step {totals['speedup']:.2f}x faster (the best switches' "
+                     f"speed-up over the configured recipe, measured on the CIFAR-100 MSDNet step only; methods "
+                     f"that cannot be compiled would not get its compiled part): {totals['at_speedup_extrapolated']:.1f} h")
+    lines.append("Not included: data loading (ImageNet JPEG decoding), checkpoint writes, queueing, reruns.")
+    return lines
+
+
+def measured_main(path: str, configfile: str | None) -> None:
+    """Print the projection from the figures gpu_check.py wrote to ``path``."""
+    import json
+
+    checks = json.loads(Path(path).read_text()).get("checks", [])
+    found = [c for c in checks if c.get("group") == "projection" and c.get("figures", {}).get("cells")]
+    if not found:
+        sys.exit(f"error: {path} holds no measured projection (a 'projection' check with cells); "
+                 "run benchmarks/gpu_check.py --json ... first")
+    figures = found[-1]["figures"]
+    config_path = Path(configfile) if configfile else _bench.ROOT / figures["config"]
+    config = yaml.safe_load(config_path.read_text())
+    if "experiments" in figures:  # gpu_check --small measures a restricted set of experiments
+        config["experiments"] = figures["experiments"]
+    speed = next((c["figures"] for c in checks if c.get("group") == "speed_train" and c.get("status") == "pass"), None)
+    speedup = None
+    if speed is not None and speed.get("configured_variant") in speed.get("img_s_median", {}):
+        rates = speed["img_s_median"]
+        speedup = rates[speed["best"]] / rates[speed["configured_variant"]]
+    rows, totals = measured_projection(config, figures["cells"], speedup, missing_ok=True)
+    print(f"measured on {figures['device']} ({path}) for {config_path}")
+    print("\n".join(format_measured(rows, totals)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configfile", default=str(_bench.ROOT / "config" / "paper.yaml"))
+    p.add_argument("--configfile", help="default: config/paper.yaml (with --measured: the config it was measured for)")
     p.add_argument("--util", type=float, default=0.05, help="assumed fraction of the bf16 dense peak reached")
     p.add_argument("--us-per-kernel", type=float, default=10.0, help="assumed eager cost per kernel, microseconds")
     p.add_argument("--peak", type=float, default=H100_BF16_DENSE, help="GPU peak FLOP/s (default H100 SXM bf16 dense)")
     p.add_argument("--probe-batch", type=int, default=8, help="batch of the counted steps (ImageNet: 4)")
+    p.add_argument("--measured", help="gpu_check.py's JSON: project from its measured step times instead")
     opts = p.parse_args()
+    if opts.measured:
+        measured_main(opts.measured, opts.configfile)
+        return
+    opts.configfile = opts.configfile or str(_bench.ROOT / "config" / "paper.yaml")
     torch.set_num_threads(1)  # counting only: one thread is fastest on a shared machine
     config = yaml.safe_load(Path(opts.configfile).read_text())
     train_cells = [c for c in cells(config) if not is_posthoc(config, c.variant)]

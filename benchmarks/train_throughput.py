@@ -11,7 +11,9 @@ scratch directory; there is no CIFAR here and the speed does not depend on the p
   RandomHorizontalFlip + ToTensor + Normalize, DataLoader over the 45k ``--use-valid`` subset,
   ``-j 0``) and its ``models/msdnet.py``. Only ``.cuda()`` is made a no-op on CPU, the
   DataParallel wrapper is left out (on CPU it only calls the module) and torchvision's md5 check
-  of the dataset files is skipped.
+  of the dataset files is skipped. Where CUDA is available (``gpu_check.py`` drives this worker
+  there) the model is wrapped in DataParallel and moved to the GPU with ``cudnn.benchmark`` on,
+  as ``main.py`` does.
 * ``ours``: the step ``eebench.training.train()`` runs: uint8 NCHW tensors on the device, the
   epoch plan, ``crop_flip`` + ``normalize`` per batch, the ``standard`` method's ``train_step`` (sum
   of CE, no host sync; the loss is summed on the device), the harness's MSDNet.
@@ -67,12 +69,16 @@ def reference_worker(opts: argparse.Namespace, mods: set[str]):
         torch.set_num_threads(opts.threads)
         if "mallopt" in mods:
             _bench.keep_freed_memory()
-        ref = _bench.import_reference_main(Path(opts.reference), [*_bench.REFERENCE_ARGV, "--data-root", opts.data],
-                                           opts.scratch)
+        argv = [*_bench.REFERENCE_ARGV, "--data-root", opts.data, *getattr(opts, "reference_args", [])]
+        ref = _bench.import_reference_main(Path(opts.reference), argv, opts.scratch)
         _bench.accept_fake_cifar()
         args = ref.args
         model = getattr(ref.models, args.arch)(args)  # as main.py; DataParallel left out on CPU
         criterion = torch.nn.CrossEntropyLoss()
+        if torch.cuda.is_available():  # as main.py does it on a GPU
+            model = torch.nn.DataParallel(model).cuda()
+            criterion = criterion.cuda()
+            torch.backends.cudnn.benchmark = True
         optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
         train_loader, _, _ = ref.get_dataloaders(args)
@@ -84,6 +90,8 @@ def reference_worker(opts: argparse.Namespace, mods: set[str]):
     def run(n: int):
         state["chunk"].take = n
         state["ref"].train(state["chunk"], state["model"], state["criterion"], state["optimizer"], 0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the last optimizer step is still queued
 
     return setup, run
 

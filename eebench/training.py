@@ -309,16 +309,20 @@ class _TrainingRun:
             if (dctx.should_stop(stop.received is not None, batch, self.device)
                     or (stop_after_batches is not None and self.batches_run >= stop_after_batches)):
                 self._stop(epoch, batch, float(dctx.mean(loss_sum)), stop.received or signal.SIGTERM)
-            x = normalize(next(images), self.mean_t, self.std_t)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            step = epoch * self.steps_per_epoch + batch
-            if self.optimizer is not None:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = recipe.lr_at(step, self.total_steps, self.steps_per_epoch)
-            loss_sum += self.method.train_step(x, self.train_labels[idx], self.optimizer, step).double()
+            loss_sum += self.train_batch(next(images), idx, epoch * self.steps_per_epoch + batch).double()
             self.batches_run += 1
         return float(dctx.mean(loss_sum)) / self.steps_per_epoch  # one host sync per epoch
+
+    def train_batch(self, images: torch.Tensor, idx: torch.Tensor, step: int) -> torch.Tensor:
+        """One optimisation step on the augmented uint8 batch ``images`` (labels: the training
+        labels at ``idx``) at global ``step``; the detached loss, without a host sync."""
+        x = normalize(images, self.mean_t, self.std_t)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.recipe.lr_at(step, self.total_steps, self.steps_per_epoch)
+        return self.method.train_step(x, self.train_labels[idx], self.optimizer, step)
 
     def _stop(self, epoch: int, batch: int, loss_sum: float, signum: int) -> None:
         self.checkpoint(epoch, batch, loss_sum)
