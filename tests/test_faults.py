@@ -115,6 +115,13 @@ CONFIG_CASES = [
      ["report.table1.budgets[0]", "'4M'", "a number"]),
     ("figure-unknown-variant", _set("report.figures", {"fig2_anytime": {"variants": ["gater"]}}),
      ["report.figures.fig2_anytime.variants", "'gater'", "standard"]),
+    ("figure-unknown-reference", _set("report.figures", {"fig3_budgeted": {"reference": "gater"}}),
+     ["report.figures.fig3_budgeted.reference", "'gater'", "standard"]),
+    ("comparison-budgets-architecture", _set("report.comparison_budgets",
+                                             [{"dataset": "digits", "architecture": "msd", "budgets": [1e6]}]),
+     ["report.comparison_budgets[0].architecture", "'msd'", "tiny"]),
+    ("bootstrap-level", _set("bootstrap", {"level": 95}), ["bootstrap.level", "95", "< 1"]),
+    ("bootstrap-unknown-key", _set("bootstrap", {"samples": 100}), ["bootstrap", "'samples'", "level, resamples, seed"]),
 ]
 
 
@@ -139,6 +146,7 @@ def test_good_configs_pass_and_get_defaults():
     del config["split_seed"], config["flops_convention"]
     validate_schema(config)
     assert config["split_seed"] == 0 and config["flops_convention"] == "reference"
+    assert config["bootstrap"] == {"resamples": 1000, "seed": 0, "level": 0.95}
 
 
 def _budget_config(budgets: list[float]) -> dict:
