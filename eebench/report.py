@@ -258,7 +258,8 @@ def _peak_flops(flops: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
     return np.take_along_axis(flops, best[..., None], axis=-1)[..., 0]
 
 
-def published_estimate(entry: dict[str, Any], variants: dict[tuple[str, str, str], VariantReplicates]) -> Estimate | None:
+def published_estimate(entry: dict[str, Any],
+                       variants: dict[tuple[str, str, str], VariantReplicates]) -> Estimate | None:
     """Our number for one published claim and its bootstrap replicates, or None when the config
     has no such cell.
 

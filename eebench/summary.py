@@ -19,7 +19,8 @@ VariantKey = tuple[str, str, str]  # dataset, architecture, variant
 IDENTITY = ["dataset", "architecture", "variant"]
 
 
-def load_variants(cells: Iterable[Any], paths: Iterable[str], settings: BootstrapSettings) -> dict[VariantKey, VariantReplicates]:
+def load_variants(cells: Iterable[Any], paths: Iterable[str],
+                  settings: BootstrapSettings) -> dict[VariantKey, VariantReplicates]:
     """``cells`` (objects with dataset, arch, variant, seed) and their ``samples.pt`` paths, in order."""
     records: dict[VariantKey, dict[int, dict[str, Any]]] = {}
     for cell, path in zip(cells, paths):

@@ -66,7 +66,8 @@ def test_planted_two_point_difference_is_detected():
     row = table.iloc[0]
     assert row["variant"] == "ours" and row["reference"] == "standard" and row["n_test"] == n
     assert row["p_value"] < 0.01 and row["ci_low"] > 0
-    assert row["difference"] == pytest.approx(100 * (float((u < 0.8).double().mean()) - float((v < 0.78).double().mean())))
+    observed = float((u < 0.8).double().mean()) - float((v < 0.78).double().mean())
+    assert row["difference"] == pytest.approx(100 * observed)
 
 
 def test_equal_variants_give_an_interval_containing_zero_95_percent_of_the_time():
@@ -192,3 +193,32 @@ def test_p_value_and_holm_on_hand_cases():
     assert p_value(np.ones((999, 1)))[0] == pytest.approx(2 / 1000)
     assert np.isnan(p_value(np.array([[np.nan], [1.0]]))[0])
     np.testing.assert_allclose(holm(np.array([0.01, 0.04, np.nan, 0.03])), [0.03, 0.06, np.nan, 0.06])
+
+
+def test_budgeted_cli_adds_interval_columns(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from eebench import cli, io
+
+    g = torch.Generator().manual_seed(6)
+    for part, n in (("val", 200), ("test", 300)):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        logits = torch.randn(3, n, 10, generator=g)
+        logits[:, torch.arange(n), labels] += torch.tensor([0.5, 1.5, 3.0])[:, None]
+        io.save_tensors(tmp_path / f"{part}.pt", {"logits": logits, "labels": labels})
+    (tmp_path / "flops.json").write_text(json.dumps({"flops": [1e6, 2e6, 3e6]}))
+    common = ["budgeted", "--val", str(tmp_path / "val.pt"), "--test", str(tmp_path / "test.pt"),
+              "--flops", str(tmp_path / "flops.json")]
+    cli.main(common + ["--out", str(tmp_path / "plain.csv")])
+    cli.main(common + ["--out", str(tmp_path / "ci.csv"), "--bootstrap", "200", "--level", "0.9"])
+    plain, with_ci = pd.read_csv(tmp_path / "plain.csv"), pd.read_csv(tmp_path / "ci.csv")
+    assert list(with_ci.columns) == list(plain.columns) + ["accuracy_ci_low", "accuracy_ci_high", "flops_ci_low",
+                                                           "flops_ci_high"]
+    pd.testing.assert_frame_equal(with_ci[plain.columns], plain)
+    assert (with_ci["accuracy_ci_low"] <= with_ci["accuracy"]).all()
+    assert (with_ci["accuracy"] <= with_ci["accuracy_ci_high"]).all()
+    assert (with_ci["accuracy_ci_high"] - with_ci["accuracy_ci_low"]).between(1, 20).all()
+    with pytest.raises(SystemExit, match="--level between 0 and 1"):
+        cli.main(common + ["--out", str(tmp_path / "x.csv"), "--bootstrap", "10", "--level", "95"])

@@ -121,7 +121,8 @@ CONFIG_CASES = [
                                              [{"dataset": "digits", "architecture": "msd", "budgets": [1e6]}]),
      ["report.comparison_budgets[0].architecture", "'msd'", "tiny"]),
     ("bootstrap-level", _set("bootstrap", {"level": 95}), ["bootstrap.level", "95", "< 1"]),
-    ("bootstrap-unknown-key", _set("bootstrap", {"samples": 100}), ["bootstrap", "'samples'", "level, resamples, seed"]),
+    ("bootstrap-unknown-key", _set("bootstrap", {"samples": 100}),
+     ["bootstrap", "'samples'", "level, resamples, seed"]),
 ]
 
 
@@ -520,3 +521,22 @@ def test_bad_flops_record_is_refused_naming_the_file(write, expected, tmp_path):
     for fragment in expected:
         assert fragment in str(err.value), str(err.value)
 
+
+
+@pytest.mark.parametrize("write,expected", [
+    (lambda p: io.save_tensors(p, {"correct": torch.ones(3, 4, dtype=torch.bool), "flops": torch.ones(3)}),
+     "per-sample record has no 'exits' entry"),
+    (lambda p: io.save_tensors(p, {"correct": torch.ones(3, 4, dtype=torch.bool), "flops": torch.ones(3),
+                                   "exits": torch.zeros(39, 5, dtype=torch.uint8)}),
+     "expected (K, N), (B, N) and (K,)"),
+    (lambda p: p.write_bytes(b"not a tensor file"), "corrupt, truncated"),
+], ids=["no-exits", "shapes", "garbage"])
+def test_bad_per_sample_record_is_refused_naming_the_file(write, expected, tmp_path):
+    from eebench.bootstrap import BootstrapSettings
+    from eebench.summary import load_variants
+
+    path = tmp_path / "samples.pt"
+    write(path)
+    with pytest.raises(CorruptFileError) as err:
+        load_variants([CELL], [str(path)], BootstrapSettings(resamples=10))
+    assert str(path) in str(err.value) and expected in str(err.value)

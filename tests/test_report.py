@@ -74,7 +74,8 @@ def test_every_variant_is_drawn_visibly_and_no_text_overlaps_the_axis_labels(kin
         assert all(line.get_label().split(" (")[0] in labels for line in lines)
         # the frozen gater is bit-identical to standard: drawn on top, open and larger markers, named
         frozen = [line for line in lines if line.get_label().startswith("Ours: frozen")]
-        standard = [line for line in lines if line.get_label().startswith("Standard") and "(ranet)" not in line.get_label()]
+        standard = [line for line in lines
+                    if line.get_label().startswith("Standard") and "(ranet)" not in line.get_label()]
         if frozen:
             assert "coincides with Standard" in frozen[0].get_label()
             assert frozen[0].get_zorder() > standard[0].get_zorder()
@@ -151,7 +152,8 @@ def test_reproduction_report_gives_intervals_and_says_whether_the_paper_is_insid
          "architecture": "msdnet", "variant": "gater", "budget": 3e7, "value": 70.0},
     ]
     text = reproduction_report(published, variants, "test")
-    lines = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ") and " | c | " in line}
+    lines = {line.split(" | ")[0][2:]: line for line in text.splitlines()
+             if line.startswith("| ") and " | c | " in line}
     assert lines["inside"].endswith("| +0.00 | yes |") and " [" in lines["inside"]
     assert lines["outside"].endswith("| no |")
     assert "not reached" in lines["reach"]
