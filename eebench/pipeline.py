@@ -311,9 +311,9 @@ def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: 
     anytime = pd.concat([anytime, calibration_metrics(test.probabilities, labels, len(anytime))], axis=1)
     record = bootstrap.per_sample_record(correct, curve.exits, flops["flops"], test.probabilities, labels)
     settings = bootstrap.BootstrapSettings.from_config(config)
-    point, replicates = bootstrap.cell_statistics(record, settings)
-    _add_intervals(anytime, bootstrap.interval_columns(point, replicates, "anytime", settings.level))
-    _add_intervals(budgeted, bootstrap.interval_columns(point, replicates, "budgeted", settings.level))
+    values, replicates = bootstrap.cell_statistics(record, settings)
+    for frame, curve_kind in ((anytime, "anytime"), (budgeted, "budgeted")):
+        _add_intervals(frame, bootstrap.interval_columns(values, replicates, curve_kind, settings.level))
     test_cache = io.load_tensors(test_path, what="test cache")
     if "confidences" in test_cache and "cost_ratio" in flops:
         point = confidence_exit(test_cache["confidences"].float(), correct, flops["cost_ratio"])

@@ -32,7 +32,7 @@ PROTOCOL_NOTE = (
 COINCIDE_ATOL = 1e-9  # accuracy points and relative FLOPs under which two curves are one
 
 
-def interval_note(rows: list[pd.DataFrame]) -> str:
+def interval_note(rows: list[pd.DataFrame], budgeted: bool = True) -> str:
     """What the bands are, from the summary rows drawn."""
     frame = pd.concat([r for r in rows if not r.empty]) if any(not r.empty for r in rows) else pd.DataFrame()
     if frame.empty or "accuracy_ci_low" not in frame:
@@ -42,7 +42,7 @@ def interval_note(rows: list[pd.DataFrame]) -> str:
                  else f"{seeds[0]}-{seeds[-1]} seeds, resampled too where there are several")
     return (f"Bands: {frame['level'].iloc[0]:.0%} percentile bootstrap intervals of accuracy "
             f"({int(frame['resamples'].iloc[0])} resamples of the {int(frame['n_test'].max())} test samples; "
-            f"{seed_text}); budgeted bands at each budget's mean FLOPs.")
+            f"{seed_text})" + ("; budgeted bands at each budget's mean FLOPs." if budgeted else "."))
 
 
 def _coincides(a: pd.DataFrame, b: pd.DataFrame) -> bool:
@@ -75,7 +75,7 @@ def _draw(ax: Any, rows: pd.DataFrame, styles: dict[str, VariantStyle], fills: d
         label = name
         if twin is not None:
             kwargs.update(fillstyle="none", markersize=size * 1.9, markeredgewidth=1.1, zorder=3)
-            label += f" (coincides with {twin})"
+            label += f"\n(coincides with {twin})"
             notes.append(f"{name} coincides with {twin} (open markers on top).")
         mflops = curve["flops"].to_numpy() / 1e6
         ax.plot(mflops, curve["accuracy"], label=label, linewidth=1.2, **style.plot_kwargs(), **kwargs)
@@ -94,7 +94,8 @@ Panel = tuple[str, pd.DataFrame, str]  # title, summary rows, curve kind (anytim
 
 def draw_figure(panels: list[Panel], title: str, style: dict[str, Any]) -> Any:
     """One panel per (title, rows, kind) of seed-summary rows (``results/aggregate/*_summary.csv``);
-    ``style`` is ``eebench.style.styles_for(config)``. Returns the matplotlib figure."""
+    ``style`` is ``eebench.style.styles_for(config)``. One legend for the figure, right of the
+    panels (it never hides a curve); the protocol caption below them. Returns the figure."""
     width = max(1, len(panels))
     fig, axes = plt.subplots(1, width, figsize=(5.2 * width, 4.6), squeeze=False)
     styles, fills = styles_from(style), style["architectures"]
@@ -107,16 +108,28 @@ def draw_figure(panels: list[Panel], title: str, style: dict[str, Any]) -> Any:
             ax.text(0.5, 0.5, "no cells configured for this panel", ha="center", va="center",
                     transform=ax.transAxes)
             continue
-        notes += _draw(ax, rows, styles, fills, kind == "anytime", show_arch=rows["architecture"].nunique() > 1)
-        ax.legend(fontsize=6.5, loc="best", framealpha=0.85)
+        several = rows["architecture"].nunique() > 1  # then architectures differ by marker fill
+        notes += _draw(ax, rows, styles, fills if several else {}, kind == "anytime", show_arch=several)
     fig.suptitle(title, fontsize=11)
-    text = " ".join([PROTOCOL_NOTE.format(convention=convention) + ".", interval_note([r for _, r, _ in panels]),
-                     *dict.fromkeys(notes)])
-    caption = fig.text(0.5, 0.01, textwrap.fill(text, width=int(95 * width)), ha="center", va="bottom",
-                       fontsize=6.5, color="0.3")
-    fig.canvas.draw()  # measure the caption, then fit the panels (and the suptitle) above it
-    bottom = fig.transFigure.inverted().transform(caption.get_window_extent().p1)[1] + 0.01
-    fig.tight_layout(rect=(0, bottom, 1, 1))
+    entries = {}  # label -> handle, first panel first
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    legend = fig.legend(list(entries.values()), list(entries), loc="center right", fontsize=6.5, frameon=False)
+    fig.canvas.draw()
+    legend_width = legend.get_window_extent().width / fig.dpi + 0.15  # inches
+    fig.set_size_inches(5.2 * width + legend_width, 4.6)
+    budgeted = any(kind != "anytime" for _, _, kind in panels)
+    text = " ".join([PROTOCOL_NOTE.format(convention=convention) + ".", interval_note([r for _, r, _ in panels],
+                     budgeted), *dict.fromkeys(notes)])
+    caption = fig.text(0.5, 0.01, textwrap.fill(text, width=int(95 * width + 14 * legend_width)), ha="center",
+                       va="bottom", fontsize=6.5, color="0.3")
+    fig.canvas.draw()  # measure the caption, then fit the panels (and the suptitle) above it, left of the legend
+    to_figure = fig.transFigure.inverted()
+    bottom = to_figure.transform(caption.get_window_extent().p1)[1] + 0.01
+    right = 1 - legend_width / fig.get_size_inches()[0]
+    legend.set_bbox_to_anchor((1, (1 + bottom) / 2), transform=fig.transFigure)
+    fig.tight_layout(rect=(0, bottom, right, 1))
     return fig
 
 

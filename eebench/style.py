@@ -1,9 +1,11 @@
 """One look per variant in every figure: colour, marker and line style, readable in grey-scale.
 
-A variant's style depends only on its position in the config (training variants, then post-hoc
-variants), so it is the same in every figure of a run. Colours cycle through the 10 of
-matplotlib's ``tab10``, markers through 11 shapes and line styles through 4: since 10 and 11
-are coprime, no two of the first 110 variants share a colour and marker. Architectures in one
+A variant's style depends only on its position in the config: first the variants the report's
+figures list (in figure order), then the other training and post-hoc variants; so it is the same
+in every figure of a run, and the first 10 variants drawn have 10 different colours. Colours
+cycle through the 10 of matplotlib's ``tab10``, markers through 11 shapes and line styles
+through 4: since 10 and 11 are coprime, no two of the first 110 variants share a colour and
+marker. Architectures in one
 panel differ by marker fill (filled, open, half-filled, ...). Plain values only (no matplotlib
 import), so that the Snakefile can put them in a rule's params.
 """
@@ -33,7 +35,9 @@ class VariantStyle:
 
 
 def variant_names(config: dict[str, Any]) -> list[str]:
-    return list(config["methods"]) + list(config.get("posthoc", {}))
+    """Every variant, those the figures list first (the order styles are given in)."""
+    drawn = [v for spec in config.get("report", {}).get("figures", {}).values() for v in spec.get("variants", [])]
+    return list(dict.fromkeys(drawn + list(config["methods"]) + list(config.get("posthoc", {}))))
 
 
 def variant_label(config: dict[str, Any], variant: str) -> str:

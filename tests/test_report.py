@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -27,6 +28,7 @@ CONFIG = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def synthetic_variants() -> dict:
     """msdnet: standard, gater, boostnet and gater_frozen (bit-identical to standard, as the
     frozen-backbone gater is); ranet: standard and gater."""
@@ -71,7 +73,7 @@ def test_every_variant_is_drawn_visibly_and_no_text_overlaps_the_axis_labels(kin
             assert len(drawn) == 1, (variant, arch, [line.get_label() for line in lines])
             line = drawn[0]
             assert line.get_visible() and len(line.get_xdata()) >= 4 and line.get_marker() not in (None, "None", "")
-        assert all(line.get_label().split(" (")[0] in labels for line in lines)
+        assert all(line.get_label().split("\n")[0].split(" (")[0] in labels for line in lines)
         # the frozen gater is bit-identical to standard: drawn on top, open and larger markers, named
         frozen = [line for line in lines if line.get_label().startswith("Ours: frozen")]
         standard = [line for line in lines
@@ -82,16 +84,17 @@ def test_every_variant_is_drawn_visibly_and_no_text_overlaps_the_axis_labels(kin
             assert frozen[0].get_fillstyle() == "none" and frozen[0].get_markersize() > standard[0].get_markersize()
             assert frozen[0].get_linestyle() != standard[0].get_linestyle()
     axis_labels = [t for ax in fig.axes for t in (ax.xaxis.label, ax.yaxis.label)]
-    others = [fig._suptitle, *fig.texts, *(ax.title for ax in fig.axes),
-              *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    others = [fig._suptitle, *fig.texts, *(ax.title for ax in fig.axes), *fig.legends]
     caption = fig.texts[-1]
     assert "bootstrap" in caption.get_text() and "seeds resampled" in caption.get_text()
     assert "coincides with Standard" in caption.get_text().replace("\n", " ")
     for label, other in itertools.product(axis_labels, others):
         assert not _overlap(label.get_window_extent(renderer), other.get_window_extent(renderer)), other
-    for ax in fig.axes:  # the caption also clears every tick label
+    for ax in fig.axes:  # the caption clears every tick label, the legend every panel
         for tick in ax.get_xticklabels():
             assert not _overlap(tick.get_window_extent(renderer), caption.get_window_extent(renderer))
+        assert not _overlap(ax.get_window_extent(renderer), fig.legends[0].get_window_extent(renderer))
+    assert fig.legends[0].get_window_extent(renderer).x1 <= fig.bbox.x1 + 1  # inside the figure
 
 
 def test_variant_styles_are_unique_and_stable():
@@ -101,6 +104,10 @@ def test_variant_styles_are_unique_and_stable():
     assert len({(s.colour, s.marker) for s in styles.values()}) == 16
     assert len({(s.marker, s.linestyle) for s in styles.values()}) == 16
     assert variant_styles(config) == styles
+    # the variants the figures draw come first: 10 of them get 10 different colours
+    config["report"] = {"figures": {"fig3_budgeted": {"variants": [f"m{i}" for i in range(13, 3, -1)]}}}
+    drawn = [variant_styles(config)[f"m{i}"].colour for i in range(4, 14)]
+    assert len(set(drawn)) == 10
 
 
 def test_summary_tables_hold_seed_means_and_intervals():
@@ -160,3 +167,30 @@ def test_reproduction_report_gives_intervals_and_says_whether_the_paper_is_insid
     assert "| +0.00 [+0.00, +0.00]" not in lines["gap"] and "0.00 [0.00, 0.00] | -2.00 | no |" in lines["gap"]
     assert lines["missing"].endswith("| no data | no data | no data |")
     assert "4 of 5 published numbers" in text and "1 of them lie inside" in text
+
+
+def test_comparison_budgets_come_from_the_config_then_table1_then_the_shared_range():
+    from eebench.comparisons import budgets_for, comparisons, comparisons_markdown
+
+    variants = synthetic_variants()
+    a, b = variants[("digits", "msdnet", "gater")], variants[("digits", "msdnet", "standard")]
+    settings = {"budgets": [{"dataset": "digits", "architecture": "ranet", "budgets": [2e6]}],
+                "table1": {"dataset": "digits", "architecture": "msdnet", "budgets": [1.5e6, 2.5e6]}}
+    assert budgets_for(settings, "digits", "ranet", a, b).tolist() == [2e6]
+    assert budgets_for(settings, "digits", "msdnet", a, b).tolist() == [1.5e6, 2.5e6]
+    spread = budgets_for({"budgets": [], "table1": None}, "digits", "msdnet", a, b)
+    low = max(a.mean_curve()[0].min(), b.mean_curve()[0].min())
+    high = min(a.mean_curve()[0].max(), b.mean_curve()[0].max())
+    np.testing.assert_allclose(spread, low + (high - low) * np.array([0.2, 0.4, 0.6, 0.8]))
+    spec = {"figures": {"fig3": {"kind": "budgeted", "reference": "standard", "variants": ["standard", "gater"]},
+                        "fig5": {"kind": "both", "reference": "standard", "architectures": ["msdnet"]}},
+            "labels": {k: v["label"] for k, v in CONFIG["methods"].items()}, **settings}
+    table = comparisons(variants, spec)
+    budgeted = table[table["curve"] == "budgeted"]
+    # fig3 and fig5 both compare gater with standard on msdnet: one row each, naming both figures
+    gater = budgeted[(budgeted["variant"] == "gater") & (budgeted["architecture"] == "msdnet")]
+    assert gater["figures"].tolist() == ["fig3 fig5", "fig3 fig5"] and gater["budget"].tolist() == [1.5e6, 2.5e6]
+    assert set(budgeted[budgeted["architecture"] == "ranet"]["budget"]) == {2e6}
+    assert set(table[table["curve"] == "anytime"]["variant"]) == {"gater", "gater_frozen", "boostnet"}
+    text = comparisons_markdown(table, spec["labels"])
+    assert "## budgeted: digits / msdnet, against Standard" in text and "identical in every resample" in text
