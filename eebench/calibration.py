@@ -93,6 +93,7 @@ class BudgetedCurve:
     exit_fractions: np.ndarray  # (B, K) on test
     flops: np.ndarray  # (B,) expected FLOPs per test sample
     accuracy: np.ndarray  # (B,) in percent
+    exits: torch.Tensor | None = None  # (B, N_test) exit index each test sample leaves at
 
     def rows(self) -> list[dict]:
         out = []
@@ -136,6 +137,7 @@ def budgeted_curve(
         exit_fractions=fractions.numpy(),
         flops=(fractions @ flops_t).numpy(),
         accuracy=(correct.double().mean(dim=1) * 100).numpy(),
+        exits=exits,
     )
 
 

@@ -77,6 +77,7 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 def cmd_budgeted(args: argparse.Namespace) -> None:
     import pandas as pd
+    import torch
 
     from . import io
     from .cache import correctness, load_cache, scored_outputs
@@ -90,10 +91,24 @@ def cmd_budgeted(args: argparse.Namespace) -> None:
                              f"{val['logits'].shape[0]} and {test['logits'].shape[0]}")
     except (OSError, ValueError, KeyError, io.CorruptFileError) as err:
         raise SystemExit(f"error: {err}") from None
+    if args.bootstrap < 0 or not 0 < args.level < 1:
+        raise SystemExit(f"error: --bootstrap must be >= 0 and --level between 0 and 1, got {args.bootstrap} "
+                         f"and {args.level}")
     val_scored, test_scored = scored_outputs(val), scored_outputs(test)
-    curve = budgeted_curve(val_scored.scores, test_scored.scores, correctness(test_scored, test["labels"]), flops)
-    io.write_csv(args.out, pd.DataFrame(curve.rows()))
-    print(f"wrote {len(curve.flops)} budgets to {args.out}")
+    correct = correctness(test_scored, test["labels"])
+    curve = budgeted_curve(val_scored.scores, test_scored.scores, correct, flops)
+    table = pd.DataFrame(curve.rows())
+    if args.bootstrap:
+        from .bootstrap import BootstrapSettings, cell_statistics, interval_columns
+
+        settings = BootstrapSettings(resamples=args.bootstrap, seed=args.bootstrap_seed, level=args.level)
+        record = {"correct": correct, "exits": curve.exits, "flops": torch.as_tensor(flops, dtype=torch.float64)}
+        point, replicates = cell_statistics(record, settings)
+        for name, values in interval_columns(point, replicates, "budgeted", settings.level).items():
+            table[name] = values
+    io.write_csv(args.out, table)
+    print(f"wrote {len(curve.flops)} budgets to {args.out}"
+          + (f" with {args.level:.0%} bootstrap intervals ({args.bootstrap} resamples)" if args.bootstrap else ""))
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
@@ -225,6 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test", required=True, help="test cache")
     p.add_argument("--flops", required=True, help="FLOPs JSON as printed by the flops command")
     p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="add accuracy_ci_low/high and flops_ci_low/high from N bootstrap resamples of the test set")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the resampled test indices")
+    p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     p.set_defaults(func=cmd_budgeted)
 
     p = sub.add_parser("check-config", help="validate a config: schema, registries, data, Table 1 budgets")

@@ -501,6 +501,12 @@ def _check_report(config: dict[str, Any], fail) -> None:
             for value in spec.get(key, []):
                 if value not in allowed:
                     fail(f"report.figures.{name}.{key}", value, allowed)
+        if spec.get("reference", "standard") not in variants:
+            fail(f"report.figures.{name}.reference", spec.get("reference", "standard"), variants)
+    for i, entry in enumerate(report.get("comparison_budgets", [])):
+        for key, allowed in (("dataset", known["datasets"]), ("architecture", known["architectures"])):
+            if entry[key] not in allowed:
+                fail(f"report.comparison_budgets[{i}].{key}", entry[key], allowed)
     table = report.get("table1")
     if table is not None:
         if table["dataset"] not in known["datasets"]:
@@ -602,3 +608,32 @@ def resolved_cell_config(config: dict[str, Any], cell: Cell) -> dict[str, Any]:
         out["method"] = copy.deepcopy(training_variant(config, cell.variant))
         out["recipe"] = dataclasses.asdict(recipe_for(config, cell.dataset, cell.variant))
     return out
+
+
+def figure_spec(config: dict[str, Any], figure: str) -> dict[str, Any]:
+    """A figure's report entry; a figure the config does not list draws every cell."""
+    return {"reference": "standard", **config.get("report", {}).get("figures", {}).get(figure, {})}
+
+
+def figure_selects(config: dict[str, Any], figure: str, cell: Cell) -> bool:
+    """Is ``cell`` drawn in ``figure`` (its datasets, architectures and variants; none listed = all)?"""
+    spec = figure_spec(config, figure)
+    return all(spec.get(key) is None or value in spec[key] for key, value in
+               (("datasets", cell.dataset), ("architectures", cell.arch), ("variants", cell.variant)))
+
+
+def comparison_settings(config: dict[str, Any], figure_kinds: dict[str, str]) -> dict[str, Any]:
+    """What the paired comparisons depend on: each figure's selection, curve kind and reference,
+    the comparison budgets, Table 1's budgets (the default ones on its dataset and architecture),
+    the variants' labels and the bootstrap settings."""
+    from .style import variant_label, variant_names
+
+    report = config.get("report", {})
+    table = report.get("table1")
+    return {
+        "figures": {name: {**figure_spec(config, name), "kind": kind} for name, kind in figure_kinds.items()},
+        "budgets": copy.deepcopy(report.get("comparison_budgets", [])),
+        "table1": None if table is None else {k: table[k] for k in ("dataset", "architecture", "budgets")},
+        "labels": {name: variant_label(config, name) for name in variant_names(config)},
+        "bootstrap": dict(config["bootstrap"]),
+    }

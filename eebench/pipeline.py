@@ -17,7 +17,7 @@ import torch
 from models import InputSpec, MultiExitNetwork, build_model
 from models.base import fold_batchnorm
 
-from . import distributed, io
+from . import bootstrap, distributed, io, metrics, summary
 from .cache import check_meta, correctness, load_cache, scored_outputs
 from .calibration import anytime_curve, budgeted_curve, confidence_exit
 from .checkpoints import convert_checkpoint
@@ -305,8 +305,29 @@ def _confidence_exit_threshold(config: dict[str, Any], cell: Cell, num_exits: in
     return METHODS.get(variant["method"]).confidence_exit_threshold(params, num_exits)
 
 
+def calibration_metrics(probabilities: torch.Tensor | None, labels: torch.Tensor, num_exits: int) -> pd.DataFrame:
+    """Per exit: top-5 accuracy (percent), NLL (nats) and ECE (15 bins) of the class probabilities;
+    nan when a cell has none."""
+    if probabilities is None:
+        return pd.DataFrame({"top5": [np.nan] * num_exits, "nll": np.nan, "ece": np.nan})
+    probs = probabilities.float()
+    return pd.DataFrame({
+        "top5": [metrics.top5(probs[k], labels) * 100 for k in range(num_exits)],
+        "nll": [metrics.nll(probs[k], labels) for k in range(num_exits)],
+        "ece": [metrics.ece(probs[k], labels, n_bins=bootstrap.ECE_BINS) for k in range(num_exits)],
+    })
+
+
+def _add_intervals(frame: pd.DataFrame, columns: dict[str, np.ndarray]) -> None:
+    for name, values in columns.items():
+        if name not in frame:  # the calibration metrics come from eebench.metrics, only their intervals here
+            frame[name] = values
+
+
 def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: str, flops_path: str,
-                  anytime_out: str, budgeted_out: str, provenance_out: str) -> None:
+                  anytime_out: str, budgeted_out: str, provenance_out: str, samples_out: str | None = None) -> None:
+    """The cell's curves with bootstrap intervals (``config['bootstrap']``), and its per-sample
+    record (``samples_out``) from which seeds are aggregated and variants compared."""
     flops = read_flops(flops_path)
     val, _ = _scored(config, cell, val_path, "val")
     test, labels = _scored(config, cell, test_path, "test")
@@ -321,12 +342,20 @@ def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: 
     if test.budget_targets is not None:
         budgeted["budget_target"] = test.budget_targets.numpy()
     anytime = pd.DataFrame(anytime_curve(correct, flops["flops"]))
+    anytime = pd.concat([anytime, calibration_metrics(test.probabilities, labels, len(anytime))], axis=1)
+    record = bootstrap.per_sample_record(correct, curve.exits, flops["flops"], test.probabilities, labels)
+    settings = bootstrap.BootstrapSettings.from_config(config)
+    values, replicates = bootstrap.cell_statistics(record, settings)
+    for frame, curve_kind in ((anytime, "anytime"), (budgeted, "budgeted")):
+        _add_intervals(frame, bootstrap.interval_columns(values, replicates, curve_kind, settings.level))
     test_cache = io.load_tensors(test_path, what="test cache")
     if "confidences" in test_cache and "cost_ratio" in flops:
         threshold = _confidence_exit_threshold(config, cell, len(flops["flops"]))
         point = confidence_exit(test_cache["confidences"].float(), correct, flops["cost_ratio"], threshold)
         anytime["confidence_exit_accuracy"] = point["accuracy"]
         anytime["confidence_exit_cost_ratio"] = point["cost_ratio"]
+    if samples_out is not None:
+        io.save_tensors(samples_out, record)
     io.write_csv(budgeted_out, budgeted)
     io.write_csv(anytime_out, anytime)
     io.write_json(provenance_out, provenance(resolved_cell_config(config, cell), config.get("device")))
@@ -357,3 +386,16 @@ def aggregate(config: dict[str, Any], cells: list[Cell], curve_files: list[str],
         frame["flops_convention"] = prov["config"]["flops_convention"]
         frames.append(frame)
     io.write_csv(out, pd.concat(frames, ignore_index=True))
+
+
+def aggregate_summary(bootstrap_spec: dict[str, Any], cells: list[Cell], samples_files: list[str],
+                      aggregates: dict[str, str], outs: dict[str, str]) -> None:
+    """Seed means with two-level bootstrap intervals, per variant and exit or budget, from the
+    cells' per-sample records; ``aggregates`` are the per-cell tables (identity columns)."""
+    settings = bootstrap.BootstrapSettings(**bootstrap_spec)
+    variants = summary.load_variants(cells, samples_files, settings)
+    frames = summary.summary_tables(variants, pd.read_csv(aggregates["anytime"]), pd.read_csv(aggregates["budgeted"]))
+    for kind, frame in zip(("anytime", "budgeted"), frames):
+        io.write_csv(outs[kind], frame)
+    log.info("summaries of %d variants over %s seed(s), %d resamples", len(variants),
+             sorted({len(v.seeds) for v in variants.values()}), settings.resamples)

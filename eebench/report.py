@@ -1,9 +1,10 @@
-"""Tables and figures, built only from the aggregate tables.
+"""Tables and figures, built only from the aggregate tables and the cells' per-sample records.
 
 Seeds are averaged: anytime points by exit, budgeted points by budget index (each budget's
-expected FLOPs and accuracy averaged over seeds); the spread is the standard deviation over seeds,
-drawn as a band. Every method variant keeps one colour, and every architecture one marker, in
-all figures.
+expected FLOPs and accuracy averaged over seeds). Every band and interval is a percentile
+bootstrap interval (``eebench.bootstrap``): over test samples, and over seeds too where a curve
+has several. Every variant keeps one colour, marker and line style in all figures
+(``eebench.style``); architectures sharing a panel differ by marker fill.
 """
 
 from __future__ import annotations
@@ -18,87 +19,129 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
 
 from . import io  # noqa: E402
+from .bootstrap import VariantReplicates, interval  # noqa: E402
 from .calibration import accuracy_at_budget  # noqa: E402
+from .style import VariantStyle, styles_from  # noqa: E402
 
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 PROTOCOL_NOTE = (
     "budgeted batch: MSDNet protocol, 39 budgets q=p/20, thresholds calibrated on val (no train "
     "augmentation), applied to test; FLOPs: {convention} convention, cumulative per exit"
 )
+COINCIDE_ATOL = 1e-9  # accuracy points and relative FLOPs under which two curves are one
 
 
-def variant_styles(config: dict[str, Any]) -> dict[str, Any]:
-    names = list(config["methods"]) + list(config.get("pretrained", {})) + list(config.get("posthoc", {}))
-    palette = sns.color_palette("tab20", n_colors=max(len(names), 1))
-    return {name: palette[i] for i, name in enumerate(names)}
+def interval_note(rows: list[pd.DataFrame], budgeted: bool = True) -> str:
+    """What the bands are, from the summary rows drawn."""
+    frame = pd.concat([r for r in rows if not r.empty]) if any(not r.empty for r in rows) else pd.DataFrame()
+    if frame.empty or "accuracy_ci_low" not in frame:
+        return ""
+    seeds = sorted(frame["seeds"].unique())
+    seed_text = (f"{seeds[0]} seed" + ("s, seeds resampled too" if seeds[0] > 1 else "") if len(seeds) == 1
+                 else f"{seeds[0]}-{seeds[-1]} seeds, resampled too where there are several")
+    return (f"Bands: {frame['level'].iloc[0]:.0%} percentile bootstrap intervals of accuracy "
+            f"({int(frame['resamples'].iloc[0])} resamples of the {int(frame['n_test'].max())} test samples; "
+            f"{seed_text})" + ("; budgeted bands at each budget's mean FLOPs." if budgeted else "."))
 
 
-def arch_markers(config: dict[str, Any]) -> dict[str, str]:
-    return {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(config["architectures"])}
+def _coincides(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    if len(a) != len(b):
+        return False
+    return bool(np.allclose(a["flops"].to_numpy(), b["flops"].to_numpy(), rtol=COINCIDE_ATOL, atol=0)
+                and np.allclose(a["accuracy"].to_numpy(), b["accuracy"].to_numpy(), rtol=0, atol=COINCIDE_ATOL))
 
 
-def label_of(config: dict[str, Any], variant: str) -> str:
-    spec = (config["methods"].get(variant) or config.get("pretrained", {}).get(variant)
-            or config.get("posthoc", {}).get(variant, {}))
-    return spec.get("label", variant)
+def _draw(ax: Any, rows: pd.DataFrame, styles: dict[str, VariantStyle], fills: dict[str, str], anytime: bool,
+          show_arch: bool) -> list[str]:
+    """One line with markers and one band per (architecture, variant); a curve that coincides with
+    one drawn before it is drawn on top with open, larger markers. Returns the coincidence notes."""
+    drawn: list[tuple[str, pd.DataFrame]] = []
+    notes = []
+    arch_order, variant_order = list(fills), list(styles)  # config order: the same in every figure
 
+    def rank(names: list[str], name: str) -> int:
+        return names.index(name) if name in names else len(names)
 
-def seed_mean(frame: pd.DataFrame, key: str) -> pd.DataFrame:
-    """Mean and standard deviation over seeds of FLOPs and accuracy, per cell and ``key``."""
-    group = ["dataset", "architecture", "variant", key]
-    stats = frame.groupby(group, sort=False).agg(
-        flops=("flops", "mean"), accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"),
-        seeds=("seed", "nunique"),
-    )
-    return stats.reset_index().fillna({"accuracy_std": 0.0})
-
-
-def _draw(ax: Any, stats: pd.DataFrame, config: dict[str, Any], key: str, show_arch: bool) -> None:
-    colours, markers = variant_styles(config), arch_markers(config)
-    for (arch, variant), curve in stats.groupby(["architecture", "variant"], sort=False):
+    groups = sorted(rows.groupby(["architecture", "variant"], sort=False),
+                    key=lambda item: (rank(arch_order, item[0][0]), rank(variant_order, item[0][1])))
+    for (arch, variant), curve in groups:
         curve = curve.sort_values("flops")
-        mflops = curve["flops"] / 1e6
-        label = label_of(config, variant) + (f" ({arch})" if show_arch else "")
-        ax.plot(mflops, curve["accuracy"], marker=markers[arch], markersize=4 if key == "exit" else 2.5,
-                color=colours[variant], label=label, linewidth=1.2)
-        if (curve["seeds"] > 1).any():
-            ax.fill_between(mflops, curve["accuracy"] - curve["accuracy_std"],
-                            curve["accuracy"] + curve["accuracy_std"], color=colours[variant], alpha=0.15)
+        style = styles.get(variant, VariantStyle("0.3", "o", "solid", variant))
+        name = style.label + (f" ({arch})" if show_arch else "")
+        twin = next((other for other, points in drawn if _coincides(curve, points)), None)
+        size = 4.5 if anytime else 3.2
+        kwargs: dict[str, Any] = {"fillstyle": fills.get(arch, "full"), "markersize": size, "zorder": 2}
+        label = name
+        if twin is not None:
+            kwargs.update(fillstyle="none", markersize=size * 1.9, markeredgewidth=1.1, zorder=3)
+            label += f"\n(coincides with {twin})"
+            notes.append(f"{name} coincides with {twin} (open markers on top).")
+        mflops = curve["flops"].to_numpy() / 1e6
+        ax.plot(mflops, curve["accuracy"], label=label, linewidth=1.2, **style.plot_kwargs(), **kwargs)
+        if "accuracy_ci_low" in curve and curve["accuracy_ci_low"].notna().all():
+            ax.fill_between(mflops, curve["accuracy_ci_low"], curve["accuracy_ci_high"], color=style.colour,
+                            alpha=0.12, linewidth=0, zorder=1)
+        drawn.append((name, curve))
     ax.set_xlabel("FLOPs per image (M)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
+    return notes
 
 
-Panel = tuple[str, pd.DataFrame, str]  # title, aggregate rows, curve kind (anytime | budgeted)
+Panel = tuple[str, pd.DataFrame, str]  # title, summary rows, curve kind (anytime | budgeted)
 
 
-def curve_figure(config: dict[str, Any], panels: list[Panel], title: str, out_pdf: str, out_png: str) -> None:
-    """One panel per (title, rows, kind): anytime curves per exit, budgeted curves per budget."""
+def draw_figure(panels: list[Panel], title: str, style: dict[str, Any]) -> Any:
+    """One panel per (title, rows, kind) of seed-summary rows (``results/aggregate/*_summary.csv``);
+    ``style`` is ``eebench.style.styles_for(config)``. One legend for the figure, right of the
+    panels (it never hides a curve); the protocol caption below them. Returns the figure."""
     width = max(1, len(panels))
-    fig, axes = plt.subplots(1, width, figsize=(5.2 * width, 4.2), squeeze=False)
-    convention = next((rows["flops_convention"].iloc[0] for _, rows, _ in panels if not rows.empty),
-                      config["flops_convention"])
+    fig, axes = plt.subplots(1, width, figsize=(5.2 * width, 4.6), squeeze=False)
+    styles, fills = styles_from(style), style["architectures"]
+    convention = next((rows["flops_convention"].iloc[0] for _, rows, _ in panels
+                       if not rows.empty and "flops_convention" in rows), style["flops_convention"])
+    notes: list[str] = []
     for ax, (panel_title, rows, kind) in zip(axes[0], panels):
-        key = "exit" if kind == "anytime" else "budget_id"
+        ax.set_title(panel_title)
         if rows.empty:
             ax.text(0.5, 0.5, "no cells configured for this panel", ha="center", va="center",
                     transform=ax.transAxes)
-            ax.set_title(panel_title)
             continue
-        _draw(ax, seed_mean(rows, key), config, key, show_arch=rows["architecture"].nunique() > 1)
-        ax.set_title(panel_title)
-        ax.legend(fontsize=7, loc="lower right")
+        several = rows["architecture"].nunique() > 1  # then architectures differ by marker fill
+        notes += _draw(ax, rows, styles, fills if several else {}, kind == "anytime", show_arch=several)
     fig.suptitle(title, fontsize=11)
-    note = textwrap.fill(PROTOCOL_NOTE.format(convention=convention), width=60 * width)
-    fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=6.5, color="0.35")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    entries = {}  # label -> handle, first panel first
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    legend = fig.legend(list(entries.values()), list(entries), loc="center right", fontsize=6.5, frameon=False)
+    fig.canvas.draw()
+    legend_width = legend.get_window_extent().width / fig.dpi + 0.15  # inches
+    fig.set_size_inches(5.2 * width + legend_width, 4.6)
+    budgeted = any(kind != "anytime" for _, _, kind in panels)
+    text = " ".join([PROTOCOL_NOTE.format(convention=convention) + ".", interval_note([r for _, r, _ in panels],
+                     budgeted), *dict.fromkeys(notes)])
+    caption = fig.text(0.5, 0.01, textwrap.fill(text, width=int(95 * width + 14 * legend_width)), ha="center",
+                       va="bottom", fontsize=6.5, color="0.3")
+    fig.canvas.draw()  # measure the caption, then fit the panels (and the suptitle) above it, left of the legend
+    to_figure = fig.transFigure.inverted()
+    bottom = to_figure.transform(caption.get_window_extent().p1)[1] + 0.01
+    right = 1 - legend_width / fig.get_size_inches()[0]
+    legend.set_bbox_to_anchor((1, (1 + bottom) / 2), transform=fig.transFigure)
+    fig.tight_layout(rect=(0, bottom, right, 1))
+    return fig
+
+
+def save_figure(fig: Any, out_pdf: str, out_png: str) -> None:
     for path in (out_pdf, out_png):
         with io.atomic_path(path) as tmp:
             fig.savefig(tmp, format=Path(path).suffix[1:], dpi=150)
     plt.close(fig)
+
+
+def curve_figure(panels: list[Panel], title: str, out_pdf: str, out_png: str, style: dict[str, Any]) -> None:
+    save_figure(draw_figure(panels, title, style), out_pdf, out_png)
 
 
 def _select(frame: pd.DataFrame, **filters: Any) -> pd.DataFrame:
@@ -126,34 +169,56 @@ def figure_panels(frames: dict[str, pd.DataFrame], spec: dict[str, Any], kind: s
     return panels
 
 
-def table1(config: dict[str, Any], budgeted: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
+def table1(budgeted: pd.DataFrame, spec: dict[str, Any],
+           variants: dict[tuple[str, str, str], VariantReplicates] | None = None) -> pd.DataFrame:
     """Paper 002's Table 1: budgeted accuracy per feature set (rows) at fixed budgets (columns).
 
-    Each seed's curve is interpolated linearly at each budget, then seeds are averaged.
+    Each seed's curve is interpolated linearly at each budget, then seeds are averaged; with
+    ``variants`` (the rows' per-sample replicates) each budget gets ``_ci_low``/``_ci_high``: the
+    same interpolation within each bootstrap resample, then percentiles.
     """
     records = []
     for row_name, variant in spec["rows"].items():
         rows = _select(budgeted, dataset=spec["dataset"], architecture=spec["architecture"], variant=variant)
         record: dict[str, Any] = {"input": row_name, "variant": variant, "seeds": rows["seed"].nunique()}
-        for budget in spec["budgets"]:
+        replicates = (variants or {}).get((spec["dataset"], spec["architecture"], variant))
+        if replicates is not None:
+            _, at = replicates.at_budgets(spec["budgets"])
+            low, high = interval(at, replicates.level)
+        for i, budget in enumerate(spec["budgets"]):
             values = [accuracy_at_budget(seed_rows["flops"], seed_rows["accuracy"], budget)
                       for _, seed_rows in rows.groupby("seed")]
             column = f"{budget / 1e6:g}M"
             record[column] = float(np.mean(values)) if values else float("nan")
             record[f"{column}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+            if variants is not None:
+                record[f"{column}_ci_low"] = float(low[i]) if replicates is not None else float("nan")
+                record[f"{column}_ci_high"] = float(high[i]) if replicates is not None else float("nan")
         records.append(record)
     return pd.DataFrame(records)
 
 
+def _with_interval(value: float, low: float, high: float, digits: int) -> str:
+    if np.isnan(value):
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    return text if np.isnan(low) else f"{text} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def table_markdown(table: pd.DataFrame, title: str, note: str) -> str:
-    columns = [c for c in table.columns if not c.endswith("_std") and c not in ("variant", "seeds")]
+    """Value columns as ``76.8 [76.1, 77.5]`` where they have ``_ci_low``/``_ci_high`` columns,
+    else ``76.84 ± 0.31`` (standard deviation over seeds, when there are several)."""
+    suffixes = ("_std", "_ci_low", "_ci_high")
+    columns = [c for c in table.columns if not c.endswith(suffixes) and c not in ("variant", "seeds")]
     lines = [f"# {title}", "", note, "", "| " + " | ".join(columns) + " |",
              "|" + "---|" * len(columns)]
     for _, row in table.iterrows():
         cells = []
         for c in columns:
             value = row[c]
-            if isinstance(value, float):
+            if isinstance(value, float) and f"{c}_ci_low" in row:
+                cells.append(_with_interval(value, row[f"{c}_ci_low"], row[f"{c}_ci_high"], 1))
+            elif isinstance(value, float):
                 std = row.get(f"{c}_std", float("nan"))
                 cells.append("n/a" if np.isnan(value) else f"{value:.2f}" + ("" if np.isnan(std) else f" ± {std:.2f}"))
             else:
@@ -193,70 +258,105 @@ def eenets_table(anytime: pd.DataFrame, flops_by_arch: dict[str, dict[str, Any]]
     return pd.DataFrame(records).reindex(columns=columns)
 
 
-def published_value(entry: dict[str, Any], anytime: pd.DataFrame, budgeted: pd.DataFrame) -> float:
-    """Our number for one published claim, or nan when the config has no such cell.
+Estimate = tuple[float, np.ndarray]  # point, (R,) bootstrap replicates
+
+
+def _flops_to_reach(flops: np.ndarray, accuracy: np.ndarray, target: float) -> np.ndarray:
+    """Smallest FLOPs at which the curve reaches ``target`` (inf where it never does), per row."""
+    return np.where(accuracy >= target, flops, np.inf).min(axis=-1)
+
+
+def _peak_flops(flops: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    best = accuracy.argmax(axis=-1)
+    return np.take_along_axis(flops, best[..., None], axis=-1)[..., 0]
+
+
+def published_estimate(entry: dict[str, Any],
+                       variants: dict[tuple[str, str, str], VariantReplicates]) -> Estimate | None:
+    """Our number for one published claim and its bootstrap replicates, or None when the config
+    has no such cell.
 
     Kinds: ``anytime_exit`` (accuracy of exit ``exit``, -1 = last), ``anytime_at`` (the anytime
-    curve interpolated at ``budget``), ``budgeted_at`` (accuracy at
-    ``budget`` FLOPs, interpolated), ``flops_to_reach`` (smallest FLOPs at which the budgeted
-    curve reaches ``accuracy``), ``peak_flops`` (FLOPs of the budgeted curve's best accuracy),
-    ``budgeted_gap`` (mean accuracy of ``variant`` minus ``other`` over ``budgets``).
+    curve interpolated at ``budget``), ``budgeted_at`` (accuracy at ``budget`` FLOPs: each seed's
+    curve interpolated, then averaged, as in Table 1), ``flops_to_reach`` (smallest FLOPs at
+    which the seed-averaged budgeted curve reaches ``accuracy``; inf when it does not),
+    ``peak_flops`` (FLOPs of that curve's best accuracy), ``budgeted_gap`` (mean over ``budgets``
+    of the accuracy of ``variant`` minus ``other``, paired resample by resample).
     """
     kind = entry["kind"]
-    select = dict(dataset=entry["dataset"], architecture=entry["architecture"], variant=entry["variant"])
-    if kind in ("anytime_exit", "anytime_at"):
-        rows = _select(anytime, **select)
-        if rows.empty:
-            return float("nan")
-        if kind == "anytime_at":
-            curve = seed_mean(rows, "exit")
-            return accuracy_at_budget(curve["flops"], curve["accuracy"], entry["budget"])
-        exit_k = rows["exit"].max() if entry.get("exit", -1) == -1 else entry["exit"]
-        return float(rows[rows["exit"] == exit_k]["accuracy"].mean())
-    rows = _select(budgeted, **select)
-    if rows.empty:
-        return float("nan")
-    curve = seed_mean(rows, "budget_id").sort_values("flops")
-    if kind == "budgeted_at":
-        return accuracy_at_budget(curve["flops"], curve["accuracy"], entry["budget"])
-    if kind == "flops_to_reach":
-        reached = curve[curve["accuracy"] >= entry["accuracy"]]
-        return float(reached["flops"].min()) if not reached.empty else float("nan")
-    if kind == "peak_flops":
-        return float(curve.loc[curve["accuracy"].idxmax(), "flops"])
+    variant = variants.get((entry["dataset"], entry["architecture"], entry["variant"]))
+    if variant is None:
+        return None
+    if kind == "anytime_exit":
+        point, reps = variant.mean("anytime_accuracy")
+        k = len(point) if entry.get("exit", -1) == -1 else entry["exit"]
+        return (float(point[k - 1]), reps[:, k - 1]) if 1 <= k <= len(point) else None
+    if kind in ("anytime_at", "budgeted_at"):
+        point, reps = variant.at_budgets([entry["budget"]], "anytime" if kind == "anytime_at" else "budgeted")
+        return float(point[0]), reps[:, 0]
+    if kind in ("flops_to_reach", "peak_flops"):
+        flops, acc, flops_r, acc_r = variant.mean_curve()
+        if kind == "peak_flops":
+            return float(_peak_flops(flops, acc)), _peak_flops(flops_r, acc_r)
+        return float(_flops_to_reach(flops, acc, entry["accuracy"])), _flops_to_reach(flops_r, acc_r, entry["accuracy"])
     if kind == "budgeted_gap":
-        other = _select(budgeted, dataset=entry["dataset"], architecture=entry["architecture"], variant=entry["other"])
-        if other.empty:
-            return float("nan")
-        other_curve = seed_mean(other, "budget_id").sort_values("flops")
-        gaps = [accuracy_at_budget(curve["flops"], curve["accuracy"], b)
-                - accuracy_at_budget(other_curve["flops"], other_curve["accuracy"], b) for b in entry["budgets"]]
-        return float(np.nanmean(gaps)) if not np.all(np.isnan(gaps)) else float("nan")
+        other = variants.get((entry["dataset"], entry["architecture"], entry["other"]))
+        if other is None:
+            return None
+        point_a, reps_a = variant.at_budgets(entry["budgets"])
+        point_b, reps_b = other.at_budgets(entry["budgets"])
+        with np.errstate(all="ignore"):
+            gap = point_a - point_b
+            if np.isnan(gap).all():
+                return float("nan"), np.full(len(reps_a), np.nan)
+            return float(np.nanmean(gap)), np.nanmean(reps_a - reps_b, axis=1)
     raise ValueError(f"published entry {entry.get('id')!r}: unknown kind {kind!r}")
 
 
-def reproduction_report(published: list[dict[str, Any]], anytime: pd.DataFrame, budgeted: pd.DataFrame,
+def _number(value: float) -> str:
+    return "not reached" if np.isinf(value) else ("n/a" if np.isnan(value) else f"{value:.2f}")
+
+
+def reproduction_report(published: list[dict[str, Any]], variants: dict[tuple[str, str, str], VariantReplicates],
                         config_name: str) -> str:
+    levels = {v.level for v in variants.values()} or {0.95}
+    level = f"{next(iter(levels)):.0%}"
+    resamples = next(iter({v.resamples for v in variants.values()}), 0)
     lines = [
         "# Reproduction report", "",
-        f"Each number the papers state, beside ours from this run's aggregates (config: `{config_name}`).",
+        f"Each number the papers state, beside ours from this run's per-sample records (config: `{config_name}`).",
         "Budgeted numbers use the MSDNet protocol (39 budgets, thresholds from val without train",
-        "augmentation); accuracy at a budget is linearly interpolated on the seed-averaged curve.",
+        "augmentation); accuracy at a budget is each seed's curve linearly interpolated, then averaged",
+        "over seeds (as in Table 1). FLOPs to reach an accuracy and peak FLOPs are read off the",
+        f"seed-averaged budgeted curve. `ours` carries its {level} percentile bootstrap interval ({resamples}",
+        "resamples of the test set; seeds resampled too where there are several; thresholds fixed);",
+        "`inside` says whether the published number lies in it. The interval is our uncertainty only:",
+        "the paper's own number has sampling and seed noise of its own.",
         "`no data` means this config has no cell for that claim (e.g. the embedded digits default",
         "has no CIFAR cells): such rows are never filled in.", "",
-        "| id | claim | source | published | ours | difference |", "|---|---|---|---|---|---|",
+        "| id | claim | source | published | ours [interval] | difference | inside |", "|---|---|---|---|---|---|---|",
     ]
-    covered = 0
+    covered = inside_count = 0
     for entry in published:
-        ours = published_value(entry, anytime, budgeted)
+        estimate = published_estimate(entry, variants)
         scale = entry.get("scale", 1.0)
         value = entry["value"]
-        if np.isnan(ours):
-            ours_text, diff_text = "no data", "no data"
+        if estimate is None:
+            ours_text = diff_text = inside_text = "no data"
         else:
             covered += 1
-            ours_text = f"{ours / scale:.2f}"
-            diff_text = f"{ours / scale - value:+.2f}"
-        lines.append(f"| {entry['id']} | {entry['claim']} | {entry['source']} | {value:g} | {ours_text} | {diff_text} |")
-    lines += ["", f"{covered} of {len(published)} published numbers have a matching cell in this config."]
+            point, reps = estimate
+            low, high = (float(x[0]) / scale for x in interval(reps[:, None], next(iter(levels))))
+            ours = point / scale
+            ours_text = _number(ours) + ("" if np.isnan(low) else f" [{_number(low)}, {_number(high)}]")
+            diff_text = f"{ours - value:+.2f}" if np.isfinite(ours) else "n/a"
+            if np.isnan(low):
+                inside_text = "n/a"
+            else:
+                inside_text = "yes" if low <= value <= high else "no"
+                inside_count += inside_text == "yes"
+        lines.append(f"| {entry['id']} | {entry['claim']} | {entry['source']} | {value:g} | {ours_text} | "
+                     f"{diff_text} | {inside_text} |")
+    lines += ["", f"{covered} of {len(published)} published numbers have a matching cell in this config; "
+              f"{inside_count} of them lie inside our interval."]
     return "\n".join(lines) + "\n"

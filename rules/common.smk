@@ -8,6 +8,10 @@ from eebench.config import is_posthoc, posthoc_variant, training_variant, val_si
 from eebench.config import check_pretrained_files, pretrained_variant, split_identity  # noqa: E402
 
 
+from eebench.config import comparison_settings, figure_selects  # noqa: E402
+from eebench.style import styles_for  # noqa: E402
+
+
 # the schema (types, structure; fills defaults), then the registries: a bad config fails here, naming
 # the key, the value and what is allowed, before any job starts
 validate_schema(config)  # config/schema.yaml
@@ -23,6 +27,7 @@ onstart:
 CELLS = cells(config)
 RESULTS = "results"
 PUBLISHED = f"{workflow.basedir}/config/published.yaml"
+BOOTSTRAP = config["bootstrap"]  # a rule parameter wherever intervals are computed
 CELL = "{dataset}/{arch}/{variant}/seed{seed}"
 # figure name -> the aggregate it is drawn from
 FIGURES = {
@@ -210,3 +215,24 @@ def cell_provenance(selected):
 def eenets_flops(wildcards):
     spec = report_spec("eenets_table") or {"rows": []}
     return [f"{RESULTS}/flops/{row['dataset']}/{row['architecture']}.json" for row in spec["rows"]]
+
+
+def cell_samples(selected):
+    """The per-sample records (``samples.pt``) of the selected cells, for the intervals."""
+    return [f"{RESULTS}/curves/{cell_path(c)}/samples.pt" for c in selected]
+
+
+def figure_style(wildcards):
+    """Colour, marker, line style and label of every variant (the same in every figure), the
+    marker fill of every architecture, and the FLOPs convention named in the caption."""
+    return styles_for(config)
+
+
+def comparison_cells():
+    """The cells of every figure that has its reference variant, for results/comparisons.csv."""
+    return [c for c in CELLS if any(figure_selects(config, name, c) for name in FIGURES)]
+
+
+def comparison_spec():
+    """Everything the comparisons job reads from the config (a rerun trigger)."""
+    return comparison_settings(config, FIGURES)

@@ -7,10 +7,12 @@ rule evaluate:
         anytime=f"{RESULTS}/curves/{CELL}/anytime.csv",
         budgeted=f"{RESULTS}/curves/{CELL}/budgeted.csv",
         provenance=f"{RESULTS}/curves/{CELL}/provenance.json",
+        samples=f"{RESULTS}/curves/{CELL}/samples.pt",
     log:
         f"{RESULTS}/logs/evaluate/{CELL}.log",
     params:
         settings=evaluation_settings,
+        bootstrap=BOOTSTRAP,
     resources:
         mem_mb=4000,
         runtime=30,
@@ -25,13 +27,17 @@ rule aggregate:
         anytime=curve_files("anytime"),
         budgeted=curve_files("budgeted"),
         provenance=provenance_files(),
+        samples=cell_samples(CELLS),
     output:
         anytime=f"{RESULTS}/aggregate/anytime.csv",
         budgeted=f"{RESULTS}/aggregate/budgeted.csv",
+        anytime_summary=f"{RESULTS}/aggregate/anytime_summary.csv",
+        budgeted_summary=f"{RESULTS}/aggregate/budgeted_summary.csv",
     log:
         f"{RESULTS}/logs/aggregate.log",
     params:
         cells=CELLS,
+        bootstrap=BOOTSTRAP,
     resources:
         mem_mb=4000,
         runtime=30,

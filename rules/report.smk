@@ -1,7 +1,7 @@
 rule figure:
     input:
-        anytime=f"{RESULTS}/aggregate/anytime.csv",
-        budgeted=f"{RESULTS}/aggregate/budgeted.csv",
+        anytime=f"{RESULTS}/aggregate/anytime_summary.csv",
+        budgeted=f"{RESULTS}/aggregate/budgeted_summary.csv",
     output:
         pdf=f"{RESULTS}/figures/{{figure}}.pdf",
         png=report(f"{RESULTS}/figures/{{figure}}.png", category="Figures"),
@@ -12,6 +12,7 @@ rule figure:
     params:
         spec=figure_spec,
         kind=figure_kind,
+        style=figure_style,
     resources:
         mem_mb=2000,
         runtime=10,
@@ -49,6 +50,7 @@ rule table1:
     input:
         budgeted=f"{RESULTS}/aggregate/table1_budgeted.csv",
         flops=table1_flops,
+        samples=cell_samples(table1_cells()),
     output:
         csv=report(f"{RESULTS}/table1.csv", category="Tables"),
         md=f"{RESULTS}/table1.md",
@@ -56,6 +58,8 @@ rule table1:
         f"{RESULTS}/logs/table1.log",
     params:
         spec=report_spec("table1"),
+        cells=table1_cells(),
+        bootstrap=BOOTSTRAP,
     resources:
         mem_mb=2000,
         runtime=10,
@@ -105,13 +109,16 @@ rule eenets_table:
 
 rule reproduction:
     input:
-        anytime=f"{RESULTS}/aggregate/anytime.csv",
-        budgeted=f"{RESULTS}/aggregate/budgeted.csv",
         published=PUBLISHED,
+        samples=cell_samples(CELLS),
     output:
         report(f"{RESULTS}/reproduction.md", category="Tables"),
     log:
         f"{RESULTS}/logs/reproduction.log",
+    params:
+        cells=CELLS,
+        bootstrap=BOOTSTRAP,
+        name=config.get("name", "custom"),
     resources:
         mem_mb=2000,
         runtime=10,
@@ -121,9 +128,31 @@ rule reproduction:
         "../workflow_scripts/reproduction.py"
 
 
+rule comparisons:
+    input:
+        samples=cell_samples(comparison_cells()),
+    output:
+        csv=report(f"{RESULTS}/comparisons.csv", category="Tables"),
+        md=f"{RESULTS}/comparisons.md",
+    log:
+        f"{RESULTS}/logs/comparisons.log",
+    params:
+        cells=comparison_cells(),
+        spec=comparison_spec(),
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/comparisons.py"
+
+
 rule all_tables:
     input:
         f"{RESULTS}/table1.csv",
         f"{RESULTS}/table1.md",
         f"{RESULTS}/table_eenets.csv",
         f"{RESULTS}/reproduction.md",
+        f"{RESULTS}/comparisons.csv",
+        f"{RESULTS}/comparisons.md",

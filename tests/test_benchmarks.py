@@ -80,3 +80,17 @@ def test_rule_time_table_sums_benchmark_files_per_rule(tmp_path):
     assert table.loc["train", "max_rss_mb"] == 700.0 and table.loc["infer", "mean_s"] == 6.5
     assert list(table.index) == ["train", "infer"]  # costliest rule first
     assert rule_time_table(tmp_path / "nothing").empty
+
+
+def test_bootstrap_loop_agrees_with_the_vectorised_replicates():
+    import numpy as np
+
+    from eebench.bootstrap import BootstrapSettings, cell_statistics
+
+    bench = _load("bootstrap")
+    record = bench.make_record(300, 4, 10, seed=0)
+    settings = BootstrapSettings(resamples=30, seed=2)
+    loop, vectorised = bench.loop_statistics(record, settings), cell_statistics(record, settings)[1]
+    assert loop.keys() == vectorised.keys()
+    for key in loop:
+        np.testing.assert_allclose(vectorised[key], loop[key], rtol=1e-10, atol=1e-12, err_msg=key)

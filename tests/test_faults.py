@@ -128,6 +128,14 @@ CONFIG_CASES = [
      ["report.table1.budgets[0]", "'4M'", "a number"]),
     ("figure-unknown-variant", _set("report.figures", {"fig2_anytime": {"variants": ["gater"]}}),
      ["report.figures.fig2_anytime.variants", "'gater'", "standard"]),
+    ("figure-unknown-reference", _set("report.figures", {"fig3_budgeted": {"reference": "gater"}}),
+     ["report.figures.fig3_budgeted.reference", "'gater'", "standard"]),
+    ("comparison-budgets-architecture", _set("report.comparison_budgets",
+                                             [{"dataset": "digits", "architecture": "msd", "budgets": [1e6]}]),
+     ["report.comparison_budgets[0].architecture", "'msd'", "tiny"]),
+    ("bootstrap-level", _set("bootstrap", {"level": 95}), ["bootstrap.level", "95", "< 1"]),
+    ("bootstrap-unknown-key", _set("bootstrap", {"samples": 100}),
+     ["bootstrap", "'samples'", "level, resamples, seed"]),
 ]
 
 
@@ -152,6 +160,7 @@ def test_good_configs_pass_and_get_defaults():
     del config["split_seed"], config["flops_convention"]
     validate_schema(config)
     assert config["split_seed"] == 0 and config["flops_convention"] == "reference"
+    assert config["bootstrap"] == {"resamples": 1000, "seed": 0, "level": 0.95}
 
 
 def _budget_config(budgets: list[float]) -> dict:
@@ -525,3 +534,22 @@ def test_bad_flops_record_is_refused_naming_the_file(write, expected, tmp_path):
     for fragment in expected:
         assert fragment in str(err.value), str(err.value)
 
+
+
+@pytest.mark.parametrize("write,expected", [
+    (lambda p: io.save_tensors(p, {"correct": torch.ones(3, 4, dtype=torch.bool), "flops": torch.ones(3)}),
+     "per-sample record has no 'exits' entry"),
+    (lambda p: io.save_tensors(p, {"correct": torch.ones(3, 4, dtype=torch.bool), "flops": torch.ones(3),
+                                   "exits": torch.zeros(39, 5, dtype=torch.uint8)}),
+     "expected (K, N), (B, N) and (K,)"),
+    (lambda p: p.write_bytes(b"not a tensor file"), "corrupt, truncated"),
+], ids=["no-exits", "shapes", "garbage"])
+def test_bad_per_sample_record_is_refused_naming_the_file(write, expected, tmp_path):
+    from eebench.bootstrap import BootstrapSettings
+    from eebench.summary import load_variants
+
+    path = tmp_path / "samples.pt"
+    write(path)
+    with pytest.raises(CorruptFileError) as err:
+        load_variants([CELL], [str(path)], BootstrapSettings(resamples=10))
+    assert str(path) in str(err.value) and expected in str(err.value)

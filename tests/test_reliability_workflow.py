@@ -228,11 +228,12 @@ def _run_cell(config: dict, out: Path) -> None:
     pipeline.infer_cell(config, cell, str(out / "weights.pt"), str(out / "split.npz"), str(out / "flops.json"),
                         {"val": str(out / "val.pt"), "test": str(out / "test.pt")})
     pipeline.evaluate_cell(config, cell, str(out / "val.pt"), str(out / "test.pt"), str(out / "flops.json"),
-                           str(out / "anytime.csv"), str(out / "budgeted.csv"), str(out / "provenance.json"))
+                           str(out / "anytime.csv"), str(out / "budgeted.csv"), str(out / "provenance.json"),
+                           str(out / "samples.pt"))
 
 
 COMPARED = ["split.npz", "flops.json", "weights.pt", "history.csv", "state/checkpoint.pt", "val.pt", "test.pt",
-            "anytime.csv", "budgeted.csv"]
+            "anytime.csv", "budgeted.csv", "samples.pt"]
 
 
 def test_same_config_and_seed_give_bit_identical_files(tmp_path):
@@ -245,7 +246,7 @@ def test_same_config_and_seed_give_bit_identical_files(tmp_path):
     differing = [name for name in COMPARED if not filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name,
                                                               shallow=False)]
     assert not differing, f"not bit-identical: {differing}"
-    assert "threshold_1" in pd.read_csv(tmp_path / "a" / "budgeted.csv")
+    assert {"threshold_1", "accuracy_ci_low", "flops_ci_high"} <= set(pd.read_csv(tmp_path / "a" / "budgeted.csv"))
 
 
 def _results(workdir: Path) -> dict[str, bytes]:

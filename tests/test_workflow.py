@@ -25,7 +25,8 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
     """A finished run: figures, tidy CSVs, provenance; nothing to redo; a change of one method's
     config replans only its cells, their dependants and the aggregates; the --report HTML."""
     config = three_method_config()
-    run_workflow(tmp_path, config, "all_figures")
+    reports = ["results/comparisons.csv", "results/comparisons.md", "results/reproduction.md"]
+    run_workflow(tmp_path, config, "all_figures", *reports)
     results = tmp_path / "results"
     for name in ("fig2_anytime", "fig3_budgeted"):
         for ext in ("pdf", "png"):
@@ -41,6 +42,19 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
     assert list(history["epoch"]) == [1]
     prov = json.loads((results / "curves" / "digits" / "msdnet" / "standard" / "seed0" / "provenance.json").read_text())
     assert prov["config"]["recipe"]["epochs"] == 1 and "torch" in prov["versions"]
+    # intervals: per cell, in the aggregates, in the seed summaries; calibration metrics per exit
+    assert (budgeted["accuracy_ci_low"] <= budgeted["accuracy"]).all()
+    assert (budgeted["accuracy"] <= budgeted["accuracy_ci_high"]).all()
+    assert {"flops_ci_low", "flops_ci_high"} <= set(budgeted)
+    assert {"nll", "ece", "top5", "ece_ci_low", "top5_ci_high"} <= set(anytime) and anytime["nll"].gt(0).all()
+    summary = pd.read_csv(results / "aggregate" / "budgeted_summary.csv")
+    assert len(summary) == 3 * 39 and summary["interval"].eq("test-set bootstrap").all()
+    assert (results / "curves" / "digits" / "msdnet" / "standard" / "seed0" / "samples.pt").exists()
+    comparisons = pd.read_csv(results / "comparisons.csv")
+    assert set(comparisons["reference"]) == {"standard"} and set(comparisons["variant"]) == {"boostnet", "gater_frozen"}
+    frozen = comparisons[comparisons["variant"] == "gater_frozen"]  # the frozen gater keeps standard's network
+    assert (frozen["difference"] == 0).all() and (frozen["p_value"] == 1).all()
+    assert "| yes |" not in (results / "reproduction.md").read_text()  # digits: no published cell
 
     def plan(changed_config, *extra):
         proc = run_workflow(tmp_path, changed_config, "all_figures", extra=["-n", *extra])
@@ -65,6 +79,14 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
     per_cell = {(rule, variant) for rule, variant in planned_jobs(plan(changed)) if variant}
     assert {variant for _, variant in per_cell} == {"standard", "gater_frozen"}
     assert ("train", "gater_frozen") in per_cell
+    # a new bootstrap seed recomputes every interval and nothing upstream of them
+    changed = copy.deepcopy(config)
+    changed["bootstrap"] = {"seed": 1}
+    jobs = planned_jobs(run_workflow(tmp_path, changed, "all_figures", *reports, extra=["-n"]).stdout)
+    assert {(rule, variant) for rule, variant in jobs if variant} == {
+        ("evaluate", v) for v in ("standard", "boostnet", "gater_frozen")}
+    assert {rule for rule, variant in jobs if not variant} == {"aggregate", "figure", "all_figures", "comparisons",
+                                                                "reproduction"}
 
     run_workflow(tmp_path, config, "all_figures", extra=["--report", str(tmp_path / "report.html")])
     html = (tmp_path / "report.html").read_text(errors="replace")

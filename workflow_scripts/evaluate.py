@@ -15,4 +15,5 @@ with smk.logged(snakemake):
         anytime_out=snakemake.output.anytime,
         budgeted_out=snakemake.output.budgeted,
         provenance_out=snakemake.output.provenance,
+        samples_out=snakemake.output.samples,
     )

@@ -12,4 +12,4 @@ with smk.logged(snakemake):
     frames = {kind: pd.read_csv(snakemake.input[kind]) for kind in ("anytime", "budgeted")}
     panels = figure_panels(frames, spec, snakemake.params.kind)
     title = spec.get("title", snakemake.wildcards.figure)
-    curve_figure(snakemake.config, panels, title, snakemake.output.pdf, snakemake.output.png)
+    curve_figure(panels, title, snakemake.output.pdf, snakemake.output.png, snakemake.params.style)

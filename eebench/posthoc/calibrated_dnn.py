@@ -56,6 +56,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..metrics import log_loss
 from . import register_posthoc
 from .base import PosthocMethod, ScoredOutputs
 
@@ -168,10 +169,6 @@ def ensemble(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (w * probs).cumsum(dim=0) / w.cumsum(dim=0)
 
 
-def _nll(p_label: torch.Tensor) -> torch.Tensor:
-    return -p_label.double().clamp_min(torch.finfo(torch.float64).tiny).log().mean(dim=-1)
-
-
 def select_grid(label_probs: torch.Tensor, weights: torch.Tensor, mie: bool) -> list[tuple[int, int]]:
     """Per-exit (temperature index, var0 index) minimising val NLL.
 
@@ -187,7 +184,7 @@ def select_grid(label_probs: torch.Tensor, weights: torch.Tensor, mie: bool) -> 
         if mie:
             w_k = float(weights[k])
             candidate = (acc + w_k * candidate) / (w_sum + w_k)
-        nll = _nll(candidate)  # (n_T, n_var0)
+        nll = log_loss(candidate).mean(dim=-1)  # (n_T, n_var0): metrics.nll on each grid point
         flat = int(torch.argmin(nll.flatten()))  # first minimum, temperature-major
         t, v = divmod(flat, nll.shape[1])
         choice.append((t, v))
