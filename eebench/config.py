@@ -501,8 +501,8 @@ def _check_report(config: dict[str, Any], fail) -> None:
             for value in spec.get(key, []):
                 if value not in allowed:
                     fail(f"report.figures.{name}.{key}", value, allowed)
-        if spec.get("reference", "standard") not in variants:
-            fail(f"report.figures.{name}.reference", spec.get("reference", "standard"), variants)
+        if "reference" in spec and spec["reference"] not in variants:
+            fail(f"report.figures.{name}.reference", spec["reference"], variants)
     for i, entry in enumerate(report.get("comparison_budgets", [])):
         for key, allowed in (("dataset", known["datasets"]), ("architecture", known["architectures"])):
             if entry[key] not in allowed:
@@ -611,8 +611,16 @@ def resolved_cell_config(config: dict[str, Any], cell: Cell) -> dict[str, Any]:
 
 
 def figure_spec(config: dict[str, Any], figure: str) -> dict[str, Any]:
-    """A figure's report entry; a figure the config does not list draws every cell."""
-    return {"reference": "standard", **config.get("report", {}).get("figures", {}).get(figure, {})}
+    """A figure's report entry, with its reference variant: the one given, else ``standard`` where
+    the figure draws it, else the figure's first variant. A figure the config does not list draws
+    every cell."""
+    from .style import all_variants
+
+    spec = dict(config.get("report", {}).get("figures", {}).get(figure, {}))
+    if "reference" not in spec:
+        drawn = spec.get("variants") or all_variants(config)
+        spec["reference"] = "standard" if "standard" in drawn else drawn[0]
+    return spec
 
 
 def figure_selects(config: dict[str, Any], figure: str, cell: Cell) -> bool:

@@ -15,7 +15,7 @@ import torch
 from eebench.config import (Cell, ConfigError, cell_fingerprint, check_config, check_pretrained_files, load_config,
                             split_identity, validate_schema)
 from eebench.heldout import dataset_split, read_val_indices
-from eebench.report import label_of, variant_styles
+from eebench.style import variant_label, variant_styles
 from workflow_helpers import ROOT, default_config, planned_jobs, run_workflow, tiny_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference"
@@ -172,7 +172,7 @@ def test_a_reference_checkpoint_through_the_workflow(tmp_path):
     assert set(anytime["kind"]) == {"pretrained", "training"}
     curves = {v: g.sort_values("exit")["accuracy"].tolist() for v, g in anytime.groupby("variant")}
     assert curves["released"] == curves["gater_frozen"]  # the gater leaves the network as converted
-    assert label_of(config, "released") == "MSDNet (reference)" and "released" in variant_styles(config)
+    assert variant_label(config, "released") == "MSDNet (reference)" and "released" in variant_styles(config)
 
     def plan() -> set:
         proc = run_workflow(tmp_path, config, "results/aggregate/anytime.csv", extra=["-n"])
