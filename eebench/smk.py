@@ -26,7 +26,7 @@ def logged(snakemake: Any) -> Iterator[None]:
     """Send the library's log to the rule's log file (and stderr); log errors without a traceback
     for the expected kinds (bad input), with one for anything else."""
     from .config import ConfigError
-    from .datasets import DatasetMissingError
+    from .datasets import DatasetError, DeclarationError
     from .io import CorruptFileError
     from .training import TrainingDiverged
 
@@ -37,7 +37,7 @@ def logged(snakemake: Any) -> Iterator[None]:
                         handlers=handlers, force=True)
     try:
         yield
-    except (ConfigError, DatasetMissingError, CorruptFileError, TrainingDiverged, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, DeclarationError, CorruptFileError, TrainingDiverged, FileNotFoundError) as err:
         logging.getLogger("eebench").error("%s", err)
         raise SystemExit(1) from None
     except Exception:

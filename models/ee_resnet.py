@@ -365,10 +365,7 @@ class PlainResNet(nn.Module):
         return self.classifier(self.pool(self.blocks(self.stem(x))))
 
 
-@register_architecture(
-    "ee_resnet", EEResNetConfig,
-    datasets=("digits", "mnist", "svhn", "cifar10", "cifar100", "tinyimagenet", "imagenet"),
-)
+@register_architecture("ee_resnet", EEResNetConfig)
 class EEResNet(MultiExitNetwork):
     """EENets ResNet with ``config.num_exits`` early exits and the final exit.
 

@@ -313,9 +313,7 @@ def init_weights(module: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@register_architecture(
-    "msdnet", MSDNetConfig, datasets=("digits", "cifar10", "cifar100", "imagenet")
-)
+@register_architecture("msdnet", MSDNetConfig)
 class MSDNet(MultiExitNetwork):
     def __init__(self, config: MSDNetConfig, input_spec: InputSpec):
         super().__init__()
