@@ -275,3 +275,17 @@ def test_flops_command_uses_a_configs_declaration(tmp_path):
               "--set", "width=4", "--json"])
     record = json.loads(buffer.getvalue())  # traced on the declared 1x12x12 input
     assert len(record["flops"]) == 2 and record["flops"][0] < record["flops"][1]
+
+
+def test_readme_declaration_example_is_a_valid_config():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Datasets"):]
+    block = section[section.index("```yaml") + len("```yaml"):]
+    example = yaml.safe_load(block[:block.index("```")])
+    config = copy.deepcopy(tiny_config(epochs=1))
+    config["datasets"] = {**config["datasets"], **example["datasets"]}
+    validate_schema(config)
+    check_config(config)
+    sketches = dataset_info("sketches", config)
+    assert (sketches.format, sketches.input, sketches.val_size, sketches.mean) == ("npz", InputSpec(1, 28, 10), 5000, None)
+    assert dataset_info("cifar10", config).val_size == 1000
