@@ -165,7 +165,7 @@ def main() -> None:
     start_s = statistics.median(start_up_seconds() for _ in range(3))
     infer_batch = config.get("infer_batch_size", 512)
     jobs: dict[str, float] = {}
-    print(f"\n{'cell':48} {'cpu ms/step':>11} {'wall':>6} {'steps/ep':>8} {'val s/ep':>8} {'train s':>8} "
+    print(f"\n{'cell':52} {'cpu ms/step':>11} {'wall':>6} {'steps/ep':>8} {'val s/ep':>8} {'train s':>8} "
           f"{'infer s':>8}")
     for probe in probes:
         data = probe.data
@@ -181,7 +181,7 @@ def main() -> None:
         infer_s = per_image * cached + data["read_s"] + start_s
         jobs[f"train {probe.cell.path}"] = train_s
         jobs[f"infer {probe.cell.path}"] = infer_s
-        print(f"{probe.cell.path:48} {step_s * 1e3:11.1f} {statistics.median(probe.wall) * 1e3:6.0f} "
+        print(f"{probe.cell.path:52} {step_s * 1e3:11.1f} {statistics.median(probe.wall) * 1e3:6.0f} "
               f"{probe.steps_per_epoch:8d} {val_s:8.1f} {train_s:8.0f} {infer_s:8.0f}", flush=True)
     for cell in all_cells:  # post-hoc fits on caches of the right shape
         if not is_posthoc(config, cell.variant) or (args.only and cell.arch != args.only):
@@ -205,7 +205,7 @@ def main() -> None:
         method.score(caches["val"])
         method.score(caches["test"])
         jobs[f"posthoc {cell.path}"] = time.process_time() - t + start_s
-        print(f"{cell.path:48} post-hoc fit + score {jobs[f'posthoc {cell.path}']:.0f} s")
+        print(f"{cell.path:52} post-hoc fit + score {jobs[f'posthoc {cell.path}']:.0f} s")
     n_evaluate = len(all_cells)
     small = n_evaluate * (start_s + 1.0) + len(datasets) * (start_s + max(d["read_s"] for d in datasets.values()))
     total = sum(jobs.values()) + small

@@ -80,3 +80,26 @@ def test_rule_time_table_sums_benchmark_files_per_rule(tmp_path):
     assert table.loc["train", "max_rss_mb"] == 700.0 and table.loc["infer", "mean_s"] == 6.5
     assert list(table.index) == ["train", "infer"]  # costliest rule first
     assert rule_time_table(tmp_path / "nothing").empty
+
+
+def test_cpu_projection_probes_every_training_cell(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from workflow_helpers import tiny_config
+
+    bench = _load("cpu_projection")
+    config = tiny_config(epochs=2)
+    config["data_dir"] = str(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(sys, "argv", ["cpu_projection.py", str(path), "--steps", "2", "--rounds", "1", "--warmup", "1"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("digits/msdnet/standard/seed0"))
+    steps_per_epoch = int(row.split()[3])
+    assert steps_per_epoch == 1078 // 64  # the digits training part at the recipe's batch size
+    assert "PROJECTION on 2 cores" in out
