@@ -113,7 +113,7 @@ def count_step_cost(config: dict, dataset: str, arch: str, variant: str, probe_b
     """Count FLOPs and kernels of a real train_step of ``variant`` (after a first, uncounted one);
     for a pretrained variant (``trained`` false) only the evaluation's kernels."""
     torch.manual_seed(0)
-    info = dataset_info(dataset)
+    info = dataset_info(dataset, config)
     model = build_network(config, dataset, arch)
     recipe = recipe_for(config, dataset, variant)
     costs = torch.tensor(flops, dtype=torch.float32) / flops[-1]
@@ -277,7 +277,7 @@ def main() -> None:
         if (cell.dataset, cell.arch) not in exit_flops:
             net = build_network(config, cell.dataset, cell.arch)
             exit_flops[(cell.dataset, cell.arch)] = flops_record(
-                net, dataset_info(cell.dataset).input, config.get("flops_convention", "reference"))["flops"]
+                net, dataset_info(cell.dataset, config).input, config.get("flops_convention", "reference"))["flops"]
         batch = 4 if cell.dataset == "imagenet" else opts.probe_batch
         costs[key] = count_step_cost(config, cell.dataset, cell.arch, cell.variant, batch,
                                      exit_flops[(cell.dataset, cell.arch)], not is_pretrained(config, cell.variant))

@@ -53,18 +53,17 @@ def cmd_list(args: argparse.Namespace) -> None:
 def cmd_flops(args: argparse.Namespace) -> None:
     from models import build_model, get_architecture
 
+    from .config import ConfigError, load_config
     from .datasets import dataset_info
     from .pipeline import flops_record
 
     try:
-        arch = get_architecture(args.arch)
-        info = dataset_info(args.dataset)
-        if args.dataset not in arch.datasets:
-            raise ValueError(f"architecture {args.arch!r} is not used with dataset {args.dataset!r}; "
-                             f"allowed: {', '.join(arch.datasets)}")
+        get_architecture(args.arch)
+        config = load_config(args.config) if args.config else None
+        info = dataset_info(args.dataset, config)
         network = build_model(args.arch, info.input, **parse_sets(args.set))
         record = flops_record(network, info.input, args.convention)
-    except (KeyError, ValueError, TypeError) as err:
+    except (KeyError, ValueError, TypeError, ConfigError) as err:
         raise SystemExit(f"error: {err.args[0] if err.args else err}") from None
     if args.json:
         print(json.dumps(record))
@@ -128,7 +127,7 @@ def cmd_check_config(args: argparse.Namespace) -> None:
             from .pipeline import build_network, flops_record
 
             network = build_network(config, table["dataset"], table["architecture"])
-            record = flops_record(network, dataset_info(table["dataset"]).input, config["flops_convention"])
+            record = flops_record(network, dataset_info(table["dataset"], config).input, config["flops_convention"])
             check_budgets(config, record["flops"])
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
@@ -150,11 +149,8 @@ def _network_for(family: str, dataset: str, sets: list[str]):
 
     from .datasets import dataset_info
 
-    arch = get_architecture(family)
+    get_architecture(family)  # an unknown family is named with the allowed ones
     info = dataset_info(dataset)
-    if dataset not in arch.datasets:
-        raise ValueError(f"architecture {family!r} is not used with dataset {dataset!r}; "
-                         f"allowed: {', '.join(arch.datasets)}")
     params = parse_sets(sets)
     return build_model(family, info.input, **params), params, info
 
@@ -232,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture parameter; lists as 1-2-4 or [1, 2, 4]")
     p.add_argument("--convention", choices=("reference", "fvcore"), default="reference")
+    p.add_argument("--config", help="a config whose datasets section declares or overrides the dataset")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from . import registry
-from .datasets import DATASETS
+from .datasets import DatasetError, DeclarationError, check_files, dataset_info, declaration
 from .io import file_hash, stable_hash
 
 
@@ -261,6 +261,15 @@ def pretrained_fingerprint(dataset: str, family: str, arch_params: dict[str, Any
     })
 
 
+def dataset_declared(config: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """What the config's ``datasets.<dataset>`` entry declares about the data itself (its format,
+    files, size, augmentation, normalisation, ...; not the recipe, resources or the val split, which
+    ``val_size``/``split_identity`` cover): part of
+    what a split and a cell's weights depend on. Empty for a built-in dataset used as it is."""
+    entry = config["datasets"].get(dataset, {})
+    return {k: v for k, v in entry.items() if k not in ("recipe", "resources", "val_size", "val_from")}
+
+
 def cell_fingerprint(config: dict[str, Any], cell: Cell) -> str:
     """A hash of everything that determines a training cell's weights (its parent's included)."""
     family, params = architecture(config, cell.arch)
@@ -280,12 +289,13 @@ def cell_fingerprint(config: dict[str, Any], cell: Cell) -> str:
         # configs keep their fingerprints)
         **({"val_size": held_out} if (held_out := val_size(config, cell.dataset)) is not None else {}),
         **({"split": split} if split else {}),
+        **({"dataset_declaration": declared} if (declared := dataset_declared(config, cell.dataset)) else {}),
     })
 
 
 def check_config(config: dict[str, Any]) -> None:
     """Raise ConfigError naming the key, the bad value and what is allowed."""
-    from models import get_architecture, list_architectures, make_config
+    from models import list_architectures, make_config
 
     from .methods import METHODS
     from .posthoc import POSTHOC
@@ -297,8 +307,10 @@ def check_config(config: dict[str, Any]) -> None:
     from .recipe import Recipe
 
     for name, spec in config["datasets"].items():
-        if name not in DATASETS:
-            fail(f"datasets.{name}", name, list(DATASETS))
+        try:
+            dataset_info(name, config)
+        except DeclarationError as err:
+            raise ConfigError(f"config {err}") from None
         _wrap(lambda: registry.build_params(Recipe, spec.get("recipe", {}), f"config datasets.{name}.recipe"))
     for name, arch in config["architectures"].items():
         if arch["family"] not in list_architectures():
@@ -338,13 +350,9 @@ def check_config(config: dict[str, Any]) -> None:
                 if value not in known:
                     fail(f"experiments[{i}].{key}", value, list(known))
         for arch in exp["architectures"]:
-            family = config["architectures"][arch]["family"]
             for variant in exp.get("methods", []) + exp.get("pretrained", []):
                 _check_capabilities(config, variant, arch, f"experiments[{i}]")
             for dataset in exp["datasets"]:
-                if dataset not in get_architecture(family).datasets:
-                    fail(f"experiments[{i}]: architecture {arch!r} ({family}) on dataset",
-                         dataset, get_architecture(family).datasets)
                 for variant in exp.get("methods", []):
                     _wrap(lambda: recipe_for(config, dataset, variant), f"recipe for {dataset}/{variant}")
                 if (arch, dataset) not in built:
@@ -384,7 +392,7 @@ def _check_pretrained(config: dict[str, Any], fail) -> None:
     from .methods import METHODS
 
     for dataset, spec in config["datasets"].items():
-        if spec.get("val_from") == "test" and DATASETS[dataset].test_fraction is not None:
+        if spec.get("val_from") == "test" and dataset_info(dataset, config).test_fraction is not None:
             fail(f"datasets.{dataset}.val_from", "test",
                  f"train ({dataset} has no test set of its own: its test split is carved from the same pool)")
     for name in config.get("pretrained", {}):
@@ -475,7 +483,7 @@ def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:
     from models import make_config
 
     family, params = architecture(config, arch)
-    spec = DATASETS[dataset].input
+    spec = dataset_info(dataset, config).input  # what the network is built for: compatibility is its own checks
     try:
         arch_config = make_config(family, params)
         validate = getattr(arch_config, "validate", None)
@@ -487,7 +495,8 @@ def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:
             exit_positions(arch_config, resnet_plan(arch_config, spec))  # early exits that fit the depth
     except (ValueError, TypeError, KeyError) as err:
         message = err.args[0] if err.args else str(err)
-        raise ConfigError(f"config architectures.{arch}.params (on dataset {dataset!r}): {message}") from None
+        raise ConfigError(f"config architectures.{arch}.params (on dataset {dataset!r}, {spec.channels}x{spec.size}x"
+                          f"{spec.size} images, datasets.{dataset}): {message}") from None
 
 
 def _check_report(config: dict[str, Any], fail) -> None:
@@ -522,46 +531,29 @@ def _check_report(config: dict[str, Any], fail) -> None:
             if eenets[key] not in config["methods"]:
                 fail(f"report.eenets_table.{key}", eenets[key], list(config["methods"]))
         for i, row in enumerate(eenets["rows"]):
+            if row.get("variant", eenets["variant"]) not in config["methods"]:
+                fail(f"report.eenets_table.rows[{i}].variant", row.get("variant"), list(config["methods"]))
             for key, allowed in (("dataset", known["datasets"]), ("architecture", known["architectures"]),
                                  ("plain", known["architectures"])):
                 if row[key] not in allowed:
                     fail(f"report.eenets_table.rows[{i}].{key}", row[key], allowed)
 
 
-# what must be in data_dir for each dataset read from disk (any one of the names)
-DATA_FILES = {
-    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz"),
-    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz"),
-    "mnist": ("MNIST",),
-    "svhn": ("train_32x32.mat",),
-    "imagenet": ("imagenet/train",),  # ImageFolder trees
-    "tinyimagenet": ("tinyimagenet/train",),
-}
-
-
 def check_data(config: dict[str, Any]) -> None:
-    """Every dataset of the experiments is in ``data_dir`` (unless ``download`` is on): a missing
-    directory fails at workflow start, not in the first job that reads it."""
-    from .datasets import _HOW_TO_PROVIDE
-
-    if config.get("download", False):
-        return
+    """Every dataset of the experiments is where its declaration says, and holds what it declares
+    (image size, channels, classes): a missing or mismatched dataset fails at workflow start, not
+    in the first job that reads it. With ``download`` on, datasets that torchvision can fetch are
+    left to the split job."""
     used = sorted({d for exp in config["experiments"] for d in exp["datasets"]})
-    root = Path(config["data_dir"])
     for dataset in used:
-        names = DATA_FILES.get(dataset)
-        if names is None:  # embedded (digits)
+        spec = dataset_info(dataset, config)
+        if config.get("download", False) and spec.torchvision_download:
             continue
-        if not root.is_dir():
-            raise ConfigError(
-                f"config data_dir: {config['data_dir']!r} is not a directory ({root.resolve()}), but dataset "
-                f"{dataset!r} is read from it: {_HOW_TO_PROVIDE[dataset]}; or set data_dir to where the data is"
-            )
-        if names and not any((root / name).exists() for name in names):
-            raise ConfigError(
-                f"config data_dir: {config['data_dir']!r} ({root.resolve()}) has no {' or '.join(names)} for "
-                f"dataset {dataset!r}: {_HOW_TO_PROVIDE[dataset]}"
-            )
+        try:
+            check_files(spec, config["data_dir"])
+        except DatasetError as err:
+            raise ConfigError(f"config {err}" if str(err).startswith("datasets.") else
+                              f"config data_dir / datasets.{dataset}: {err}") from None
 
 
 def check_budgets(config: dict[str, Any], exit_flops: list[float]) -> None:
@@ -596,6 +588,7 @@ def resolved_cell_config(config: dict[str, Any], cell: Cell) -> dict[str, Any]:
         "dataset": cell.dataset, "architecture": cell.arch, "family": family, "arch_params": params,
         "variant": cell.variant, "seed": cell.seed, "split_seed": config["split_seed"],
         "flops_convention": config["flops_convention"],
+        "dataset_declaration": declaration(cell.dataset, config),  # format, files, size, augmentation, ...
     }
     if is_posthoc(config, cell.variant):
         out["posthoc"] = copy.deepcopy(posthoc_variant(config, cell.variant))

@@ -1,240 +1,273 @@
-"""Datasets: what each one is (input shape, classes), how it is loaded, and its fixed splits.
+"""Datasets: what each one is (a declaration), where its files are, and its fixed splits.
+
+A dataset is a declaration: its on-disk ``format`` (a reader in ``eebench.formats``), the
+directories its files are looked for in, the image size, channels and classes the networks are
+built for, how many training images are held out for validation (or, for a dataset without a
+test set, what share of the pool is the test set), the training augmentation and the
+normalisation. The built-in ones (``config/builtin_datasets.yaml``) and a config's own
+(``datasets.<name>``) are the same kind of entry; a config entry named after a built-in extends
+or overrides it, an entry with its own ``format`` stands alone. ``dataset_info(name, config)``
+resolves one.
 
 Splits are index arrays into the dataset's training pool (train/val) and its test set; they are
 derived from the seed alone, so the same config gives the same split everywhere. Images are held as
 uint8 tensors (N, C, H, W); normalisation and augmentation happen per batch (``eebench.augment``).
-
-- ``digits``: scikit-learn's 1797 real handwritten digits (8x8, 17 grey levels), upsampled to
-  3x32x32. Train/val/test by proportion.
-- ``cifar10``/``cifar100``: through torchvision from ``data_dir``; val = 5000 held out of train.
-- ``imagenet``: ImageFolder trees ``data_dir/imagenet/{train,val}``; val = 50000 held out of
-  train, the official val set is the test set (MSDNet's ``--use-valid`` protocol). Read from disk by
-  DataLoader workers (``eebench.imagefolder``), never held in memory.
-- ``mnist``, ``svhn``, ``tinyimagenet``: used by the EENets ResNets (mnist and svhn load through
-  torchvision, tinyimagenet from ImageFolder trees ``data_dir/tinyimagenet/{train,val}``).
+A declaration without mean/std gets them from its training split (``channel_stats``).
 """
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass, replace
+import copy
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import yaml
 
 from models import InputSpec
 
-from .imagefolder import FolderImages, scan_folder
+from .formats import (FORMATS, DatasetError, DatasetFileError, DatasetFormat, DatasetMissingError, ImagePool,
+                      Probe, digits_arrays, read_any, torchvision_download)
+from .imagefolder import FolderImages, eval_batches
+from .tv import import_torchvision
+
+__all__ = ["BUILTIN_PATH", "DatasetError", "DatasetFileError", "DatasetMissingError", "DatasetSpec",
+           "DeclarationError", "ImagePool", "builtin_datasets", "channel_stats", "check_files", "dataset_info",
+           "declaration", "digits_arrays", "load_pool", "locate", "make_split", "split_images"]
+
+BUILTIN_PATH = Path(__file__).resolve().parents[1] / "config" / "builtin_datasets.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
+# keys of a config's datasets.<name> entry that say how it is trained, not what it is
+TRAINING_KEYS = ("recipe", "resources")
+MERGED_KEYS = ("augment", "files")  # nested mappings an override extends key by key
 
 
-class DatasetMissingError(RuntimeError):
-    """A dataset's files are not where the config says they are."""
+class DeclarationError(ValueError):
+    """A dataset declaration names an unknown format or contradicts itself (its message starts
+    with the key, ``datasets.<name>.<key>``)."""
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
+class DatasetSpec:
+    """A resolved dataset declaration."""
+
     name: str
+    format: str
     input: InputSpec
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None  # None: computed from the training split
+    std: tuple[float, ...] | None
     val_size: int | float  # absolute count, or a fraction of the training pool
     test_fraction: float | None = None  # for datasets without a test set of their own
-    crop_padding: int = 4
-    hflip: bool = True
+    crop_padding: int = 0
+    hflip: bool = False
     augment: str = "crop"  # crop (pad + random crop) | resized_crop (ImageNet's RandomResizedCrop)
+    paths: tuple[str, ...] = ()
+    files: dict[str, Any] = field(default_factory=dict)
+    archive: str | None = None
+    torchvision_download: str | None = None
+    hint: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"datasets.{self.name}"
+
+    @property
+    def reader(self) -> DatasetFormat:
+        return FORMATS[self.format]
 
 
-DATASETS: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo(
-        "digits", InputSpec(3, 32, 10), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-        val_size=0.2, test_fraction=0.25, hflip=False,
-    ),
-    "cifar10": DatasetInfo(
-        "cifar10", InputSpec(3, 32, 10),
-        (0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616), val_size=5000,
-    ),
-    "cifar100": DatasetInfo(
-        "cifar100", InputSpec(3, 32, 100),
-        (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), val_size=5000,
-    ),
-    "imagenet": DatasetInfo(
-        "imagenet", InputSpec(3, 224, 1000),
-        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), val_size=50000, augment="resized_crop",
-    ),
-    "mnist": DatasetInfo(
-        "mnist", InputSpec(1, 28, 10), (0.1307,), (0.3081,), val_size=5000, hflip=False,
-        crop_padding=0,
-    ),
-    "svhn": DatasetInfo(
-        "svhn", InputSpec(3, 32, 10),
-        (0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197), val_size=5000, hflip=False,
-    ),
-    "tinyimagenet": DatasetInfo(
-        "tinyimagenet", InputSpec(3, 64, 200),
-        (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), val_size=10000, crop_padding=8,
-    ),
-}
+@functools.lru_cache(maxsize=1)
+def _builtin_file() -> dict[str, dict[str, Any]]:
+    import jsonschema
+
+    with open(BUILTIN_PATH) as f:
+        entries = yaml.safe_load(f)
+    with open(SCHEMA_PATH) as f:
+        schema = yaml.safe_load(f)
+    validator = jsonschema.Draft202012Validator({**schema["$defs"]["dataset"], "$defs": schema["$defs"]})
+    for name, entry in entries.items():
+        error = jsonschema.exceptions.best_match(validator.iter_errors(entry))
+        if error is not None:
+            where = ".".join(map(str, error.absolute_path))
+            raise DeclarationError(f"{BUILTIN_PATH}: {name}.{where}: {error.message}")
+    return entries
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
-    return DATASETS[name]
+def builtin_datasets() -> list[str]:
+    return list(_builtin_file())
 
 
-@dataclass
-class ImagePool:
-    """A dataset's training pool and test set: uint8 images in memory (N, C, H, W), or the image
-    files of an ImageFolder tree (``FolderImages``), indexed the same way."""
-
-    train_images: torch.Tensor | FolderImages
-    train_labels: torch.Tensor  # (N,) int64
-    test_images: torch.Tensor | FolderImages
-    test_labels: torch.Tensor
-
-
-_HOW_TO_PROVIDE = {
-    "cifar10": "put the torchvision archive 'cifar-10-python.tar.gz' (or its extracted folder "
-    "'cifar-10-batches-py') in that directory, or allow downloads (download: true) where the "
-    "network permits",
-    "cifar100": "put 'cifar-100-python.tar.gz' (or the extracted 'cifar-100-python' folder) in that "
-    "directory, or allow downloads (download: true) where the network permits",
-    "mnist": "put torchvision's 'MNIST/raw' files in that directory, or allow downloads",
-    "svhn": "put 'train_32x32.mat' and 'test_32x32.mat' in that directory, or allow downloads",
-    "imagenet": "arrange ILSVRC-2012 as ImageFolder trees '<data_dir>/imagenet/train/<wnid>/*.JPEG' and "
-    "'<data_dir>/imagenet/val/<wnid>/*.JPEG' (the official val set sorted into class folders)",
-    "tinyimagenet": "arrange Tiny-ImageNet as ImageFolder trees '<data_dir>/tinyimagenet/train/<wnid>/*.JPEG' "
-    "and '<data_dir>/tinyimagenet/val/<wnid>/*.JPEG' (val images sorted into class folders with "
-    "val_annotations.txt)",
-}
+def declaration(name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The declaration of ``name``: the config's own entry (with a ``format``), or the built-in
+    one extended by the config's entry."""
+    entry = ((config or {}).get("datasets") or {}).get(name) or {}
+    own = {k: copy.deepcopy(v) for k, v in entry.items() if k not in TRAINING_KEYS}
+    builtins = _builtin_file()
+    if "format" in own:
+        return own
+    if name not in builtins:
+        raise DeclarationError(
+            f"datasets.{name}: {name!r} is not a built-in dataset and declares no format; allowed: a built-in "
+            f"dataset ({', '.join(builtins)}) or an entry with its own format ({', '.join(FORMATS)})")
+    merged = copy.deepcopy(builtins[name])
+    for key, value in own.items():
+        merged[key] = {**merged.get(key, {}), **value} if key in MERGED_KEYS else value
+    return merged
 
 
-def _missing(name: str, where: Path, detail: str = "") -> DatasetMissingError:
-    extra = f" ({detail})" if detail else ""
-    return DatasetMissingError(
-        f"dataset {name!r} not found in {where}{extra}: {_HOW_TO_PROVIDE[name]}. "
-        f"Set data_dir in the config to the directory that holds it."
+def dataset_info(name: str, config: dict[str, Any] | None = None) -> DatasetSpec:
+    """The resolved declaration of dataset ``name`` (a built-in, or the config's ``datasets.<name>``)."""
+    decl = declaration(name, config)
+    key = f"datasets.{name}"
+
+    def fail(sub: str, value: Any, allowed: str) -> DeclarationError:
+        return DeclarationError(f"{key}.{sub}: {value!r} is not allowed; allowed: {allowed}")
+
+    missing = [k for k in ("format", "image_size", "channels", "classes", "val_size") if k not in decl]
+    if missing:
+        raise DeclarationError(f"{key}: required key{'s' if len(missing) > 1 else ''} "
+                               f"{', '.join(map(repr, missing))} missing")
+    if decl["format"] not in FORMATS:
+        raise fail("format", decl["format"], ", ".join(FORMATS))
+    reader = FORMATS[decl["format"]]
+    channels, size, classes = decl["channels"], decl["image_size"], decl["classes"]
+    for sub, fixed, value in (("channels", reader.channels, channels), ("image_size", reader.image_size, size)):
+        if fixed is not None and value != fixed:
+            raise fail(sub, value, f"{fixed} (format {reader.name!r} always holds {fixed})")
+    mean, std = decl.get("mean"), decl.get("std")
+    if (mean is None) != (std is None):
+        raise fail("mean" if mean is None else "std", mean if std is None else std,
+                   "mean and std both given, or both left out (then computed from the training split)")
+    for sub, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) != channels:
+            raise fail(sub, values, f"a list of {channels} value{'s' if channels > 1 else ''}, one per channel")
+    augment = decl.get("augment", {})
+    if augment.get("resized_crop", False) and reader.in_memory:
+        raise fail("augment.resized_crop", True, f"false for format {reader.name!r} (a random resized crop "
+                   "needs images decoded per batch: format imagefolder)")
+    files = {**reader.roles, **decl.get("files", {})}
+    unknown = sorted(set(files) - set(reader.roles))
+    if unknown:
+        raise fail(f"files.{unknown[0]}", files[unknown[0]], f"the roles of format {reader.name!r}: "
+                   + (", ".join(reader.roles) or "none (it reads no files)"))
+    val_size = decl["val_size"]
+    return DatasetSpec(
+        name=name, format=reader.name, input=InputSpec(channels, size, classes),
+        mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
+        val_size=int(val_size) if isinstance(val_size, float) and val_size >= 1 else val_size,
+        test_fraction=decl.get("test_fraction"),
+        crop_padding=int(augment.get("crop_padding", 0)), hflip=bool(augment.get("hflip", False)),
+        augment="resized_crop" if augment.get("resized_crop", False) else "crop",
+        paths=tuple(decl.get("paths", [name])), files=files, archive=decl.get("archive"),
+        torchvision_download=decl.get("torchvision_download"), hint=decl.get("hint", ""),
     )
 
 
-def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits, (1797, 8, 8) values 0..16 and labels, read from the file that
-    ``sklearn.datasets.load_digits`` reads, without importing scikit-learn (a second per job)."""
-    spec = importlib.util.find_spec("sklearn")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
-    if path is None or not path.is_file():  # another scikit-learn layout: let it load its own data
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        return bunch.images, bunch.target
-    table = np.loadtxt(path, delimiter=",")
-    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+def _as_spec(dataset: DatasetSpec | str) -> DatasetSpec:
+    return dataset if isinstance(dataset, DatasetSpec) else dataset_info(dataset)
 
 
-def _digits() -> ImagePool:
-    pixels, target = digits_arrays()
-    images = torch.from_numpy(pixels).float()[:, None]  # (N, 1, 8, 8), values 0..16
-    images = F.interpolate(images, size=32, mode="bilinear", align_corners=False)
-    images = (images * (255.0 / 16.0)).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
-    labels = torch.from_numpy(target).long()
-    # digits has no test set of its own: the split carves one out of the pool
-    return ImagePool(images.contiguous(), labels, images[:0].contiguous(), labels[:0])
+# --- where the files are ---------------------------------------------------------------------
+def candidate_dirs(spec: DatasetSpec, data_dir: str | Path) -> list[Path]:
+    """The directories a dataset is looked for in, in order (relative paths under ``data_dir``)."""
+    return [Path(p) if Path(p).is_absolute() else Path(data_dir) / p for p in spec.paths]
 
 
-def _torchvision_pool(name: str, root: Path, download: bool) -> ImagePool:
-    from .tv import import_torchvision
-
-    tv = import_torchvision()
-    cls = {"cifar10": tv.datasets.CIFAR10, "cifar100": tv.datasets.CIFAR100}[name]
-    try:
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False, download=download)
-    except (RuntimeError, OSError) as err:
-        raise _missing(name, root, str(err).splitlines()[0]) from None
-
-    def to_tensor(ds) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-        return images, torch.as_tensor(ds.targets, dtype=torch.long)
-
-    return ImagePool(*to_tensor(train), *to_tensor(test))
+def _missing_error(spec: DatasetSpec, data_dir: str | Path,
+                   looked: list[tuple[Path, list[str]]]) -> DatasetMissingError:
+    where = "; ".join(f"{path} ({'does not exist' if absent == ['the directory'] else 'no ' + ', '.join(absent)})"
+                      for path, absent in looked)
+    hint = f": {spec.hint}" if spec.hint else ""
+    return DatasetMissingError(
+        f"dataset {spec.name!r} not found (format {spec.format}: {spec.reader.layout}); looked in {where}{hint}. "
+        f"Set data_dir in the config (now {str(data_dir)!r}) to the directory that holds it, or {spec.key}.paths "
+        "to where its files are.")
 
 
-def _mnist_svhn_pool(name: str, root: Path, download: bool) -> ImagePool:
-    from .tv import import_torchvision
-
-    tv = import_torchvision()
-    try:
-        if name == "mnist":
-            train = tv.datasets.MNIST(str(root), train=True, download=download)
-            test = tv.datasets.MNIST(str(root), train=False, download=download)
-            return ImagePool(train.data[:, None].clone(), train.targets.long(),
-                             test.data[:, None].clone(), test.targets.long())
-        train = tv.datasets.SVHN(str(root), split="train", download=download)
-        test = tv.datasets.SVHN(str(root), split="test", download=download)
-    except (RuntimeError, OSError) as err:
-        raise _missing(name, root, str(err).splitlines()[0]) from None
-    return ImagePool(torch.from_numpy(train.data), torch.from_numpy(train.labels).long(),
-                     torch.from_numpy(test.data), torch.from_numpy(test.labels).long())
-
-
-def _folder_pool(name: str, root: Path, workers: int) -> ImagePool:
-    info = dataset_info(name)
-    for part in ("train", "val"):  # both, before a long scan of the first
-        if not (root / name / part).is_dir():
-            raise _missing(name, root, f"no folder {root / name / part}")
-    parts = {}
-    for part in ("train", "val"):
+def locate(spec: DatasetSpec, data_dir: str | Path, download: bool = False) -> Path:
+    """The first directory of ``spec.paths`` that holds every file the format needs; an
+    ``archive`` in data_dir is extracted there first, and with ``download`` torchvision fetches
+    what it can. Raises DatasetMissingError naming every place looked in."""
+    looked = [(path, spec.reader.missing(spec, path)) for path in candidate_dirs(spec, data_dir)]
+    for path, absent in looked:
+        if not absent:
+            return path
+    archive = Path(data_dir) / spec.archive if spec.archive else None
+    if archive is not None and archive.is_file():
+        import_torchvision().datasets.utils.extract_archive(str(archive), str(data_dir))
+    elif download and spec.torchvision_download:
         try:
-            paths, labels = scan_folder(root / name / part)
-        except (FileNotFoundError, OSError) as err:  # e.g. a class folder without images
-            raise _missing(name, root, str(err).splitlines()[0]) from None
-        images = FolderImages(paths, info.input.size, info.augment, info.crop_padding, info.hflip, workers)
-        parts[part] = (images, labels)
-    return ImagePool(*parts["train"], *parts["val"])
+            torchvision_download(spec.torchvision_download, Path(data_dir))
+        except (RuntimeError, OSError) as err:
+            raise DatasetMissingError(f"dataset {spec.name!r}: download into {data_dir} failed: "
+                                      f"{str(err).splitlines()[0]}") from None
+    else:
+        raise _missing_error(spec, data_dir, looked)
+    looked = [(path, spec.reader.missing(spec, path)) for path in candidate_dirs(spec, data_dir)]
+    for path, absent in looked:
+        if not absent:
+            return path
+    raise _missing_error(spec, data_dir, looked)
 
 
-def load_pool(name: str, data_dir: str | Path, download: bool = False, workers: int = 4) -> ImagePool:
-    """A dataset's training pool and test set: in memory, or (ImageNet, Tiny-ImageNet) as image
-    files that ``workers`` DataLoader processes decode."""
-    dataset_info(name)
-    root = Path(data_dir)
-    if name == "digits":
-        return _digits()
-    if name in ("cifar10", "cifar100"):
-        if not download and not root.is_dir():
-            raise _missing(name, root, "directory does not exist")
-        return _torchvision_pool(name, root, download)
-    if name in ("mnist", "svhn"):
-        if not download and not root.is_dir():
-            raise _missing(name, root, "directory does not exist")
-        return _mnist_svhn_pool(name, root, download)
-    return _folder_pool(name, root, workers)
+def load_pool(dataset: DatasetSpec | str, data_dir: str | Path, download: bool = False,
+              workers: int = 4) -> ImagePool:
+    """A dataset's training pool and test set: in memory, or (ImageFolder trees) as image files
+    that ``workers`` DataLoader processes decode."""
+    spec = _as_spec(dataset)
+    return read_any(spec.reader, spec, locate(spec, data_dir, download), workers)
 
 
-def make_split(name: str, pool_sizes: tuple[int, int], seed: int,
+def check_files(spec: DatasetSpec, data_dir: str | Path) -> Probe:
+    """Find the files and check what they hold against the declaration (image shape, classes):
+    DatasetError naming the key and the file when they differ."""
+    root = locate(spec, data_dir)
+    probe = spec.reader.probe(spec, root)
+    if probe.image_shape is not None:
+        c, h, w = probe.image_shape
+        if (h, w) != (spec.input.size, spec.input.size):
+            raise DatasetFileError(f"{spec.key}.image_size: {spec.input.size} declared, but {probe.source} holds "
+                                   f"{h}x{w} images")
+        if c != spec.input.channels:
+            raise DatasetFileError(f"{spec.key}.channels: {spec.input.channels} declared, but {probe.source} holds "
+                                   f"images of {c} channel{'s' if c > 1 else ''}")
+    found = probe.classes_found
+    if found != list(range(spec.input.num_classes)):
+        shown = f"{len(found)} classes" + (f" (labels {found[0]}..{found[-1]})" if found else "")
+        raise DatasetFileError(f"{spec.key}.classes: {spec.input.num_classes} declared, but the training part of "
+                               f"{probe.source} has {shown}; expected labels 0..{spec.input.num_classes - 1}, "
+                               "each present")
+    return probe
+
+
+# --- splits and normalisation ----------------------------------------------------------------
+def make_split(dataset: DatasetSpec | str, pool_sizes: tuple[int, int], seed: int,
                val_size: int | float | None = None) -> dict[str, np.ndarray]:
-    """Index arrays for train / val / test, a function of the dataset and seed only.
+    """Index arrays for train / val / test, a function of the declaration and seed only.
 
     ``pool_sizes`` = (size of the training pool, size of the official test set). Datasets without
     a test set (digits) carve one out of the pool first. ``val_size`` (a count or a fraction of the
-    pool) replaces the dataset's usual held-out size.
+    pool) replaces the declaration's held-out size.
     """
-    info = dataset_info(name)
-    if val_size is not None:
-        info = replace(info, val_size=val_size)
+    spec = _as_spec(dataset)
+    held_out = spec.val_size if val_size is None else val_size
     n_pool, n_test = pool_sizes
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_pool)
-    if info.test_fraction is not None:
-        n_carved = int(round(n_pool * info.test_fraction))
+    if spec.test_fraction is not None or n_test == 0:
+        if spec.test_fraction is None:
+            raise DeclarationError(f"{spec.key}.test_fraction: the files have no test set, so the test set must be "
+                                   "carved out of the training pool; allowed: a fraction in (0, 1)")
+        n_carved = int(round(n_pool * spec.test_fraction))
         test, order = np.sort(order[:n_carved]), order[n_carved:]
     else:
         test = np.arange(n_test)
-    n_val = info.val_size if isinstance(info.val_size, int) else int(round(len(order) * info.val_size))
+    n_val = held_out if isinstance(held_out, int) else int(round(len(order) * held_out))
     if n_val >= len(order):
-        raise ValueError(f"dataset {name!r}: val size {n_val} leaves no training images")
+        raise ValueError(f"dataset {spec.name!r}: val size {n_val} leaves no training images")
     return {"train": np.sort(order[n_val:]), "val": np.sort(order[:n_val]), "test": test}
 
 
@@ -246,3 +279,24 @@ def split_images(pool: ImagePool, split: dict[str, np.ndarray], part: str) -> tu
         from_pool = False
     images, labels = (pool.train_images, pool.train_labels) if from_pool else (pool.test_images, pool.test_labels)
     return images[index], labels[index]
+
+
+def channel_stats(images: torch.Tensor | FolderImages, batch_size: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of images on the [0, 1] scale (ToTensor's), over
+    every pixel; image files are decoded as for evaluation (resized, centre-cropped)."""
+    if isinstance(images, FolderImages):
+        batches = eval_batches(images, 256, torch.device("cpu"))
+    else:
+        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    total = square = None
+    count = 0
+    for batch in batches:
+        x = batch.double().div_(255)
+        s, q = x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3))
+        total, square = (s, q) if total is None else (total + s, square + q)
+        count += x.numel() // x.shape[1]
+    if total is None:
+        raise ValueError("no images to compute the normalisation from")
+    mean = total / count
+    std = (square / count - mean.square()).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()

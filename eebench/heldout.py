@@ -84,7 +84,7 @@ def _count(size: int | float, total: int) -> int:
 def dataset_split(config: dict[str, Any], dataset: str, pool_sizes: tuple[int, int]) -> dict[str, np.ndarray]:
     """train / val / test index arrays of ``dataset`` under the config (see the module docstring)."""
     n_pool, n_test = pool_sizes
-    info = dataset_info(dataset)
+    info = dataset_info(dataset, config)
     size = val_size(config, dataset)
     if val_from(config, dataset) == "test":
         n_val = _count(size if size is not None else info.val_size, n_test)
@@ -96,7 +96,7 @@ def dataset_split(config: dict[str, Any], dataset: str, pool_sizes: tuple[int, i
                 VAL_FROM_TEST: np.ones(1, dtype=np.int64)}
     held_out = held_out_file(config, dataset)
     if held_out is None:
-        return make_split(dataset, pool_sizes, config["split_seed"], size)
+        return make_split(info, pool_sizes, config["split_seed"], size)
     carved = info.test_fraction is not None
     parts = read_val_indices(held_out, n_pool, _count(size if size is not None else info.val_size, n_pool), carved)
     taken = np.concatenate(list(parts.values()))

@@ -36,6 +36,7 @@ class FolderImages:
     crop_padding: int = 0
     hflip: bool = True
     workers: int = 4
+    mode: str = "RGB"  # PIL mode the images are decoded to: RGB (3 channels) or L (grey, 1)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -79,7 +80,7 @@ class _Decoded(torch.utils.data.Dataset):
         from PIL import Image
 
         with open(self.images.paths[i].decode(), "rb") as f:
-            image = Image.open(f).convert("RGB")
+            image = Image.open(f).convert(self.images.mode)
         if self.seed is None:
             return self.transform(image)
         # torchvision's transforms draw from the global generator: seed it per image, restore after

@@ -24,7 +24,7 @@ from .checkpoints import convert_checkpoint
 from .config import (Cell, architecture, cell_fingerprint, check_budgets, content_hash, dependencies, is_posthoc,
                      is_pretrained, posthoc_variant, pretrained_variant, recipe_for, resolved_cell_config,
                      training_variant)
-from .datasets import dataset_info, load_pool, split_images
+from .datasets import DatasetSpec, channel_stats, dataset_info, load_pool, split_images
 from .flops import baseline_cost, exit_costs
 from .heldout import dataset_split, val_is_from_test
 from .methods import METHODS, TrainContext
@@ -38,20 +38,40 @@ log = logging.getLogger("eebench")
 
 # --- split and FLOPs -------------------------------------------------------------------------
 def _pool(config: dict[str, Any], dataset: str):
+    """The dataset's images, read by its format's reader (the split job, and the jobs that need
+    the images themselves: train and infer)."""
     workers = config.get("data_workers")
     if workers is None:  # this process's share of the job's cores (a SLURM allocation's), less its own
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's DDP processes on this node
         workers = max(0, len(os.sched_getaffinity(0)) // processes - 1)
-    return load_pool(dataset, config["data_dir"], config.get("download", False), workers)
+    return load_pool(dataset_info(dataset, config), config["data_dir"], config.get("download", False), workers)
 
 
 def write_split(config: dict[str, Any], dataset: str, out: str) -> None:
+    """The split's index arrays; for a declaration without mean/std also the normalisation,
+    computed from the split's training images (``mean``, ``std``)."""
+    spec = dataset_info(dataset, config)
     pool = _pool(config, dataset)
     split = dataset_split(config, dataset, (len(pool.train_labels), len(pool.test_labels)))
+    if spec.mean is None:
+        mean, std = channel_stats(split_images(pool, split, "train")[0])
+        split["mean"], split["std"] = np.array(mean), np.array(std)
+        log.info("%s normalisation from the %d training images: mean %s, std %s", dataset, len(split["train"]),
+                 [round(m, 4) for m in mean], [round(s, 4) for s in std])
     with io.atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **split)
-    log.info("%s split: %s", dataset, {k: len(v) for k, v in split.items()})
+    log.info("%s split: %s", dataset, {k: len(v) for k, v in split.items() if k in ("train", "val", "test")})
+
+
+def normalisation(spec: DatasetSpec, split: dict[str, np.ndarray], path: str) -> tuple[tuple[float, ...], ...]:
+    """(mean, std) per channel: the declaration's, or those its split computed."""
+    if spec.mean is not None:
+        return spec.mean, spec.std
+    if "mean" not in split or "std" not in split or len(split["mean"]) != spec.input.channels:
+        raise io.CorruptFileError(f"{path}: split file of {spec.key} (declared without mean/std) has no normalisation "
+                                  f"for {spec.input.channels} channel(s); delete it to have it rebuilt")
+    return tuple(float(v) for v in split["mean"]), tuple(float(v) for v in split["std"])
 
 
 def read_split(path: str) -> dict[str, np.ndarray]:
@@ -82,7 +102,7 @@ def _check_split_fits(split: dict[str, np.ndarray], pool: Any, path: str) -> Non
 
 def build_network(config: dict[str, Any], dataset: str, arch: str) -> MultiExitNetwork:
     family, params = architecture(config, arch)
-    return build_model(family, dataset_info(dataset).input, **params)
+    return build_model(family, dataset_info(dataset, config).input, **params)
 
 
 def flops_record(network: MultiExitNetwork, input_spec: InputSpec, convention: str) -> dict[str, Any]:
@@ -97,7 +117,7 @@ def flops_record(network: MultiExitNetwork, input_spec: InputSpec, convention: s
 
 def write_flops(config: dict[str, Any], dataset: str, arch: str, out: str) -> None:
     network = build_network(config, dataset, arch)
-    record = flops_record(network, dataset_info(dataset).input, config["flops_convention"])
+    record = flops_record(network, dataset_info(dataset, config).input, config["flops_convention"])
     table = config.get("report", {}).get("table1")
     if table is not None and (table["dataset"], table["architecture"]) == (dataset, arch):
         check_budgets(config, record["flops"])  # the first job that knows the FLOPs: fail before training
@@ -131,13 +151,13 @@ def _load_state(network: torch.nn.Module, state: dict[str, Any], path: str) -> N
 # --- train -----------------------------------------------------------------------------------
 def _train_data(config: dict[str, Any], dataset: str, split_path: str) -> TrainData:
     split = read_split(split_path)
-    info = dataset_info(dataset)
+    info = dataset_info(dataset, config)
     pool = _pool(config, dataset)
     _check_split_fits(split, pool, split_path)
     train_images, train_labels = split_images(pool, split, "train")
     val_images, val_labels = split_images(pool, split, "val")
-    return TrainData(train_images, train_labels, val_images, val_labels, info.mean, info.std,
-                     info.crop_padding, info.hflip)
+    mean, std = normalisation(info, split, split_path)
+    return TrainData(train_images, train_labels, val_images, val_labels, mean, std, info.crop_padding, info.hflip)
 
 
 def _method_factory(config: dict[str, Any], variant: str):
@@ -174,7 +194,7 @@ def train_cell(config: dict[str, Any], cell: Cell, split_path: str, flops_path: 
                  row["epoch"], recipe.epochs, row["loss"], row["lr"], accs)
 
     result = train(network, _method_factory(config, cell.variant), data, recipe, _exit_costs(flops),
-                   dataset_info(cell.dataset).input.num_classes, cell.seed, state_dir, fingerprint,
+                   dataset_info(cell.dataset, config).input.num_classes, cell.seed, state_dir, fingerprint,
                    device, on_epoch=report, stop_after_batches=stop_after_batches)
     if not distributed.current().is_main:  # [ddp] under torchrun process 0 writes the outputs
         return
@@ -191,7 +211,7 @@ def convert_cell(config: dict[str, Any], cell: Cell, flops_path: str, weights_ou
     spec = pretrained_variant(config, cell.variant)
     family, params = architecture(config, cell.arch)
     checkpoint = spec["checkpoints"][cell.arch]
-    info = dataset_info(cell.dataset)
+    info = dataset_info(cell.dataset, config)
     network, state = convert_checkpoint(checkpoint, spec["format"], family, info.input, params)
     ctx = TrainContext(exit_costs=_exit_costs(read_flops(flops_path)), num_classes=info.input.num_classes,
                        epochs=recipe_for(config, cell.dataset, cell.variant).epochs, steps_per_epoch=1)
@@ -224,7 +244,7 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
     network.eval()
     fold_batchnorm(network)
     network.to(memory_format=torch.channels_last)
-    info = dataset_info(cell.dataset)
+    info = dataset_info(cell.dataset, config)
     # the method is rebuilt only for eval_outputs, but with the run's real length: some methods
     # check their schedule against it (JEI-DNN's warm-up must be shorter than the run)
     ctx = TrainContext(exit_costs=_exit_costs(read_flops(flops_path)), num_classes=info.input.num_classes,
@@ -233,6 +253,7 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
     method = _method_factory(config, cell.variant)(network, ctx)
     method.load_state_dict(state["method"])
     split = read_split(split_path)
+    mean, std = normalisation(info, split, split_path)
     pool = _pool(config, cell.dataset)
     batch = config.get("infer_batch_size", 512)
     for part, out in outs.items():
@@ -242,7 +263,7 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
         if part == "train" and limit is not None and len(labels) > limit:
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit].sort().values
             images, labels = images[keep], labels[keep]
-        cache = run_network(network, images, info.mean, info.std, batch, device, channels_last=True,
+        cache = run_network(network, images, mean, std, batch, device, channels_last=True,
                             with_features=True, transform=method.eval_outputs)
         cache["labels"] = labels
         cache["split_size"] = split_size  # the whole part's size, also when the cache holds a subsample
@@ -354,6 +375,7 @@ def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: 
         point = confidence_exit(test_cache["confidences"].float(), correct, flops["cost_ratio"], threshold)
         anytime["confidence_exit_accuracy"] = point["accuracy"]
         anytime["confidence_exit_cost_ratio"] = point["cost_ratio"]
+        anytime["confidence_exit_fraction"] = point["exit_fractions"]  # share of test images leaving at each exit
     if samples_out is not None:
         io.save_tensors(samples_out, record)
     io.write_csv(budgeted_out, budgeted)

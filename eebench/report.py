@@ -228,16 +228,22 @@ def table_markdown(table: pd.DataFrame, title: str, note: str) -> str:
 
 
 def eenets_table(anytime: pd.DataFrame, flops_by_arch: dict[str, dict[str, Any]], spec: dict[str, Any]) -> pd.DataFrame:
-    """EENets (confidence-branch exits at 0.5) beside the plain ResNet of the same depth.
+    """EENets (confidence-branch exits at 0.5) beside the plain ResNet of the same depth, with
+    each exit's own test accuracy and the share of test images that leave there, so that an exit
+    no image leaves (a dead exit) shows as 0.
 
     ``spec``: ``rows`` = list of {dataset, architecture (the EE-ResNet), plain (its plain ResNet
-    architecture)}, ``variant`` (the EENets training variant), ``plain_variant``.
+    architecture), optional variant}, ``variant`` (the EENets training variant of rows that name
+    none), ``plain_variant``. Per-exit columns: ``exit{k}_accuracy`` (%, mean over seeds) and
+    ``exit{k}_leaving`` (% of test images leaving at exit k under the 0.5 rule, mean over seeds;
+    from the anytime curve's ``confidence_exit_fraction``).
     """
-    records = []
+    records, most_exits = [], 0
     for row in spec["rows"]:
-        ee = _select(anytime, dataset=row["dataset"], architecture=row["architecture"], variant=spec["variant"])
+        variant = row.get("variant", spec["variant"])
+        ee = _select(anytime, dataset=row["dataset"], architecture=row["architecture"], variant=variant)
         plain = _select(anytime, dataset=row["dataset"], architecture=row["plain"], variant=spec["plain_variant"])
-        record: dict[str, Any] = {"dataset": row["dataset"], "architecture": row["architecture"],
+        record: dict[str, Any] = {"dataset": row["dataset"], "architecture": row["architecture"], "variant": variant,
                                   "plain_architecture": row["plain"]}
         if not ee.empty and "confidence_exit_accuracy" in ee:
             per_seed = ee.groupby("seed")[["confidence_exit_accuracy", "confidence_exit_cost_ratio"]].first()
@@ -246,6 +252,14 @@ def eenets_table(anytime: pd.DataFrame, flops_by_arch: dict[str, dict[str, Any]]
             record["eenets_cost_ratio"] = per_seed["confidence_exit_cost_ratio"].mean()
             baseline = flops_by_arch.get(f"{row['dataset']}/{row['architecture']}", {}).get("baseline_flops")
             record["eenets_mflops"] = record["eenets_cost_ratio"] * baseline / 1e6 if baseline else float("nan")
+        if not ee.empty:
+            per_exit = ee.groupby("exit", sort=True)
+            for k, accuracy in per_exit["accuracy"].mean().items():
+                record[f"exit{k}_accuracy"] = accuracy
+            if "confidence_exit_fraction" in ee:
+                for k, share in per_exit["confidence_exit_fraction"].mean().items():
+                    record[f"exit{k}_leaving"] = 100 * share
+            most_exits = max(most_exits, int(ee["exit"].max()))
         if not plain.empty:
             last = plain[plain["exit"] == plain["exit"].max()].groupby("seed")["accuracy"].first()
             record["plain_accuracy"] = last.mean()
@@ -253,8 +267,9 @@ def eenets_table(anytime: pd.DataFrame, flops_by_arch: dict[str, dict[str, Any]]
             record["plain_mflops"] = plain["flops"].max() / 1e6
         record["seeds"] = int(ee["seed"].nunique()) if not ee.empty else 0
         records.append(record)
-    columns = ["dataset", "architecture", "plain_architecture", "eenets_accuracy", "eenets_accuracy_std",
+    columns = ["dataset", "architecture", "variant", "plain_architecture", "eenets_accuracy", "eenets_accuracy_std",
                "eenets_cost_ratio", "eenets_mflops", "plain_accuracy", "plain_accuracy_std", "plain_mflops", "seeds"]
+    columns += [f"exit{k}_{what}" for k in range(1, most_exits + 1) for what in ("accuracy", "leaving")]
     return pd.DataFrame(records).reindex(columns=columns)
 
 

@@ -27,7 +27,7 @@ def logged(snakemake: Any, append: bool = False) -> Iterator[None]:
     for the expected kinds (bad input), with one for anything else. ``append`` keeps what earlier
     attempts wrote (a resumed training job's log tells the whole story of the cell)."""
     from .config import ConfigError
-    from .datasets import DatasetMissingError
+    from .datasets import DatasetError, DeclarationError
     from .io import CorruptFileError
     from .training import TrainingDiverged
 
@@ -40,7 +40,7 @@ def logged(snakemake: Any, append: bool = False) -> Iterator[None]:
         logging.getLogger("eebench").info("--- %s job started (earlier attempts above) ---", snakemake.rule)
     try:
         yield
-    except (ConfigError, DatasetMissingError, CorruptFileError, TrainingDiverged, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, DeclarationError, CorruptFileError, TrainingDiverged, FileNotFoundError) as err:
         logging.getLogger("eebench").error("%s", err)
         raise SystemExit(1) from None
     except Exception:

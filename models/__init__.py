@@ -32,7 +32,6 @@ class Architecture:
     name: str
     config_class: type
     network_class: Callable[..., MultiExitNetwork]
-    datasets: tuple[str, ...]
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -40,13 +39,17 @@ ARCHITECTURES: dict[str, Architecture] = {}
 _MODULES = ("msdnet", "ranet", "ee_resnet")
 
 
-def register_architecture(name: str, config_class: type, datasets: tuple[str, ...]):
-    """Class decorator: register ``network_class(config, input_spec)`` under ``name``."""
+def register_architecture(name: str, config_class: type):
+    """Class decorator: register ``network_class(config, input_spec)`` under ``name``.
+
+    Which datasets an architecture can run on follows from their input (``InputSpec``: size,
+    channels, classes) and the config class's own checks (``validate(input_size)``), not from a
+    list of dataset names."""
 
     def wrap(network_class):
         if name in ARCHITECTURES:
             raise ValueError(f"architecture {name!r} is registered twice")
-        ARCHITECTURES[name] = Architecture(name, config_class, network_class, tuple(datasets))
+        ARCHITECTURES[name] = Architecture(name, config_class, network_class)
         return network_class
 
     return wrap

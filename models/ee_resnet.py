@@ -378,10 +378,7 @@ class PlainResNet(nn.Module):
         return self.classifier(self.pool(self.blocks(self.stem(x))))
 
 
-@register_architecture(
-    "ee_resnet", EEResNetConfig,
-    datasets=("digits", "mnist", "svhn", "cifar10", "cifar100", "tinyimagenet", "imagenet"),
-)
+@register_architecture("ee_resnet", EEResNetConfig)
 class EEResNet(MultiExitNetwork):
     capabilities = frozenset({CONFIDENCE_BRANCHES, PLAIN_COUNTERPART})
     test_params = {"depth": 8, "num_exits": 2, "width": 4, "distribution": "linear"}

@@ -313,9 +313,7 @@ def init_weights(module: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@register_architecture(
-    "msdnet", MSDNetConfig, datasets=("digits", "cifar10", "cifar100", "imagenet")
-)
+@register_architecture("msdnet", MSDNetConfig)
 class MSDNet(MultiExitNetwork):
     capabilities = frozenset({GRADIENT_RESCALING})
     test_params = {"n_blocks": 3, "n_channels": 4, "growth_rate": 2}

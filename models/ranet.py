@@ -380,7 +380,7 @@ def _downsample_blocks(previous_counts: list[int], scale: int) -> set[int]:
     return set(previous_counts[len(previous_counts) - (scale - 1):]) if scale > 1 else set()
 
 
-@register_architecture("ranet", RANetConfig, datasets=("digits", "cifar10", "cifar100", "imagenet"))
+@register_architecture("ranet", RANetConfig)
 class RANet(MultiExitNetwork):
     """Scale flows from low to high resolution; exits in flow order (see the module docstring)."""
 

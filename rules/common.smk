@@ -6,9 +6,8 @@ from eebench import smk  # noqa: E402
 from eebench.config import Cell, architecture, cell_fingerprint, cells, check_config, check_data  # noqa: E402
 from eebench.config import is_posthoc, posthoc_variant, training_variant, val_size, validate_schema  # noqa: E402
 from eebench.config import check_pretrained_files, pretrained_variant, split_identity  # noqa: E402
-
-
-from eebench.config import comparison_settings, figure_selects  # noqa: E402
+from eebench.config import comparison_settings, dataset_declared, figure_selects  # noqa: E402
+from eebench.datasets import dataset_info  # noqa: E402
 from eebench.style import styles_for  # noqa: E402
 
 
@@ -141,14 +140,20 @@ def figure_kind(wildcards):
 
 def split_settings(wildcards):
     """What a split depends on (a rerun trigger: a changed split_seed rebuilds the split)."""
+    declared = dataset_declared(config, wildcards.dataset)  # a config's own declaration (files, format, ...)
     return {"dataset": wildcards.dataset, "split_seed": config["split_seed"],
-            "val_size": val_size(config, wildcards.dataset), **split_identity(config, wildcards.dataset)}
+            "val_size": val_size(config, wildcards.dataset), **split_identity(config, wildcards.dataset),
+            **({"declaration": declared} if declared else {})}
 
 
 def flops_settings(wildcards):
     """What a FLOPs record depends on (a rerun trigger: changed architecture parameters recount)."""
     family, params = architecture(config, wildcards.arch)
-    return {"family": family, "params": params, "convention": config["flops_convention"]}
+    settings = {"family": family, "params": params, "convention": config["flops_convention"]}
+    if dataset_declared(config, wildcards.dataset):  # the input the network is built for may differ
+        spec = dataset_info(wildcards.dataset, config).input
+        settings["input"] = [spec.channels, spec.size, spec.num_classes]
+    return settings
 
 
 def table1_flops(wildcards):
@@ -199,7 +204,7 @@ def eenets_cells():
     out = []
     for row in spec["rows"]:
         for seed in seeds:
-            out.append(Cell(row["dataset"], row["architecture"], spec["variant"], seed))
+            out.append(Cell(row["dataset"], row["architecture"], row.get("variant", spec["variant"]), seed))
             out.append(Cell(row["dataset"], row["plain"], spec["plain_variant"], seed))
     return out
 

@@ -94,3 +94,26 @@ def test_bootstrap_loop_agrees_with_the_vectorised_replicates():
     assert loop.keys() == vectorised.keys()
     for key in loop:
         np.testing.assert_allclose(vectorised[key], loop[key], rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+def test_cpu_projection_probes_every_training_cell(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from workflow_helpers import tiny_config
+
+    bench = _load("cpu_projection")
+    config = tiny_config(epochs=2)
+    config["data_dir"] = str(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(sys, "argv", ["cpu_projection.py", str(path), "--steps", "2", "--rounds", "1", "--warmup", "1"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("digits/msdnet/standard/seed0"))
+    steps_per_epoch = int(row.split()[3])
+    assert steps_per_epoch == 1078 // 64  # the digits training part at the recipe's batch size
+    assert "PROJECTION on 2 cores" in out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eebench.augment import crop_flip, epoch_plan, normalize
-from eebench.datasets import DatasetMissingError, dataset_info, load_pool, make_split, split_images
+from eebench.datasets import DatasetMissingError, DeclarationError, dataset_info, load_pool, make_split, split_images
 
 
 def test_digits_are_real_and_upsampled():
@@ -57,7 +57,7 @@ def test_missing_cifar_in_existing_empty_directory(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(KeyError, match="unknown dataset 'cifar1000'"):
+    with pytest.raises(DeclarationError, match="datasets.cifar1000: 'cifar1000' is not a built-in dataset"):
         dataset_info("cifar1000")
 
 

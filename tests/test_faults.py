@@ -199,7 +199,7 @@ def test_missing_data_directory(tmp_path):
     assert "cifar-10-python.tar.gz" in str(err.value)
     (tmp_path / "empty").mkdir()
     config["data_dir"] = str(tmp_path / "empty")
-    with pytest.raises(ConfigError, match=r"has no cifar-10-batches-py or cifar-10-python.tar.gz"):
+    with pytest.raises(ConfigError, match=r"looked in .*empty/cifar-10-batches-py \(does not exist\).*cifar-10-python.tar.gz"):
         check_data(config)
     config["download"] = True
     check_data(config)  # torchvision fetches it

@@ -213,7 +213,8 @@ def test_workflow_with_missing_data_directory_stops_before_any_job(tmp_path):
     proc = run_workflow(tmp_path, config, "results/splits/cifar10.npz", check=False)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    assert "config data_dir: 'no-such-dir' is not a directory" in output
+    assert "config data_dir / datasets.cifar10: dataset 'cifar10' not found" in output
+    assert "looked in no-such-dir/cifar-10-batches-py (does not exist)" in output
     assert "'cifar10'" in output and "cifar-10-python.tar.gz" in output
     assert not (tmp_path / "results").exists()
 
