@@ -37,7 +37,7 @@ fashion-data:
 	fi
 
 fashion: fashion-data $(BIN)/.installed
-	$(BIN)/snakemake --cores $(CORES) --configfile config/fashion.yaml all
+	$(BIN)/snakemake all --cores $(CORES) --configfile config/fashion.yaml
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
