@@ -128,16 +128,19 @@ def figure_panels(frames: dict[str, pd.DataFrame], spec: dict[str, Any], kind: s
 def table1(config: dict[str, Any], budgeted: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
     """Paper 002's Table 1: budgeted accuracy per feature set (rows) at fixed budgets (columns).
 
-    Each seed's curve is interpolated linearly at each budget, then seeds are averaged.
+    Each seed's curve is interpolated linearly at each budget, then seeds are averaged. With
+    ``budget_unit: ms`` the budgets are ms per image, read off the curves' ``ms`` column
+    (``latency_report.with_time_axis``).
     """
+    in_ms = spec.get("budget_unit", "flops") == "ms"
     records = []
     for row_name, variant in spec["rows"].items():
         rows = _select(budgeted, dataset=spec["dataset"], architecture=spec["architecture"], variant=variant)
         record: dict[str, Any] = {"input": row_name, "variant": variant, "seeds": rows["seed"].nunique()}
         for budget in spec["budgets"]:
-            values = [accuracy_at_budget(seed_rows["flops"], seed_rows["accuracy"], budget)
+            values = [accuracy_at_budget(seed_rows["ms" if in_ms else "flops"], seed_rows["accuracy"], budget)
                       for _, seed_rows in rows.groupby("seed")]
-            column = f"{budget / 1e6:g}M"
+            column = f"{budget:g}ms" if in_ms else f"{budget / 1e6:g}M"
             record[column] = float(np.mean(values)) if values else float("nan")
             record[f"{column}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
         records.append(record)

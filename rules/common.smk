@@ -5,6 +5,7 @@ sys.path.insert(0, workflow.basedir)
 from eebench import smk  # noqa: E402
 from eebench.config import Cell, architecture, cell_fingerprint, cells, check_config, check_data  # noqa: E402
 from eebench.config import is_posthoc, posthoc_variant, training_variant, val_size, validate_schema  # noqa: E402
+from eebench.config import dependencies, latency_cells, table1_latency_cells  # noqa: E402
 
 
 # the schema (types, structure; fills defaults), then the registries: a bad config fails here, naming
@@ -202,3 +203,54 @@ def cell_provenance(selected):
 def eenets_flops(wildcards):
     spec = report_spec("eenets_table") or {"rows": []}
     return [f"{RESULTS}/flops/{row['dataset']}/{row['architecture']}.json" for row in spec["rows"]]
+
+
+# --- latency (opt-in: the config's latency section) ---------------------------------------------
+LATENCY_CELLS = latency_cells(config)
+
+
+def latency_inputs(wildcards):
+    """The training cell's weights (a post-hoc cell's base), the cell's thresholds (its budgeted
+    curve) and, for a post-hoc cell, its fitted scorer (saved with its test scores)."""
+    cell = cell_of(wildcards)
+    training_cell = dependencies(config, cell)[0] if is_posthoc(config, cell.variant) else cell
+    inputs = {
+        "weights": f"{RESULTS}/train/{cell_path(training_cell)}/weights.pt",
+        "split": f"{RESULTS}/splits/{wildcards.dataset}.npz",
+        "flops": f"{RESULTS}/flops/{wildcards.dataset}/{wildcards.arch}.json",
+        "budgeted": f"{RESULTS}/curves/{cell_path(cell)}/budgeted.csv",
+    }
+    if is_posthoc(config, cell.variant):
+        inputs["posthoc"] = f"{RESULTS}/posthoc/{cell_path(cell)}/test.pt"
+    return inputs
+
+
+def latency_settings(wildcards):
+    """What a latency table depends on beyond its input files (a rerun trigger)."""
+    cell = cell_of(wildcards)
+    training_cell = dependencies(config, cell)[0] if is_posthoc(config, cell.variant) else cell
+    return {"latency": config["latency"], "fingerprint": cell_fingerprint(config, training_cell),
+            "infer_batch_size": config["infer_batch_size"], **evaluation_settings(wildcards)}
+
+
+def latency_threads(wildcards):
+    return config["latency"]["threads"] or 1
+
+
+def latency_gpus(wildcards):
+    return 1 if config["latency"]["device"].startswith("cuda") else 0
+
+
+def latency_files(kind, selected=None):
+    """Each measured cell's latency table: ``budgets`` ({cell}.csv) or ``exits`` ({cell}_exits.csv)."""
+    suffix = "" if kind == "budgets" else "_exits"
+    return [f"{RESULTS}/latency/{cell_path(c)}{suffix}.csv" for c in (LATENCY_CELLS if selected is None else selected)]
+
+
+def latency_figures(wildcards=None):
+    return [f"{RESULTS}/figures/latency.{ext}" for ext in ("pdf", "png")] if LATENCY_CELLS else []
+
+
+def table1_latency(wildcards):
+    """Per-exit latency of Table 1's architecture, when its budgets are in milliseconds."""
+    return latency_files("exits", table1_latency_cells(config))

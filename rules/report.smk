@@ -24,6 +24,7 @@ rule figure:
 rule all_figures:
     input:
         expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["pdf", "png"]),
+        latency_figures(),
 
 
 rule aggregate_table1:
@@ -49,6 +50,7 @@ rule table1:
     input:
         budgeted=f"{RESULTS}/aggregate/table1_budgeted.csv",
         flops=table1_flops,
+        latency=table1_latency,
     output:
         csv=report(f"{RESULTS}/table1.csv", category="Tables"),
         md=f"{RESULTS}/table1.md",
@@ -56,6 +58,7 @@ rule table1:
         f"{RESULTS}/logs/table1.log",
     params:
         spec=report_spec("table1"),
+        latency_cells=table1_latency_cells(config),
     resources:
         mem_mb=2000,
         runtime=10,
