@@ -90,6 +90,8 @@ def select_samples(state: State, index: torch.Tensor) -> State:
         return state[index]
     if isinstance(state, dict):
         return {key: select_samples(value, index) for key, value in state.items()}
+    if isinstance(state, tuple) and hasattr(state, "_fields"):  # a NamedTuple (ExitHead)
+        return type(state)(*(select_samples(value, index) for value in state))
     if isinstance(state, (list, tuple)):
         return type(state)(select_samples(value, index) for value in state)
     return state

@@ -18,6 +18,7 @@ def three_method_config() -> dict:
     methods = default_config()["methods"]
     config["methods"] = {name: methods[name] for name in ("standard", "boostnet", "gater_frozen")}
     config["experiments"][0]["methods"] = list(config["methods"])
+    config["latency"] = {"variants": ["standard"], "budgets": 3, "batch_sizes": [1, 16], "repeats": 2, "images": 8}
     return config
 
 
@@ -41,6 +42,15 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
     assert list(history["epoch"]) == [1]
     prov = json.loads((results / "curves" / "digits" / "msdnet" / "standard" / "seed0" / "provenance.json").read_text())
     assert prov["config"]["recipe"]["epochs"] == 1 and "torch" in prov["versions"]
+    # dynamic early exit of standard: its budgets, checked against the simulated protocol
+    latency = pd.read_csv(results / "latency" / "digits" / "msdnet" / "standard" / "seed0.csv")
+    assert sorted(latency["batch_size"].unique()) == [1, 16] and len(latency) == 2 * 3
+    assert (latency["ties"] == 0).all() and set(latency["execution"]) == {"dynamic"}
+    curve = pd.read_csv(results / "curves" / "digits" / "msdnet" / "standard" / "seed0" / "budgeted.csv")
+    merged = latency.merge(curve, on="budget_id", suffixes=("", "_curve"))
+    assert (merged["accuracy"] - merged["accuracy_curve"]).abs().max() < 1e-9  # the same exits as evaluate's
+    assert (merged["flops"] / merged["flops_curve"] - 1).abs().max() < 1e-9
+    assert (results / "figures" / "latency.png").stat().st_size > 1000
 
     def plan(changed_config):
         proc = run_workflow(tmp_path, changed_config, "all_figures", extra=["-n"])

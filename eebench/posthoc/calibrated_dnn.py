@@ -246,7 +246,7 @@ class CalibratedDNN(PosthocMethod):
         self.temperatures: list[float] = []
         self.var0s: list[float] = []
         self.z: torch.Tensor | None = None
-        self._posteriors: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # fitted (L_U, Sigma_V)
+        self._posteriors: tuple[tuple, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # (var0s, (L_U, Sigma_V))
 
     @property
     def weights(self) -> torch.Tensor:
@@ -263,7 +263,7 @@ class CalibratedDNN(PosthocMethod):
         gen = self._generator(1)
         order = torch.randperm(n, generator=gen) if p.shuffle else None
         scale = float(p.n_data if p.n_data is not None else n) ** 0.5
-        self.u, self.v = [], []
+        self.u, self.v, self._posteriors = [], [], None
         for k in range(logits.shape[0]):
             u, v = kfac_factors(logits[k], features[k], p.batch_size, p.curvature, gen, order)
             self.u.append(scale * u)
@@ -302,9 +302,10 @@ class CalibratedDNN(PosthocMethod):
         """(L_U, Sigma_V) of every exit at its chosen var0, computed once."""
         if self.z is None:
             raise RuntimeError("calibrated_dnn: call fit (or load_state_dict) before score")
-        if self._posteriors is None:
-            self._posteriors = [posterior(u, v, var0) for u, v, var0 in zip(self.u, self.v, self.var0s)]
-        return self._posteriors
+        key = tuple(self.var0s)  # recomputed when var0 (or, through fit and loading, U and V) change
+        if self._posteriors is None or self._posteriors[0] != key:
+            self._posteriors = (key, [posterior(u, v, var0) for u, v, var0 in zip(self.u, self.v, self.var0s)])
+        return self._posteriors[1]
 
     def exit_predictive(self, k: int, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """(N, C) Laplace predictive of exit k, before ensembling."""
