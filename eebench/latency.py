@@ -21,6 +21,7 @@ at the threshold raises ``ExactnessError``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import statistics
 import time
@@ -39,6 +40,7 @@ from .dynamic import (Agreement, DynamicResult, ExitScorer, compare_with_simulat
 from .posthoc.base import ScoredOutputs
 
 CI_LEVEL = 0.95
+_log = logging.getLogger("eebench.latency")
 
 
 class ExactnessError(RuntimeError):
@@ -84,9 +86,11 @@ Run = Callable[[torch.Tensor], DynamicResult]
 
 
 def time_interleaved(runs: dict[str, Run], batches: list[torch.Tensor], repeats: int, warmup: int,
-                     device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[DynamicResult]]]:
+                     device: torch.device, before_round: Callable[[int], None] | None = None
+                     ) -> tuple[dict[str, list[float]], dict[str, list[DynamicResult]]]:
     """Seconds per pass over ``batches`` of every run, ``repeats`` interleaved rounds after
-    ``warmup`` untimed passes; and each run's results of its last pass, batch by batch."""
+    ``warmup`` untimed passes; and each run's results of its last pass, batch by batch.
+    ``before_round(r)`` is called before round r (a benchmark waits for a quiet machine there)."""
     results: dict[str, list[DynamicResult]] = {}
     for _ in range(warmup):
         for name, run in runs.items():
@@ -94,6 +98,8 @@ def time_interleaved(runs: dict[str, Run], batches: list[torch.Tensor], repeats:
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(repeats):
+        if before_round is not None:
+            before_round(r)
         for name in names if r % 2 == 0 else names[::-1]:
             _synchronize(device)
             start = time.perf_counter()
@@ -168,7 +174,8 @@ def _check(agreement: Agreement, what: str) -> Agreement:
 
 def measure_latency(task: LatencyTask, batch_sizes: Sequence[int], repeats: int, warmup: int = 1,
                     images: int | None = None, threads: int | None = None,
-                    log: Callable[[str], None] = lambda _: None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    log: Callable[[str], None] = lambda _: None,
+                    before_round: Callable[[int], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(budget rows, per-exit rows); see the module docstring. ``images``: test images timed per
     pass (at least one batch; None: all)."""
     num_exits = task.network.num_exits
@@ -179,11 +186,14 @@ def measure_latency(task: LatencyTask, batch_sizes: Sequence[int], repeats: int,
     budget_rows, exit_rows = [], []
     with pinned_threads(threads) as used_threads:
         runs, execution = _runs(task)
+        if execution == "simulated":
+            _log.warning("%s or its scorer cannot run exit by exit: timing the simulated protocol (every exit "
+                         "of every sample) instead", type(task.network).__name__)
         whole = _whole_test(task, runs, max(batch_sizes), execution)
         for batch_size in batch_sizes:
             n = min(n_test, max(batch_size, images or n_test))
             batches = [task.images[i : min(n, i + batch_size)] for i in range(0, n, batch_size)]
-            times, results = time_interleaved(runs, batches, repeats, warmup, task.device)
+            times, results = time_interleaved(runs, batches, repeats, warmup, task.device, before_round)
             common = {"batch_size": batch_size, "images": n, "repeats": repeats, "device": _device_name(task.device),
                       "threads": used_threads, "execution": execution}
             exit_ms = []
