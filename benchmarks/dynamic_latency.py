@@ -13,9 +13,9 @@ images are other random images. ``eebench.latency.measure_latency`` does the tim
 of the latency rule): per budget and per forced exit, one pass over the test images each round,
 rounds interleaved (the order reversed every other round), medians over rounds, and the check
 against the simulated protocol. Before each round the script waits (up to ``--max-wait`` s) for
-other processes to use less than ``--quiet-below`` of the CPUs, and logs how busy they were. The speedup is per round, against the full network (every exit
-head of every sample) in the same round; the FLOPs speedup is F_K over the mean FLOPs of the
-exits the same images took.
+other processes to use less than ``--quiet-below`` of the CPUs, and logs how busy they were.
+The speedup is per round, against the full network (every exit head of every sample) in the
+same round; the FLOPs speedup is F_K over the mean FLOPs of the exits the same images took.
 
 ``--profile`` adds, for the full network and the cheapest and middle budgets, torch.profiler's
 breakdown of the time into the stem, the trunk segments, the exit heads, the exit scoring,

@@ -14,6 +14,9 @@ Scorers (what the evaluation of the cell uses):
   method that overrides ``eval_outputs`` sees the exits run so far, so its carry is their outputs.
 * ``PosthocScorer``: a post-hoc method's ``score_exit`` (``eebench.posthoc.base``).
 
+Where the network is not ``segmented`` or the post-hoc method has no ``score_exit``,
+``run_simulated`` runs the simulated protocol on the batch instead (every exit of every sample).
+
 ``compare_with_simulation`` checks a dynamic run against the simulated protocol (every exit of
 every sample, then ``calibration.exit_indices``): exit and prediction must agree on every sample
 but where the simulated score lies within ``tolerance`` of the threshold (or the top two

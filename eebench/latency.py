@@ -214,11 +214,13 @@ def measure_latency(task: LatencyTask, batch_sizes: Sequence[int], repeats: int,
                     "budget_id": b, "flops": whole[b]["flops"], "accuracy": whole[b]["accuracy"],
                     **_ms(times[f"budget{b}"], n),
                     "speedup_measured": statistics.median(per_round), "speedup_flops": flops[-1] / timed_flops,
-                    "flops_timed": timed_flops, "ms_exit_model": float(np.asarray(exit_ms)[result.exits.numpy()].mean()),
+                    "flops_timed": timed_flops,
+                    "ms_exit_model": float(np.asarray(exit_ms)[result.exits.numpy()].mean()),
                     "ties": ties + whole[b]["ties"], "checked_images": n + n_test, **common})
             log(f"batch {batch_size}: full network {exit_ms[-1]:.3f} ms/image; "
-                + ", ".join(f"budget {r['budget_id']} {r['ms_per_image']:.3f} ms ({r['speedup_measured']:.2f}x measured, "
-                            f"{r['speedup_flops']:.2f}x FLOPs)" for r in budget_rows if r["batch_size"] == batch_size))
+                + ", ".join(f"budget {r['budget_id']} {r['ms_per_image']:.3f} ms ({r['speedup_measured']:.2f}x "
+                            f"measured, {r['speedup_flops']:.2f}x FLOPs)"
+                            for r in budget_rows if r["batch_size"] == batch_size))
     return pd.DataFrame(budget_rows), pd.DataFrame(exit_rows)
 
 

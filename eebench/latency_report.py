@@ -86,7 +86,8 @@ def latency_figure(config: dict[str, Any], frame: pd.DataFrame, out_pdf: str, ou
     note = (f"{devices}, {int(frame['threads'].iloc[0])} thread(s); median of {int(frame['repeats'].max())} "
             f"interleaved rounds of {', '.join(str(i) for i in sorted(frame['images'].unique()))} test images "
             f"per pass, bars: order-statistic interval of the median ({frame['ci_level'].min():.0%}); "
-            f"budgets from the cells' budgeted curves (thresholds from val)")
+            "budgets from the cells' budgeted curves (thresholds from val); each cell is timed in its own job, "
+            "so milliseconds compare best within a cell (speedups: results/latency/)")
     fig.text(0.5, 0.005, textwrap.fill(note, width=70 * len(axes[0])), ha="center", va="bottom", fontsize=6.5,
              color="0.35")
     fig.suptitle("Accuracy against measured latency and against FLOPs", fontsize=11)

@@ -337,7 +337,8 @@ def latency_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: s
     images, labels = _latency_images(config, cell, split_path, spec["test_images"])
     budgets, exits = network_latency(network, scorer_for, dataset_info(cell.dataset), images, labels, flops,
                                      {b: thresholds[b] for b in chosen}, spec, device,
-                                     config.get("infer_batch_size", 512), log=lambda line: log.info("%s %s", cell.path, line))
+                                     config.get("infer_batch_size", 512),
+                                     log=lambda line: log.info("%s %s", cell.path, line))
     log.info("%s: %s execution, %d ties at the threshold in %d checks", cell.path, budgets["execution"].iloc[0],
              int(budgets["ties"].sum()), int(budgets["checked_images"].sum()))
     io.write_csv(outs["budgets"], budgets)
@@ -375,7 +376,8 @@ def _latency_scorers(config: dict[str, Any], cell: Cell, method: TrainingMethod,
     data = io.load_tensors(posthoc_path, what="test post-hoc scores")
     check_meta(posthoc_path, data, _expected_meta(config, cell, "test"))
     if "fitted" not in data:
-        raise io.CorruptFileError(f"{posthoc_path}: post-hoc scores have no 'fitted' state; delete it to have it rebuilt")
+        raise io.CorruptFileError(f"{posthoc_path}: post-hoc scores have no 'fitted' state; "
+                                  "delete it to have it rebuilt")
     posthoc.load_state_dict(data["fitted"])
 
     def scorer(row: int) -> ExitScorer:

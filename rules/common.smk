@@ -229,7 +229,8 @@ def latency_settings(wildcards):
     """What a latency table depends on beyond its input files (a rerun trigger)."""
     cell = cell_of(wildcards)
     training_cell = dependencies(config, cell)[0] if is_posthoc(config, cell.variant) else cell
-    return {"latency": config["latency"], "fingerprint": cell_fingerprint(config, training_cell),
+    how = {k: v for k, v in config["latency"].items() if k not in ("variants", "architectures", "datasets")}
+    return {"latency": how, "fingerprint": cell_fingerprint(config, training_cell),
             "infer_batch_size": config["infer_batch_size"], **evaluation_settings(wildcards)}
 
 

@@ -179,7 +179,8 @@ def test_when_all_leave_at_exit_1_no_later_segment_runs(monkeypatch):
     thresholds = [0.0, math.inf, math.inf, -math.inf]
     scores = torch.tensor([0.3] * 10)
     scores[[2, 5]] = -1.0  # two samples stay
-    monkeypatch.setattr(scorer, "step", lambda k, head, carry: (scores[: head.logits.shape[0]], head.logits.argmax(1), carry))
+    monkeypatch.setattr(scorer, "step",
+                        lambda k, head, carry: (scores[: head.logits.shape[0]], head.logits.argmax(1), carry))
     result = run_dynamic(net, prepared(images(10, seed=8)), thresholds, scorer)
     assert result.samples_per_segment == [10, 2, 2, 2] and [k for k, _ in calls] == [0, 1, 2, 3]
     assert all(n == 2 for k, n in calls if k)
@@ -235,7 +236,8 @@ def test_measure_latency_rows_checks_and_model(monkeypatch):
     assert len(budgets) == 4 and len(exits) == 8
     assert (budgets["ties"] == 0).all() and set(budgets["execution"]) == {"dynamic"}
     assert budgets["images"].tolist() == [6, 6, 16, 16] and (budgets["threads"] == 1).all()
-    assert (budgets["ms_ci_low"] <= budgets["ms_per_image"]).all() and (budgets["ms_per_image"] <= budgets["ms_ci_high"]).all()
+    assert (budgets["ms_ci_low"] <= budgets["ms_per_image"]).all()
+    assert (budgets["ms_per_image"] <= budgets["ms_ci_high"]).all()
     for b, row in zip((0, 38), budgets[budgets["batch_size"] == 16].itertuples()):
         exits_b, predictions = simulated_exits(sim, thresholds[b])
         assert row.accuracy == pytest.approx(float((predictions == labels).double().mean() * 100))
