@@ -153,11 +153,15 @@ class DynamicResult:
 
 
 def check_thresholds(thresholds: Any, num_exits: int, what: str = "thresholds") -> list[float]:
-    values = torch.as_tensor(thresholds, dtype=torch.float64).flatten()
-    if values.numel() != num_exits or values.isnan().any():
+    """(K,) thresholds as floats, or a ValueError saying what is wrong (plain Python: this runs once
+    per batch, and at batch 1 torch's per-call overhead would show in the latency)."""
+    values = [float(t) for t in (thresholds.flatten().tolist() if isinstance(thresholds, torch.Tensor)
+                                 else thresholds)]
+    has_nan = any(math.isnan(v) for v in values)
+    if len(values) != num_exits or has_nan:
         raise ValueError(f"{what}: expected {num_exits} thresholds (one per exit of the network), got "
-                         f"{values.numel()}{' with nan' if values.isnan().any() else ''}")
-    return values.tolist()
+                         f"{len(values)}{' with nan' if has_nan else ''}")
+    return values
 
 
 @torch.inference_mode()
@@ -174,10 +178,10 @@ def run_dynamic(network: MultiExitNetwork, x: torch.Tensor, thresholds: Any, sco
     predictions = torch.zeros(n, dtype=torch.long)
     scores = torch.full((num_exits, n), math.nan) if record_scores else None
     ran = [0] * num_exits
-    alive = torch.arange(n)  # original index of each sample still in
+    alive = slice(None)  # the samples still in: all of them, then their original indices
     state, carry = network.begin(x), None
     for k in range(num_exits):
-        ran[k] = len(alive)
+        ran[k] = n if isinstance(alive, slice) else len(alive)
         state = network.run_segment(k, state)
         score, prediction, carry = scorer.step(k, network.exit_head(k, state), carry)
         score, prediction = score.cpu(), prediction.cpu()
@@ -190,9 +194,11 @@ def run_dynamic(network: MultiExitNetwork, x: torch.Tensor, thresholds: Any, sco
         n_leave = int(leave.sum())
         if n_leave == 0:
             continue
-        if n_leave == len(alive):
+        if n_leave == ran[k]:
             exits[alive], predictions[alive] = k, prediction
             break
+        if isinstance(alive, slice):
+            alive = torch.arange(n)
         exits[alive[leave]], predictions[alive[leave]] = k, prediction[leave]
         stay = (~leave).nonzero().squeeze(1)
         alive = alive[stay]
