@@ -18,15 +18,14 @@ from models import InputSpec, MultiExitNetwork, build_model
 from models.base import fold_batchnorm
 
 from . import distributed, imagefolder, io
+from .augment import normalize
 from .cache import check_meta, correctness, load_cache, scored_outputs
 from .calibration import anytime_curve, budgeted_curve, confidence_exit
 from .config import (Cell, architecture, cell_fingerprint, check_budgets, dependencies, is_posthoc, posthoc_variant,
                      recipe_for, resolved_cell_config, training_variant, val_size)
-from .augment import normalize
 from .datasets import DatasetInfo, dataset_info, load_pool, make_split, split_images
 from .dynamic import ExitScorer, MethodScorer, PosthocScorer
 from .flops import baseline_cost, exit_costs
-from .imagefolder import FolderImages
 from .latency import (BUDGET_COLUMNS, EXIT_COLUMNS, LatencyTask, measure_latency, select_budgets,
                       thresholds_of)
 from .methods import METHODS, TrainContext, TrainingMethod
@@ -394,7 +393,7 @@ def _latency_images(config: dict[str, Any], cell: Cell, split_path: str,
     images, labels = split_images(pool, split, "test")
     if limit is not None:
         images, labels = images[torch.arange(min(limit, len(labels)))], labels[:limit]
-    if isinstance(images, FolderImages):
+    if isinstance(images, imagefolder.FolderImages):
         images = torch.cat([b.cpu() for b in imagefolder.eval_batches(images, 256, torch.device("cpu"))])
     return images, labels
 
