@@ -17,6 +17,7 @@ include: "rules/infer.smk"
 include: "rules/posthoc.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/latency.smk"
 
 
 rule all:

@@ -1,4 +1,5 @@
-"""Command line: ``python -m eebench {list,flops,budgeted,check-config,timings,convert-checkpoint,logits}``."""
+"""Command line: ``python -m eebench {list,flops,budgeted,check-config,timings,convert-checkpoint,logits,
+latency}``."""
 
 from __future__ import annotations
 
@@ -214,6 +215,62 @@ def cmd_logits(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: logits of {k} exits x {n} images x {c} classes")
 
 
+def cmd_latency(args: argparse.Namespace) -> None:
+    """Dynamic early exit of a trained network timed at the thresholds of a budgeted curve."""
+    import pandas as pd
+    import torch
+
+    from . import io
+    from .datasets import load_pool, make_split, split_images
+    from .dynamic import MethodScorer
+    from .latency import select_budgets, thresholds_of
+    from .methods import METHODS, TrainContext
+    from .pipeline import _load_state, flops_record, network_latency, normalisation, prepare_for_inference, read_split
+    from .training import pick_device
+
+    try:
+        network, _, info = _network_for(args.arch, args.dataset, args.set)
+        state = io.load_tensors(args.weights, what="weights")
+        _load_state(network, state.get("model", state), args.weights)
+        flops = flops_record(network, info.input, args.convention)["flops"]
+        curve = pd.read_csv(args.thresholds)
+        thresholds = thresholds_of(curve, network.num_exits, args.thresholds)
+        chosen = list(thresholds) if args.budgets is None else select_budgets(curve, args.budgets)
+        device = pick_device(args.device)
+        prepare_for_inference(network, device)
+        # rebuilt for eval_outputs and the exit score only; a long run passes every schedule check
+        ctx = TrainContext(exit_costs=torch.tensor(flops) / flops[-1], num_classes=info.input.num_classes,
+                           epochs=10**6, steps_per_epoch=1, device=device)
+        method = METHODS.get(args.method)(network, METHODS.make_params(args.method, parse_sets(args.method_set)), ctx)
+        if method.extra_modules() and "method" not in state:
+            raise ValueError(f"{args.weights}: method {args.method!r} needs its trained state (a 'method' entry, as "
+                             "the workflow's weights.pt has), which this file lacks")
+        method.load_state_dict(state.get("method", {}))
+        pool = load_pool(info, args.data_dir)
+        split = (read_split(args.split) if args.split else
+                 make_split(info, (len(pool.train_labels), len(pool.test_labels)), args.split_seed))
+        images, labels = split_images(pool, split, "test")
+        if args.test_images is not None:
+            images, labels = images[: args.test_images], labels[: args.test_images]
+        spec = {"batch_sizes": args.batch_size, "repeats": args.repeats, "warmup": args.warmup,
+                "images": args.images, "threads": args.threads}
+        scorer = MethodScorer(method)
+        budgets, exits = network_latency(network, lambda _row: scorer, normalisation(info, split, args.split or "the split"),
+                                         images, labels, flops,
+                                         {b: thresholds[b] for b in chosen}, spec, device, log=print)
+    except (KeyError, ValueError, TypeError, OSError, io.CorruptFileError) as err:
+        raise SystemExit(f"error: {err.args[0] if err.args else err}") from None
+    columns = ["budget_id", "batch_size", "flops", "accuracy", "ms_per_image", "ms_ci_low", "ms_ci_high",
+               "speedup_measured", "speedup_flops", "ties"]
+    print(budgets[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"device {budgets['device'].iloc[0]}, {budgets['threads'].iloc[0]} thread(s), median of {args.repeats} "
+          f"rounds, interval coverage {budgets['ci_level'].min():.1%}, {budgets['execution'].iloc[0]} execution")
+    if args.out:
+        io.write_csv(args.out, budgets)
+    if args.exits_out:
+        io.write_csv(args.exits_out, exits)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eebench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,6 +333,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="file to write: {'logits': (K, N, C)[, 'confidences': (K, N)]}")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_logits)
+
+
+    p = sub.add_parser("latency", help="time dynamic early exit of a trained network at a budgeted curve's thresholds")
+    p.add_argument("--weights", required=True, help="weights.pt of the workflow, or a plain state dict")
+    p.add_argument("--arch", required=True, help="architecture family (python -m eebench list)")
+    p.add_argument("--dataset", required=True, help="dataset the network was trained on (its test split is timed)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture parameter")
+    p.add_argument("--thresholds", required=True,
+                   help="budgeted curve CSV with budget_id and threshold_1..K (results/curves/.../budgeted.csv)")
+    p.add_argument("--batch-size", type=int, action="append", required=True, help="repeat for several")
+    p.add_argument("--budgets", type=int, default=None,
+                   help="time this many budgets spread over the curve's FLOPs (default: every row)")
+    p.add_argument("--method", default="standard", help="training method (eval_outputs, exit score)")
+    p.add_argument("--method-set", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--images", type=int, default=64, help="test images timed per pass (at least one batch)")
+    p.add_argument("--test-images", type=int, default=None, help="test images checked (default: all)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--split", default=None, help="split index file (default: the split of --split-seed)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--convention", choices=("reference", "fvcore"), default="reference")
+    p.add_argument("--out", default=None, help="CSV of the budget rows")
+    p.add_argument("--exits-out", default=None, help="CSV of the per-exit cumulative latency")
+    p.set_defaults(func=cmd_latency)
 
     args = parser.parse_args(argv)
     args.func(args)

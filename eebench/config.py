@@ -187,6 +187,27 @@ def dependencies(config: dict[str, Any], cell: Cell) -> list[Cell]:
     return [base, *dependencies(config, base)]
 
 
+def latency_cells(config: dict[str, Any]) -> list[Cell]:
+    """The cells the ``latency`` section measures: its variants, on its architectures and
+    datasets (all when not given), every seed."""
+    spec = config.get("latency")
+    if not spec:
+        return []
+    archs, datasets = spec.get("architectures"), spec.get("datasets")
+    return [c for c in cells(config) if c.variant in spec["variants"]
+            and (archs is None or c.arch in archs) and (datasets is None or c.dataset in datasets)]
+
+
+def table1_latency_cells(config: dict[str, Any]) -> list[Cell]:
+    """With ``report.table1.budget_unit: ms``, the measured cells whose per-exit latency converts
+    Table 1's curves to milliseconds (one per seed)."""
+    spec = config.get("report", {}).get("table1")
+    if spec is None or spec.get("budget_unit", "flops") != "ms":
+        return []
+    variant = spec.get("latency_variant") or config["latency"]["variants"][0]
+    return [Cell(spec["dataset"], spec["architecture"], variant, seed) for seed in spec.get("seeds", config["seeds"])]
+
+
 def architecture(config: dict[str, Any], name: str) -> tuple[str, dict[str, Any]]:
     arch = config["architectures"][name]
     return arch["family"], dict(arch.get("params", {}))
@@ -359,6 +380,33 @@ def check_config(config: dict[str, Any]) -> None:
                     _check_buildable(config, arch, dataset)
                     built.add((arch, dataset))
     _check_report(config, fail)
+    _check_latency(config, fail)
+
+
+def _check_latency(config: dict[str, Any], fail) -> None:
+    """The latency section names configured variants, architectures and datasets and selects at
+    least one cell; Table 1 in milliseconds needs its (dataset, architecture) measured."""
+    spec = config.get("latency")
+    table = config.get("report", {}).get("table1")
+    if spec is None:
+        if table is not None and table.get("budget_unit", "flops") == "ms":
+            raise ConfigError("config report.table1.budget_unit: 'ms' needs a latency section measuring "
+                              f"{table['dataset']}/{table['architecture']}; allowed without one: flops")
+        return
+    variants = list(config["methods"]) + list(config.get("posthoc", {}))
+    for key, allowed in (("variants", variants), ("architectures", list(config["architectures"])),
+                         ("datasets", list(config["datasets"]))):
+        for value in spec.get(key) or []:
+            if value not in allowed:
+                fail(f"latency.{key}", value, allowed)
+    if not latency_cells(config):
+        raise ConfigError("config latency: selects no cell of the experiments; allowed: variants, architectures "
+                          "and datasets that some experiment combines")
+    measured = set(latency_cells(config))
+    for cell in table1_latency_cells(config):
+        if cell not in measured:
+            raise ConfigError(f"config report.table1.latency_variant: {cell.path} is not measured by the latency "
+                              "section; allowed: a latency variant run on Table 1's dataset and architecture")
 
 
 def _check_capabilities(config: dict[str, Any], variant: str, arch: str, where: str) -> None:
@@ -560,7 +608,7 @@ def check_budgets(config: dict[str, Any], exit_flops: list[float]) -> None:
     """Table 1's budgets lie within the FLOPs range of its architecture (first to last exit);
     ``exit_flops`` is that architecture's per-exit cumulative FLOPs (``results/flops/...json``)."""
     spec = config.get("report", {}).get("table1")
-    if spec is None:
+    if spec is None or spec.get("budget_unit", "flops") == "ms":  # time budgets: nan outside the curve
         return
     low, high = min(exit_flops), max(exit_flops)
     outside = [b for b in spec["budgets"] if not low <= b <= high]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,8 @@ import torch
 from models import InputSpec, MultiExitNetwork, build_model
 from models.base import fold_batchnorm
 
-from . import bootstrap, distributed, io, metrics, summary
+from . import bootstrap, distributed, imagefolder, io, metrics, summary
+from .augment import normalize
 from .cache import check_meta, correctness, load_cache, scored_outputs
 from .calibration import anytime_curve, budgeted_curve, confidence_exit
 from .checkpoints import convert_checkpoint
@@ -25,9 +26,12 @@ from .config import (Cell, architecture, cell_fingerprint, check_budgets, conten
                      is_pretrained, posthoc_variant, pretrained_variant, recipe_for, resolved_cell_config,
                      training_variant)
 from .datasets import DatasetSpec, channel_stats, dataset_info, load_pool, split_images
+from .dynamic import ExitScorer, MethodScorer, PosthocScorer
 from .flops import baseline_cost, exit_costs
 from .heldout import dataset_split, val_is_from_test
-from .methods import METHODS, TrainContext
+from .latency import (BUDGET_COLUMNS, EXIT_COLUMNS, LatencyTask, measure_latency, select_budgets,
+                      thresholds_of)
+from .methods import METHODS, TrainContext, TrainingMethod
 from .posthoc import POSTHOC
 from .posthoc.base import ScoredOutputs
 from .provenance import provenance
@@ -229,29 +233,43 @@ def convert_cell(config: dict[str, Any], cell: Cell, flops_path: str, weights_ou
 
 
 # --- infer -----------------------------------------------------------------------------------
+def prepare_for_inference(network: MultiExitNetwork, device: torch.device) -> None:
+    """Eval mode on ``device``, BatchNorm folded into the convolutions (1.2x) and channels_last on
+    CPU too (1.2-1.3x; unlike training, where BatchNorm and cat slow down in it):
+    benchmarks/infer_throughput.py."""
+    network.to(device)
+    network.eval()
+    fold_batchnorm(network)
+    network.to(memory_format=torch.channels_last)
+
+
+def inference_network(config: dict[str, Any], cell: Cell, weights: str, flops_path: str,
+                      device: torch.device) -> tuple[MultiExitNetwork, TrainingMethod]:
+    """A training cell's network prepared for inference (eval mode, BatchNorm folded,
+    channels_last, on ``device``) and its method (for ``eval_outputs`` and the exit score)."""
+    state = load_weights(weights, expect_fingerprint=cell_fingerprint(config, cell))
+    network = build_network(config, cell.dataset, cell.arch)
+    _load_state(network, state["model"], weights)
+    prepare_for_inference(network, device)
+    # the method is rebuilt only for eval_outputs, but with the run's real length: some methods
+    # check their schedule against it (JEI-DNN's warm-up must be shorter than the run)
+    ctx = TrainContext(exit_costs=_exit_costs(read_flops(flops_path)),
+                       num_classes=dataset_info(cell.dataset, config).input.num_classes,
+                       epochs=recipe_for(config, cell.dataset, cell.variant).epochs, steps_per_epoch=1,
+                       device=device)
+    method = _method_factory(config, cell.variant)(network, ctx)
+    method.load_state_dict(state["method"])
+    return network, method
+
+
 def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str, flops_path: str,
                outs: dict[str, str]) -> None:
     """Run the trained network once over each requested part into a cache."""
     keep_freed_memory()
     fingerprint = cell_fingerprint(config, cell)
-    state = load_weights(weights, expect_fingerprint=fingerprint)
-    network = build_network(config, cell.dataset, cell.arch)
-    _load_state(network, state["model"], weights)
     device = pick_device(config.get("device", "auto"))
-    network.to(device)
-    # BatchNorm folded into the convolutions (1.2x) and channels_last on CPU too (1.2-1.3x; unlike
-    # training, where BatchNorm and cat slow down in it): benchmarks/infer_throughput.py
-    network.eval()
-    fold_batchnorm(network)
-    network.to(memory_format=torch.channels_last)
+    network, method = inference_network(config, cell, weights, flops_path, device)
     info = dataset_info(cell.dataset, config)
-    # the method is rebuilt only for eval_outputs, but with the run's real length: some methods
-    # check their schedule against it (JEI-DNN's warm-up must be shorter than the run)
-    ctx = TrainContext(exit_costs=_exit_costs(read_flops(flops_path)), num_classes=info.input.num_classes,
-                       epochs=recipe_for(config, cell.dataset, cell.variant).epochs, steps_per_epoch=1,
-                       device=device)
-    method = _method_factory(config, cell.variant)(network, ctx)
-    method.load_state_dict(state["method"])
     split = read_split(split_path)
     mean, std = normalisation(info, split, split_path)
     pool = _pool(config, cell.dataset)
@@ -383,6 +401,89 @@ def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: 
     io.write_json(provenance_out, provenance(resolved_cell_config(config, cell), config.get("device")))
     best = budgeted["accuracy"].max()
     log.info("%s: last exit %.2f%%, best budgeted %.2f%%", cell.path, anytime["accuracy"].iloc[-1], best)
+
+
+# --- latency ---------------------------------------------------------------------------------
+def latency_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str, flops_path: str,
+                 budgeted_path: str, outs: dict[str, str], posthoc_path: str | None = None) -> None:
+    """Time dynamic early exit of one cell at some of its budgets (``eebench.latency``), checking it
+    against the simulated protocol; ``outs``: ``budgets`` and ``exits`` CSV paths. ``weights``
+    are the training cell's (a post-hoc cell's base), ``posthoc_path`` a post-hoc cell's test scores."""
+    keep_freed_memory()  # as infer_cell, whose inference this times
+    spec = config["latency"]
+    training_cell = dependencies(config, cell)[0] if is_posthoc(config, cell.variant) else cell
+    device = pick_device(spec["device"])
+    network, method = inference_network(config, training_cell, weights, flops_path, device)
+    flops = read_flops(flops_path)["flops"]
+    budgeted = pd.read_csv(budgeted_path)
+    thresholds = thresholds_of(budgeted, network.num_exits, budgeted_path)
+    chosen = select_budgets(budgeted, spec["budgets"])
+    scorer_for = _latency_scorers(config, cell, method, flops, posthoc_path)
+    images, labels = _latency_images(config, cell, split_path, spec["test_images"])
+    normalised_by = normalisation(dataset_info(cell.dataset, config), read_split(split_path), split_path)
+    budgets, exits = network_latency(network, scorer_for, normalised_by, images, labels, flops,
+                                     {b: thresholds[b] for b in chosen}, spec, device,
+                                     config.get("infer_batch_size", 512),
+                                     log=lambda line: log.info("%s %s", cell.path, line))
+    log.info("%s: %s execution, %d ties at the threshold in %d checks", cell.path, budgets["execution"].iloc[0],
+             int(budgets["ties"].sum()), int(budgets["checked_images"].sum()))
+    io.write_csv(outs["budgets"], budgets)
+    io.write_csv(outs["exits"], exits)
+
+
+def network_latency(network: MultiExitNetwork, scorer_for: Callable[[int], ExitScorer],
+                    normalised_by: tuple[tuple[float, ...], tuple[float, ...]], images: torch.Tensor, labels: torch.Tensor, flops: list[float], thresholds: dict[int, list[float]],
+                    spec: dict[str, Any], device: torch.device, infer_batch_size: int = 512,
+                    log: Callable[[str], None] = lambda _: None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(budget rows, per-exit rows) of a prepared network (``prepare_for_inference``) on uint8
+    test ``images`` (normalised by ``(mean, std)``): the simulated protocol's scores as the cache gets
+    them (``run_network``), then
+    ``latency.measure_latency`` with the settings ``spec`` (the config's ``latency`` keys)."""
+    probe = scorer_for(0)
+    cache = run_network(network, images, *normalised_by, infer_batch_size, device,
+                        channels_last=True, with_features=probe.needs_features, transform=probe.transform)
+    mean, std = (torch.tensor(values, device=device) for values in normalised_by)
+    prepared = normalize(images.to(device), mean, std).contiguous(memory_format=torch.channels_last)
+    task = LatencyTask(network, scorer_for, prepared, labels, flops, probe.score_cache(cache), thresholds, device)
+    budgets, exits = measure_latency(task, spec["batch_sizes"], spec["repeats"], spec["warmup"], spec["images"],
+                                     spec["threads"], log=log)
+    return budgets[BUDGET_COLUMNS], exits[EXIT_COLUMNS]
+
+
+def _latency_scorers(config: dict[str, Any], cell: Cell, method: TrainingMethod, flops: list[float],
+                     posthoc_path: str | None):
+    """budget row -> the cell's exit scorer: its method's, or its post-hoc method's (fitted state
+    read from the post-hoc scores) on the base method's outputs."""
+    base = MethodScorer(method)
+    if not is_posthoc(config, cell.variant):
+        return lambda _row: base
+    spec = posthoc_variant(config, cell.variant)
+    posthoc = POSTHOC.get(spec["method"])(POSTHOC.make_params(spec["method"], spec["params"],
+                                                              f"posthoc.{cell.variant}.params"), flops, seed=cell.seed)
+    data = io.load_tensors(posthoc_path, what="test post-hoc scores")
+    check_meta(posthoc_path, data, _expected_meta(config, cell, "test"))
+    if "fitted" not in data:
+        raise io.CorruptFileError(f"{posthoc_path}: post-hoc scores have no 'fitted' state; "
+                                  "delete it to have it rebuilt")
+    posthoc.load_state_dict(data["fitted"])
+
+    def scorer(row: int) -> ExitScorer:
+        return PosthocScorer(posthoc, row, base)
+    return scorer
+
+
+def _latency_images(config: dict[str, Any], cell: Cell, split_path: str,
+                    limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` test images (all: None) as uint8 (N, C, H, W), and their labels."""
+    split = read_split(split_path)
+    pool = _pool(config, cell.dataset)
+    _check_split_fits(split, pool, split_path)
+    images, labels = split_images(pool, split, "test")
+    if limit is not None:
+        images, labels = images[torch.arange(min(limit, len(labels)))], labels[:limit]
+    if isinstance(images, imagefolder.FolderImages):
+        images = torch.cat([b.cpu() for b in imagefolder.eval_batches(images, 256, torch.device("cpu"))])
+    return images, labels
 
 
 # --- aggregate -------------------------------------------------------------------------------

@@ -111,26 +111,32 @@ def draw_figure(panels: list[Panel], title: str, style: dict[str, Any]) -> Any:
         several = rows["architecture"].nunique() > 1  # then architectures differ by marker fill
         notes += _draw(ax, rows, styles, fills if several else {}, kind == "anytime", show_arch=several)
     fig.suptitle(title, fontsize=11)
+    budgeted = any(kind != "anytime" for _, _, kind in panels)
+    text = " ".join([PROTOCOL_NOTE.format(convention=convention) + ".", interval_note([r for _, r, _ in panels],
+                     budgeted), *dict.fromkeys(notes)])
+    lay_out(fig, axes[0], text, panel_width=5.2, height=4.6)
+    return fig
+
+
+def lay_out(fig: Any, axes: Any, caption_text: str, panel_width: float, height: float) -> None:
+    """One legend for the figure right of the panels (it never hides a curve), the caption below
+    them, measured so that neither overlaps the panels' axis labels."""
     entries = {}  # label -> handle, first panel first
-    for ax in axes[0]:
+    for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
     legend = fig.legend(list(entries.values()), list(entries), loc="center right", fontsize=6.5, frameon=False)
     fig.canvas.draw()
     legend_width = legend.get_window_extent().width / fig.dpi + 0.15  # inches
-    fig.set_size_inches(5.2 * width + legend_width, 4.6)
-    budgeted = any(kind != "anytime" for _, _, kind in panels)
-    text = " ".join([PROTOCOL_NOTE.format(convention=convention) + ".", interval_note([r for _, r, _ in panels],
-                     budgeted), *dict.fromkeys(notes)])
-    caption = fig.text(0.5, 0.01, textwrap.fill(text, width=int(95 * width + 14 * legend_width)), ha="center",
-                       va="bottom", fontsize=6.5, color="0.3")
+    fig.set_size_inches(panel_width * len(axes) + legend_width, height)
+    caption = fig.text(0.5, 0.01, textwrap.fill(caption_text, width=int(95 * len(axes) + 14 * legend_width)),
+                       ha="center", va="bottom", fontsize=6.5, color="0.3")
     fig.canvas.draw()  # measure the caption, then fit the panels (and the suptitle) above it, left of the legend
     to_figure = fig.transFigure.inverted()
     bottom = to_figure.transform(caption.get_window_extent().p1)[1] + 0.01
     right = 1 - legend_width / fig.get_size_inches()[0]
     legend.set_bbox_to_anchor((1, (1 + bottom) / 2), transform=fig.transFigure)
     fig.tight_layout(rect=(0, bottom, right, 1))
-    return fig
 
 
 def save_figure(fig: Any, out_pdf: str, out_png: str) -> None:
@@ -175,8 +181,11 @@ def table1(budgeted: pd.DataFrame, spec: dict[str, Any],
 
     Each seed's curve is interpolated linearly at each budget, then seeds are averaged; with
     ``variants`` (the rows' per-sample replicates) each budget gets ``_ci_low``/``_ci_high``: the
-    same interpolation within each bootstrap resample, then percentiles.
+    same interpolation within each bootstrap resample, then percentiles. With ``budget_unit: ms``
+    the budgets are ms per image, read off the curves' ``ms`` column
+    (``latency_report.with_time_axis``), and the replicates must carry per-exit ms as their costs.
     """
+    in_ms = spec.get("budget_unit", "flops") == "ms"
     records = []
     for row_name, variant in spec["rows"].items():
         rows = _select(budgeted, dataset=spec["dataset"], architecture=spec["architecture"], variant=variant)
@@ -186,9 +195,9 @@ def table1(budgeted: pd.DataFrame, spec: dict[str, Any],
             _, at = replicates.at_budgets(spec["budgets"])
             low, high = interval(at, replicates.level)
         for i, budget in enumerate(spec["budgets"]):
-            values = [accuracy_at_budget(seed_rows["flops"], seed_rows["accuracy"], budget)
+            values = [accuracy_at_budget(seed_rows["ms" if in_ms else "flops"], seed_rows["accuracy"], budget)
                       for _, seed_rows in rows.groupby("seed")]
-            column = f"{budget / 1e6:g}M"
+            column = f"{budget:g}ms" if in_ms else f"{budget / 1e6:g}M"
             record[column] = float(np.mean(values)) if values else float("nan")
             record[f"{column}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
             if variants is not None:

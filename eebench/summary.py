@@ -7,10 +7,11 @@ of each variant: the seed mean, the standard deviation over seeds and the percen
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from . import io
 from .bootstrap import ANYTIME_STATS, BootstrapSettings, VariantReplicates, check_samples, interval
@@ -19,9 +20,11 @@ VariantKey = tuple[str, str, str]  # dataset, architecture, variant
 IDENTITY = ["dataset", "architecture", "variant"]
 
 
-def load_variants(cells: Iterable[Any], paths: Iterable[str],
-                  settings: BootstrapSettings) -> dict[VariantKey, VariantReplicates]:
-    """``cells`` (objects with dataset, arch, variant, seed) and their ``samples.pt`` paths, in order."""
+def load_variants(cells: Iterable[Any], paths: Iterable[str], settings: BootstrapSettings,
+                  exit_costs: Callable[[Any], Sequence[float]] | None = None) -> dict[VariantKey, VariantReplicates]:
+    """``cells`` (objects with dataset, arch, variant, seed) and their ``samples.pt`` paths, in order.
+    ``exit_costs(cell)`` replaces the records' per-exit FLOPs by other per-exit costs (measured ms:
+    the budgets' costs and their intervals are then in that unit)."""
     records: dict[VariantKey, dict[int, dict[str, Any]]] = {}
     for cell, path in zip(cells, paths):
         record = io.load_tensors(path, what="per-sample record")
@@ -29,6 +32,8 @@ def load_variants(cells: Iterable[Any], paths: Iterable[str],
             check_samples(record, str(path))
         except ValueError as err:
             raise io.CorruptFileError(f"{err}; delete it to have it rebuilt") from None
+        if exit_costs is not None:
+            record["flops"] = torch.as_tensor(exit_costs(cell), dtype=torch.float64)
         records.setdefault((cell.dataset, cell.arch, cell.variant), {})[cell.seed] = record
     variants = {}
     for key, by_seed in records.items():

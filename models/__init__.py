@@ -12,10 +12,11 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .base import ExitOutputs, ExitPrefix, InputSpec, MultiExitNetwork
+from .base import ExitHead, ExitOutputs, ExitPrefix, InputSpec, MultiExitNetwork, select_samples
 
 __all__ = [
     "ARCHITECTURES",
+    "ExitHead",
     "ExitOutputs",
     "ExitPrefix",
     "InputSpec",
@@ -24,6 +25,7 @@ __all__ = [
     "list_architectures",
     "make_config",
     "register_architecture",
+    "select_samples",
 ]
 
 

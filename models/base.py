@@ -8,12 +8,26 @@ post-hoc methods such as last-layer Laplace), and, for architectures with a conf
 
 Running a prefix is what makes per-exit FLOPs counting exact: fvcore traces one module per exit
 and the cost of exit k includes every earlier head, as a sample leaving at k has paid for them.
+
+Segments. A family runs exit by exit through three methods, and ``forward_all`` is written in
+terms of them (so the full pass and the exit-by-exit pass are one code path):
+
+* ``begin(x) -> state``: the stem; ``state`` holds every tensor a later segment reads (all
+  scales of MSDNet, the RANet flows' inputs and taps, the ResNet trunk), as nested lists, tuples
+  and dicts of tensors whose first dimension is the sample;
+* ``run_segment(k, state) -> state``: the blocks between exit k-1 and exit k (0-based k);
+* ``exit_head(k, state) -> ExitHead``: exit k's head on the state ``run_segment(k, ...)`` left.
+
+``select_samples(state, index)`` keeps some samples of a state; the dynamic runner
+(``eebench.dynamic``) uses it to go on with the samples that did not leave. A family that cannot
+be split this way sets ``segmented = False`` and overrides ``forward_all``; early exit then falls
+back to the simulated protocol (every exit computed for every sample).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -28,11 +42,34 @@ class InputSpec:
     num_classes: int
 
 
+class ExitHead(NamedTuple):
+    """What one exit head gives for a batch: logits (N, C), penultimate features (N, ...) and,
+    with a confidence branch, the confidence (N,)."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    confidence: torch.Tensor | None = None
+
+
 @dataclass
 class ExitOutputs:
     logits: list[torch.Tensor]
     features: list[torch.Tensor] = field(default_factory=list)
     confidences: list[torch.Tensor] | None = None
+
+    @classmethod
+    def from_heads(cls, heads: list[ExitHead]) -> ExitOutputs:
+        """Per-exit lists from exit heads; ``confidences`` only when every head has one."""
+        confidences = [h.confidence for h in heads]
+        has_confidence = bool(heads) and all(c is not None for c in confidences)
+        return cls([h.logits for h in heads], [h.features for h in heads],
+                   confidences if has_confidence else None)
+
+    def head(self, k: int) -> ExitHead:
+        """Exit k (0-based) as an ``ExitHead``."""
+        confidence = None if self.confidences is None else self.confidences[k]
+        features = self.features[k] if self.features else None
+        return ExitHead(self.logits[k], features, confidence)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every output tensor, flattened, for tracing."""
@@ -49,18 +86,58 @@ GRADIENT_RESCALING = "gradient_rescaling"  # set_gradient_rescaling: BoostNet's 
 PLAIN_COUNTERPART = "plain_counterpart"  # plain_counterpart: the same network without early exits
 
 
+State = Any  # a family's live tensors between segments: nested lists/tuples/dicts of tensors
+
+
+def select_samples(state: State, index: torch.Tensor) -> State:
+    """``state`` with only the samples ``index`` (a 1-D index tensor) along every tensor's first
+    dimension; lists, tuples and dicts keep their structure, other values pass unchanged.
+    Advanced indexing keeps a channels_last tensor channels_last (``index_select`` does not)."""
+    if isinstance(state, torch.Tensor):
+        return state[index]
+    if isinstance(state, dict):
+        return {key: select_samples(value, index) for key, value in state.items()}
+    if isinstance(state, tuple) and hasattr(state, "_fields"):  # a NamedTuple (ExitHead)
+        return type(state)(*(select_samples(value, index) for value in state))
+    if isinstance(state, (list, tuple)):
+        return type(state)(select_samples(value, index) for value in state)
+    return state
+
+
 class MultiExitNetwork(nn.Module):
-    """Base class: subclasses set ``num_exits`` and implement ``forward_all``; those that offer
-    more declare it in ``capabilities`` and implement the matching method below."""
+    """Base class: subclasses set ``num_exits`` and implement ``begin``, ``run_segment`` and
+    ``exit_head`` (see the module docstring), or set ``segmented = False`` and implement
+    ``forward_all`` themselves. Those that offer more declare it in ``capabilities`` and implement
+    the matching method below."""
 
     num_exits: int
+    segmented: ClassVar[bool] = True  # False: no exit-by-exit execution (forward_all only)
     capabilities: ClassVar[frozenset[str]] = frozenset()
     # a tiny configuration (parameters, input) that the registry-wide tests build, run and count
     test_params: ClassVar[dict] = {}
     test_input: ClassVar[InputSpec] = InputSpec(3, 32, 10)
 
+    def begin(self, x: torch.Tensor) -> State:
+        """The state before segment 0 (the stem's outputs)."""
+        raise NotImplementedError(f"{type(self).__name__} implements no segments: implement begin, "
+                                  "run_segment and exit_head, or set segmented = False and override forward_all")
+
+    def run_segment(self, k: int, state: State) -> State:
+        """The blocks between exit k-1 and exit k (k 0-based), on ``state``'s samples."""
+        raise NotImplementedError(f"{type(self).__name__} implements no segments")
+
+    def exit_head(self, k: int, state: State) -> ExitHead:
+        """Exit k's head (k 0-based) on the state ``run_segment(k, ...)`` returned."""
+        raise NotImplementedError(f"{type(self).__name__} implements no segments")
+
     def forward_all(self, x: torch.Tensor, upto: int | None = None) -> ExitOutputs:
-        raise NotImplementedError
+        upto = self._check_upto(upto)
+        state = self.begin(x)
+        heads = []
+        for k in range(upto):
+            state = self.run_segment(k, state)
+            heads.append(self.exit_head(k, state))
+        return ExitOutputs.from_heads(heads)
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         return self.forward_all(x, upto).logits

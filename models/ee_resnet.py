@@ -58,7 +58,8 @@ import torch
 from torch import nn
 
 from . import register_architecture
-from .base import CONFIDENCE_BRANCHES, PLAIN_COUNTERPART, ExitOutputs, InputSpec, MultiExitNetwork
+from .base import CONFIDENCE_BRANCHES, PLAIN_COUNTERPART, InputSpec, MultiExitNetwork
+from .base import ExitHead as HeadOutput
 
 STYLES = ("auto", "cifar", "imagenet")
 DISTRIBUTIONS = ("pareto", "fine", "linear", "gold_ratio")
@@ -410,28 +411,23 @@ class EEResNet(MultiExitNetwork):
         self.exits = nn.ModuleList(heads)
         _init_weights(self)
 
-    def forward_all(self, x: torch.Tensor, upto: int | None = None) -> ExitOutputs:
-        upto = self._check_upto(upto)
-        outputs = ExitOutputs(logits=[], features=[], confidences=[])
-        # the last block needed: that of exit `upto`, or every block for the final exit
-        last_block = self.exit_blocks[upto - 1] if upto <= self.num_early_exits else len(self.blocks) - 1
-        x = self.stem(x)
-        exit_index = 0
-        for b in range(last_block + 1):
-            x = self.blocks[b](x)
-            if exit_index < min(upto, self.num_early_exits) and self.exit_blocks[exit_index] == b:
-                self._append(outputs, self.exits[exit_index](x))
-                exit_index += 1
-        if upto == self.num_exits:
-            self._append(outputs, self.exits[-1](x))
-        return outputs
+    # Segments (models.base): the state is the trunk's feature map. Segment k runs the residual
+    # blocks after exit k-1's block up to exit k's (the final exit's: up to the last block).
+    def segment_blocks(self, k: int) -> range:
+        first = self.exit_blocks[k - 1] + 1 if k > 0 else 0
+        last = self.exit_blocks[k] if k < self.num_early_exits else len(self.blocks) - 1
+        return range(first, last + 1)
 
-    @staticmethod
-    def _append(outputs: ExitOutputs, head_out: tuple[torch.Tensor, ...]) -> None:
-        logits, features, confidence = head_out
-        outputs.logits.append(logits)
-        outputs.features.append(features)
-        outputs.confidences.append(confidence)
+    def begin(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
+
+    def run_segment(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        for b in self.segment_blocks(k):
+            x = self.blocks[b](x)
+        return x
+
+    def exit_head(self, k: int, x: torch.Tensor) -> HeadOutput:
+        return HeadOutput(*self.exits[k](x))
 
     def plain_counterpart(self) -> nn.Module:
         """A freshly initialised plain ResNet of the same depth, width and input spec."""

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from . import register_architecture
-from .base import GRADIENT_RESCALING, ExitOutputs, InputSpec, MultiExitNetwork, gradient_equilibrium
+from .base import GRADIENT_RESCALING, InputSpec, MultiExitNetwork, scale_gradient
+from .base import ExitHead as HeadOutput
 
 IMAGENET_MIN_SIZE = 64  # inputs at least this large get the ImageNet stem and heads
 CIFAR_HEAD_WIDTH = 128
@@ -354,17 +355,18 @@ class MSDNet(MultiExitNetwork):
         (K-k-1)/(K-k), so each block gets the mean of its heads' gradients (BoostNet, IMTA)."""
         self.gradient_rescaling = enabled
 
-    def forward_all(self, x: torch.Tensor, upto: int | None = None) -> ExitOutputs:
-        upto = self._check_upto(upto)
-        scales = self.stem(x)
-        logits, features = [], []
-        for k, (block, head) in enumerate(zip(self.blocks[:upto], self.heads[:upto])):
-            scales = block(scales)
-            head_input = scales[-1]
-            if self.gradient_rescaling and self.training:
-                head_input, coarsest = gradient_equilibrium(scales[-1], k, self.num_exits)
-                scales = [*scales[:-1], coarsest]
-            out, feats = head(head_input)
-            logits.append(out)
-            features.append(feats)
-        return ExitOutputs(logits=logits, features=features)
+    # Segments (models.base): the state is the list of scales, finest first.
+    def begin(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.stem(x)
+
+    def run_segment(self, k: int, scales: list[torch.Tensor]) -> list[torch.Tensor]:
+        rescale = self.gradient_rescaling and self.training
+        if rescale and k > 0:  # the deeper blocks' share: (K-k) times the head input of exit k-1
+            scales = [*scales[:-1], scale_gradient(scales[-1], float(self.num_exits - k))]
+        scales = self.blocks[k](scales)
+        if rescale:  # head k's input: its gradient into the coarsest scale scaled by 1/(K-k)
+            scales = [*scales[:-1], scale_gradient(scales[-1], 1.0 / (self.num_exits - k))]
+        return scales
+
+    def exit_head(self, k: int, scales: list[torch.Tensor]) -> HeadOutput:
+        return HeadOutput(*self.heads[k](scales[-1]))

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_architecture
-from .base import ExitOutputs, InputSpec, MultiExitNetwork
+from .base import ExitHead as HeadOutput
+from .base import InputSpec, MultiExitNetwork
 
 IMAGENET_MIN_SIZE = 64  # inputs at least this large get the ImageNet stem and heads
 CIFAR_HEAD_WIDTH = 128
@@ -450,24 +451,32 @@ class RANet(MultiExitNetwork):
             elif isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
 
-    def forward_all(self, x: torch.Tensor, upto: int | None = None) -> ExitOutputs:
-        upto = self._check_upto(upto)
-        last_flow, last_block = self.exit_blocks[upto - 1]
-        head_of = {pos: k for k, pos in enumerate(self.exit_blocks[:upto])}
-        inputs = self.stem(x)
-        logits, features = [], []
-        low_taps: list[list[torch.Tensor]] = []
-        for f in range(last_flow + 1):
-            h, taps = inputs[f], []
-            n_run = len(self.flows[f]) if f < last_flow else last_block + 1
-            for b in range(n_run):
-                block = self.flows[f][b]
-                fused = isinstance(block, FusionBlock)
-                h, block_taps = block(h, low_taps[b]) if fused else block(h)
-                taps.append(block_taps)
-                if (f, b) in head_of:
-                    out, feat = self.heads[head_of[(f, b)]](h)
-                    logits.append(out)
-                    features.append(feat)
-            low_taps = taps
-        return ExitOutputs(logits, features)
+    # Segments (models.base). The state: ``h``, the current flow's feature; ``taps``, the taps of
+    # its blocks so far (the next flow's fusion blocks read them; not kept in the last flow); and
+    # ``pending``, the stem features of the flows not started yet. A flow's fusion blocks all come
+    # before its first exit, so the lower flow's taps are only needed inside one segment.
+    def begin(self, x: torch.Tensor) -> dict[str, list[torch.Tensor] | torch.Tensor | None]:
+        return {"h": None, "taps": [], "pending": self.stem(x)}
+
+    def run_segment(self, k: int, state: dict) -> dict:
+        flow, last = self.exit_blocks[k]
+        h, taps, pending = state["h"], state["taps"], state["pending"]
+        if k == 0 or self.exit_blocks[k - 1][0] != flow:  # a new flow, from its stem feature
+            low_taps, taps = taps, []
+            h, pending = pending[0], pending[1:]
+            first = 0
+        else:  # the flow goes on after the block of exit k-1
+            low_taps, first = [], self.exit_blocks[k - 1][1] + 1
+        keep_taps = flow + 1 < self.config.n_flows
+        for b in range(first, last + 1):
+            block = self.flows[flow][b]
+            if isinstance(block, FusionBlock):
+                h, block_taps = block(h, low_taps[b])
+            else:
+                h, block_taps = block(h)
+            if keep_taps:
+                taps = [*taps, block_taps]
+        return {"h": h, "taps": taps, "pending": pending}
+
+    def exit_head(self, k: int, state: dict) -> HeadOutput:
+        return HeadOutput(*self.heads[k](state["h"]))

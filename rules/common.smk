@@ -9,6 +9,7 @@ from eebench.config import check_pretrained_files, pretrained_variant, split_ide
 from eebench.config import comparison_settings, dataset_declared, figure_selects  # noqa: E402
 from eebench.datasets import dataset_info  # noqa: E402
 from eebench.style import styles_for  # noqa: E402
+from eebench.config import dependencies, latency_cells, table1_latency_cells  # noqa: E402
 
 
 # the schema (types, structure; fills defaults), then the registries: a bad config fails here, naming
@@ -241,3 +242,55 @@ def comparison_cells():
 def comparison_spec():
     """Everything the comparisons job reads from the config (a rerun trigger)."""
     return comparison_settings(config, FIGURES)
+
+
+# --- latency (opt-in: the config's latency section) ---------------------------------------------
+LATENCY_CELLS = latency_cells(config)
+
+
+def latency_inputs(wildcards):
+    """The training cell's weights (a post-hoc cell's base), the cell's thresholds (its budgeted
+    curve) and, for a post-hoc cell, its fitted scorer (saved with its test scores)."""
+    cell = cell_of(wildcards)
+    training_cell = dependencies(config, cell)[0] if is_posthoc(config, cell.variant) else cell
+    inputs = {
+        "weights": f"{RESULTS}/train/{cell_path(training_cell)}/weights.pt",
+        "split": f"{RESULTS}/splits/{wildcards.dataset}.npz",
+        "flops": f"{RESULTS}/flops/{wildcards.dataset}/{wildcards.arch}.json",
+        "budgeted": f"{RESULTS}/curves/{cell_path(cell)}/budgeted.csv",
+    }
+    if is_posthoc(config, cell.variant):
+        inputs["posthoc"] = f"{RESULTS}/posthoc/{cell_path(cell)}/test.pt"
+    return inputs
+
+
+def latency_settings(wildcards):
+    """What a latency table depends on beyond its input files (a rerun trigger)."""
+    cell = cell_of(wildcards)
+    training_cell = dependencies(config, cell)[0] if is_posthoc(config, cell.variant) else cell
+    how = {k: v for k, v in config["latency"].items() if k not in ("variants", "architectures", "datasets")}
+    return {"latency": how, "fingerprint": cell_fingerprint(config, training_cell),
+            "infer_batch_size": config["infer_batch_size"], **evaluation_settings(wildcards)}
+
+
+def latency_threads(wildcards):
+    return config["latency"]["threads"] or 1
+
+
+def latency_gpus(wildcards):
+    return 1 if config["latency"]["device"].startswith("cuda") else 0
+
+
+def latency_files(kind, selected=None):
+    """Each measured cell's latency table: ``budgets`` ({cell}.csv) or ``exits`` ({cell}_exits.csv)."""
+    suffix = "" if kind == "budgets" else "_exits"
+    return [f"{RESULTS}/latency/{cell_path(c)}{suffix}.csv" for c in (LATENCY_CELLS if selected is None else selected)]
+
+
+def latency_figures(wildcards=None):
+    return [f"{RESULTS}/figures/latency.{ext}" for ext in ("pdf", "png")] if LATENCY_CELLS else []
+
+
+def table1_latency(wildcards):
+    """Per-exit latency of Table 1's architecture, when its budgets are in milliseconds."""
+    return latency_files("exits", table1_latency_cells(config))

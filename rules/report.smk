@@ -25,6 +25,7 @@ rule figure:
 rule all_figures:
     input:
         expand(f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["pdf", "png"]),
+        latency_figures(),
 
 
 rule aggregate_table1:
@@ -51,6 +52,7 @@ rule table1:
         budgeted=f"{RESULTS}/aggregate/table1_budgeted.csv",
         flops=table1_flops,
         samples=cell_samples(table1_cells()),
+        latency=table1_latency,
     output:
         csv=report(f"{RESULTS}/table1.csv", category="Tables"),
         md=f"{RESULTS}/table1.md",
@@ -60,6 +62,7 @@ rule table1:
         spec=report_spec("table1"),
         cells=table1_cells(),
         bootstrap=BOOTSTRAP,
+        latency_cells=table1_latency_cells(config),
     resources:
         mem_mb=2000,
         runtime=10,

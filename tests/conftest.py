@@ -18,7 +18,10 @@ from models import ExitOutputs, MultiExitNetwork  # noqa: E402
 
 
 class ToyMultiExit(MultiExitNetwork):
-    """A stack of linear blocks with one linear head per block; features = block output."""
+    """A stack of linear blocks with one linear head per block; features = block output.
+    It implements ``forward_all`` only (no segments), like a family that cannot run exit by exit."""
+
+    segmented = False
 
     def __init__(self, in_dim: int = 12, width: int = 8, num_exits: int = 3, num_classes: int = 4):
         super().__init__()

@@ -136,6 +136,15 @@ CONFIG_CASES = [
     ("bootstrap-level", _set("bootstrap", {"level": 95}), ["bootstrap.level", "95", "< 1"]),
     ("bootstrap-unknown-key", _set("bootstrap", {"samples": 100}),
      ["bootstrap", "'samples'", "level, resamples, seed"]),
+    ("latency-unknown-variant", _set("latency", {"variants": ["gater"]}), ["latency.variants", "'gater'", "standard"]),
+    ("latency-unknown-key", _set("latency", {"variants": ["standard"], "batch": 4}), ["latency", "'batch'", "batch_sizes"]),
+    ("latency-bad-batch-size", _set("latency", {"variants": ["standard"], "batch_sizes": [0]}),
+     ["latency.batch_sizes[0]", "0", ">= 1"]),
+    ("latency-selects-nothing", _set("latency", {"variants": ["standard"], "architectures": ["tiny"], "datasets": []}),
+     ["latency", "selects no cell"]),
+    ("table1-ms-without-latency", _set("report.table1", {"dataset": "digits", "architecture": "tiny", "budgets": [2.0],
+                                                         "rows": {"all": "standard"}, "budget_unit": "ms"}),
+     ["report.table1.budget_unit", "'ms'", "latency section"]),
 ]
 
 

@@ -21,10 +21,21 @@ def three_method_config() -> dict:
     return config
 
 
+def with_latency(config: dict) -> dict:
+    """Dynamic early exit timed for standard and an EENet scheduler fitted on its cache."""
+    config = copy.deepcopy(config)
+    config["posthoc"] = {"eenet": {"method": "eenet", "base": "standard",
+                                   "params": {"n_budgets": 2, "epochs": 20, "lr": 1.0e-2, "period": 5}}}
+    config["experiments"][0]["posthoc"] = ["eenet"]
+    config["latency"] = {"variants": ["standard", "eenet"], "budgets": 3, "batch_sizes": [1, 16], "repeats": 2,
+                         "images": 8}
+    return config
+
+
 def test_small_run_outputs_reruns_and_report(tmp_path):
     """A finished run: figures, tidy CSVs, provenance; nothing to redo; a change of one method's
     config replans only its cells, their dependants and the aggregates; the --report HTML."""
-    config = three_method_config()
+    config = with_latency(three_method_config())
     reports = ["results/comparisons.csv", "results/comparisons.md", "results/reproduction.md"]
     run_workflow(tmp_path, config, "all_figures", *reports)
     results = tmp_path / "results"
@@ -32,7 +43,7 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
         for ext in ("pdf", "png"):
             assert (results / "figures" / f"{name}.{ext}").stat().st_size > 1000
     budgeted = pd.read_csv(results / "aggregate" / "budgeted.csv")
-    assert len(budgeted) == 3 * 39 and set(budgeted["variant"]) == {"standard", "boostnet", "gater_frozen"}
+    assert len(budgeted) == 3 * 39 + 2 and set(budgeted["variant"]) == {"standard", "boostnet", "gater_frozen", "eenet"}
     assert budgeted["accuracy"].between(0, 100).all()
     assert {"dataset", "architecture", "variant", "seed", "git_commit", "device", "flops"} <= set(budgeted)
     anytime = pd.read_csv(results / "aggregate" / "anytime.csv")
@@ -55,6 +66,17 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
     frozen = comparisons[comparisons["variant"] == "gater_frozen"]  # the frozen gater keeps standard's network
     assert (frozen["difference"] == 0).all() and (frozen["p_value"] == 1).all()
     assert "| yes |" not in (results / "reproduction.md").read_text()  # digits: no published cell
+    # dynamic early exit: budgets of standard and of the post-hoc scheduler (reloaded from its
+    # fitted state), checked against the simulated protocol
+    for variant, n_budgets in (("standard", 3), ("eenet", 2)):
+        latency = pd.read_csv(results / "latency" / "digits" / "msdnet" / variant / "seed0.csv")
+        assert sorted(latency["batch_size"].unique()) == [1, 16] and len(latency) == 2 * n_budgets
+        assert (latency["ties"] == 0).all() and set(latency["execution"]) == {"dynamic"}
+        curve = pd.read_csv(results / "curves" / "digits" / "msdnet" / variant / "seed0" / "budgeted.csv")
+        merged = latency.merge(curve, on="budget_id", suffixes=("", "_curve"))
+        assert (merged["accuracy"] - merged["accuracy_curve"]).abs().max() < 1e-9  # the same exits as evaluate's
+        assert (merged["flops"] / merged["flops_curve"] - 1).abs().max() < 1e-9
+    assert (results / "figures" / "latency.png").stat().st_size > 1000
 
     def plan(changed_config, *extra):
         proc = run_workflow(tmp_path, changed_config, "all_figures", extra=["-n", *extra])
@@ -77,7 +99,8 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
     changed = copy.deepcopy(config)
     changed["methods"]["standard"]["recipe"] = {"lr": 0.05}  # gater_frozen starts from these weights
     per_cell = {(rule, variant) for rule, variant in planned_jobs(plan(changed)) if variant}
-    assert {variant for _, variant in per_cell} == {"standard", "gater_frozen"}
+    assert {variant for _, variant in per_cell} == {"standard", "gater_frozen", "eenet"}
+    assert ("latency", "standard") in per_cell and ("latency", "eenet") in per_cell
     assert ("train", "gater_frozen") in per_cell
     # a new bootstrap seed recomputes every interval and nothing upstream of them
     changed = copy.deepcopy(config)

@@ -103,7 +103,11 @@ class TrainingMethod:
 
     # --- evaluation -------------------------------------------------------------------------
     def eval_outputs(self, outputs: ExitOutputs) -> ExitOutputs:
-        """Map the network's raw outputs to the ones that are evaluated (default: as they are)."""
+        """Map the network's raw outputs to the ones that are evaluated (default: as they are).
+
+        ``outputs`` may hold only exits 1..k (k <= K): dynamic early exit (``eebench.dynamic``)
+        calls this on the exits run so far, so the result at exit j must depend on exits 1..j
+        only, and have one entry per exit given."""
         return outputs
 
     # --- checkpointing ----------------------------------------------------------------------

@@ -284,12 +284,14 @@ class JEIDNN(TrainingMethod):
     # --- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def eval_outputs(self, outputs: ExitOutputs) -> ExitOutputs:
-        """Exit scores = the gates' probabilities (1 at the last exit, which takes everyone left)."""
+        """Exit scores = the gates' probabilities (1 at the last exit, which takes everyone left).
+        ``outputs`` may stop before the last exit (dynamic early exit): one score per exit given."""
         device = self.gates[0].weight.device
         scores = [
             torch.sigmoid(gate(uncertainty_features(z).to(device))).squeeze(1).to(z.device)
             for gate, z in zip(self.gates, outputs.logits)
         ]
-        last = outputs.logits[-1]
-        scores.append(torch.ones(last.shape[0], device=last.device))
+        if len(outputs.logits) == self.model.num_exits:
+            last = outputs.logits[-1]
+            scores.append(torch.ones(last.shape[0], device=last.device))
         return ExitOutputs(outputs.logits, outputs.features, scores)

@@ -58,6 +58,8 @@ import torch
 
 from ..metrics import log_loss
 from . import register_posthoc
+from models import ExitHead
+
 from .base import PosthocMethod, ScoredOutputs
 
 TEMPERATURE_GRID = [0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0]
@@ -241,6 +243,7 @@ class CalibratedDNN(PosthocMethod):
         self.temperatures: list[float] = []
         self.var0s: list[float] = []
         self.z: torch.Tensor | None = None
+        self._posteriors: tuple[tuple, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # (var0s, (L_U, Sigma_V))
 
     @property
     def weights(self) -> torch.Tensor:
@@ -259,7 +262,7 @@ class CalibratedDNN(PosthocMethod):
         # the cache may hold a subsample (train_cache_samples); the curvature is of the whole split
         split_size = int(train.get("split_size", n))
         scale = float(p.n_data if p.n_data is not None else split_size) ** 0.5
-        self.u, self.v = [], []
+        self.u, self.v, self._posteriors = [], [], None
         for k in range(logits.shape[0]):
             u, v = kfac_factors(logits[k], features[k], p.batch_size, p.curvature, gen, order)
             self.u.append(scale * u)
@@ -274,6 +277,7 @@ class CalibratedDNN(PosthocMethod):
         self.z = torch.randn(p.n_mc_samples, num_classes, generator=self._generator(2), dtype=torch.float64)
         temps = p.temperature_grid if p.optimize else [p.temperature]
         var0s = p.var0_grid if p.optimize else [p.var0]
+        self._posteriors = None
         if len(temps) * len(var0s) == 1:
             self.temperatures = [temps[0]] * len(self.u)
             self.var0s = [var0s[0]] * len(self.u)
@@ -281,24 +285,35 @@ class CalibratedDNN(PosthocMethod):
         labels = val["labels"].long()
         table = torch.stack([
             torch.stack([
-                mc_label_probability(val["logits"][k], *self._noise(k, var0, val), temps, labels)
+                mc_label_probability(val["logits"][k], *self._noise(posterior(self.u[k], self.v[k], var0),
+                                                                     _features(val)[k]), temps, labels)
                 for var0 in var0s], dim=1)
             for k in range(len(self.u))])  # (K, n_T, n_var0, N)
         choice = select_grid(table, self.weights, p.mie)
         self.temperatures = [temps[t] for t, _ in choice]
         self.var0s = [var0s[v] for _, v in choice]
 
-    def _noise(self, k: int, var0: float, cache: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        l_u, sigma_v = posterior(self.u[k], self.v[k], var0)
-        return logit_noise(_features(cache)[k], l_u, sigma_v, self.z)
+    def _noise(self, fitted_posterior: tuple[torch.Tensor, torch.Tensor],
+               features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logit_noise(features, *fitted_posterior, self.z)
+
+    def posteriors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(L_U, Sigma_V) of every exit at its chosen var0, computed once."""
+        if self.z is None:
+            raise RuntimeError("calibrated_dnn: call fit (or load_state_dict) before score")
+        key = tuple(self.var0s)  # recomputed when var0 (or, through fit and loading, U and V) change
+        if self._posteriors is None or self._posteriors[0] != key:
+            self._posteriors = (key, [posterior(u, v, var0) for u, v, var0 in zip(self.u, self.v, self.var0s)])
+        return self._posteriors[1]
+
+    def exit_predictive(self, k: int, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """(N, C) Laplace predictive of exit k, before ensembling."""
+        return mc_predictive(logits, *self._noise(self.posteriors()[k], features), self.temperatures[k])
 
     def predictive(self, cache: dict[str, Any]) -> torch.Tensor:
         """(K, N, C) Laplace predictive of every exit, before ensembling."""
-        if self.z is None:
-            raise RuntimeError("calibrated_dnn: call fit before score")
-        return torch.stack([
-            mc_predictive(cache["logits"][k], *self._noise(k, self.var0s[k], cache), self.temperatures[k])
-            for k in range(len(self.u))])
+        features = _features(cache)
+        return torch.stack([self.exit_predictive(k, cache["logits"][k], features[k]) for k in range(len(self.u))])
 
     def score(self, cache: dict[str, Any]) -> ScoredOutputs:
         probs = self.predictive(cache)
@@ -307,7 +322,28 @@ class CalibratedDNN(PosthocMethod):
         top, predictions = probs.max(dim=-1)
         return ScoredOutputs(scores=top, predictions=predictions, probabilities=probs)
 
+    def score_exit(self, k: int, head: ExitHead, carry: Any, budget: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``score`` at exit k from exit k alone; with MIE the carry is the running sum
+        sum_{i<=k} w_i p_i, in float64 as ``cumsum`` accumulates it in ``ensemble``."""
+        if head.features is None:
+            raise ValueError("calibrated_dnn needs each exit head's penultimate features")
+        probs = self.exit_predictive(k, head.logits.cpu(), head.features.flatten(1).cpu())
+        if self.params.mie:
+            weights = self.weights.to(probs.dtype)
+            carry = (weights[k] * probs).double() + (0.0 if carry is None else carry)
+            probs = carry.to(probs.dtype) / weights.cumsum(dim=0)[k]
+        top, predictions = probs.max(dim=-1)
+        return top, predictions, carry
+
     def state_dict(self) -> dict[str, Any]:
         return {"temperatures": list(self.temperatures), "var0": list(self.var0s),
                 "kfac_u": list(self.u), "kfac_v": list(self.v), "z": self.z,
                 "mie_weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["kfac_u"]) != len(self.flops):
+            raise ValueError(f"calibrated_dnn: the fitted state has {len(state['kfac_u'])} exits, the "
+                             f"network {len(self.flops)}")
+        self.temperatures, self.var0s = list(state["temperatures"]), list(state["var0"])
+        self.u, self.v, self.z = list(state["kfac_u"]), list(state["kfac_v"]), state["z"]
+        self._posteriors = None

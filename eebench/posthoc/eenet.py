@@ -89,6 +89,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models import ExitHead
+
 from ..calibration import exit_indices, exit_thresholds
 from . import register_posthoc
 from .base import PosthocMethod, ScoredOutputs
@@ -188,10 +190,10 @@ class SchedulerBank:
         p = self.params if params is None else params
         M = p["a"].shape[0]
         base = torch.einsum("knd,mkd->mkn", feats, p["a"])
-        raw, clamped = [base[:, 0]], [base[:, 0].clamp(0, 1)]
-        for k in range(1, self.K):
-            past = torch.stack(clamped, dim=-1).detach()  # (M, n, k)
-            raw.append(base[:, k] + (past * p["b"][:, k, None, :k]).sum(dim=-1))
+        raw: list[torch.Tensor] = []
+        clamped: list[torch.Tensor] = []
+        for k in range(self.K):
+            raw.append(self.raw_score(k, base[:, k], clamped, p))
             clamped.append(raw[-1].clamp(0, 1))
         raw_t, clamped_t = torch.stack(raw, dim=1), torch.stack(clamped, dim=1)
         past = clamped_t.detach().transpose(1, 2)[:, None, :, :-1] * self.past_mask[None, :, None, :]
@@ -200,6 +202,17 @@ class SchedulerBank:
         hid = torch.sigmoid(torch.einsum("mknd,mkhd->mknh", x, w1) + (p["c1"] * self.hidden_mask)[:, :, None, :])
         r = torch.einsum("mknh,mkh->mkn", hid, p["w2"] * self.hidden_mask) + p["c2"][..., None]
         return raw_t, clamped_t, torch.sigmoid(r)
+
+
+    @staticmethod
+    def raw_score(k: int, base_k: torch.Tensor, clamped: list[torch.Tensor],
+                  params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Exit k's unclamped score (M, n): a_k^T [P_k, max, ent] (``base_k``) plus b_k^T of the
+        clamped, detached scores of exits 1..k-1 (``clamped``, k tensors (M, n))."""
+        if k == 0:
+            return base_k
+        past = torch.stack(clamped, dim=-1).detach()  # (M, n, k)
+        return base_k + (past * params["b"][:, k, None, :k]).sum(dim=-1)
 
 
 @dataclass
@@ -387,7 +400,32 @@ class EENet(PosthocMethod):
                              exit_distributions=self.exit_distributions.clone(),
                              budget_targets=self.budgets.clone())
 
+    def score_exit(self, k: int, head: ExitHead, carry: Any, budget: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``score`` at exit k for the scheduler of ``budget``; the carry is the clamped scores of
+        exits 1..k-1, (n, M) each, computed for every budget's scheduler at once as ``score`` does
+        (the same kernels, so the same float rounding)."""
+        if self.bank is None:
+            raise RuntimeError("eenet: call fit (or load_state_dict) before score_exit")
+        logits = head.logits.cpu()
+        feats = exit_features(logits[None])  # (1, n, C + 2)
+        clamped = [] if carry is None else [c.T for c in carry]  # (M, n) each
+        with intra_op_threads(self.params.threads):
+            base = torch.einsum("knd,mkd->mkn", feats, self.chosen["a"][:, k : k + 1])[:, 0]
+            raw = self.bank.raw_score(k, base, clamped, self.chosen)
+        carry = [c.T for c in clamped] + [raw.clamp(0, 1).T]
+        return raw[budget], logits.float().softmax(dim=-1).argmax(dim=-1), carry
+
     def state_dict(self) -> dict[str, Any]:
         state = {f"param_{k}": v for k, v in self.chosen.items()}
         state.update(budget_targets=self.budgets, exit_distributions=self.exit_distributions, **self.fit_record)
         return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.chosen = {key[len("param_"):]: value for key, value in state.items() if key.startswith("param_")}
+        n_budgets, num_exits, width = self.chosen["a"].shape
+        if num_exits != len(self.flops):
+            raise ValueError(f"eenet: the fitted state has {num_exits} exits, the network {len(self.flops)}")
+        self.bank = SchedulerBank(num_exits, width - 2, self.params.hidden_ratio, seeds=[0])
+        self.budgets = state["budget_targets"]
+        self.exit_distributions = state["exit_distributions"]
+        self.fit_record = {key: state[key] for key in ("trial", "val_accuracy", "val_flops") if key in state}
