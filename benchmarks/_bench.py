@@ -74,7 +74,7 @@ def matmul_gflops(n: int = 4096, repeats: int = 5) -> float:
 
 
 def keep_freed_memory() -> None:
-    """Same call as eebench.training.keep_freed_memory (kept here so reference workers import no eebench)."""
+    """Same call as eebench.inference.keep_freed_memory (kept here so reference workers import no eebench)."""
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6")

@@ -49,7 +49,8 @@ from eebench.datasets import channel_stats, dataset_info, load_pool, make_split,
 from eebench.methods import TrainContext  # noqa: E402
 from eebench.pipeline import _method_factory, build_network, flops_record  # noqa: E402
 from eebench.posthoc import POSTHOC  # noqa: E402
-from eebench.training import keep_freed_memory, make_optimizer, run_network  # noqa: E402
+from eebench.inference import keep_freed_memory, run_network  # noqa: E402
+from eebench.training import make_optimizer  # noqa: E402
 
 
 class Probe:

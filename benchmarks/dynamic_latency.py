@@ -48,7 +48,7 @@ def build(name: str, seed: int = 0):
     import torch
 
     from eebench.flops import exit_costs
-    from eebench.pipeline import prepare_for_inference
+    from eebench.inference import prepare_for_inference
     from models import InputSpec, build_model
 
     params, classes = MODELS[name]
@@ -174,7 +174,7 @@ def main() -> None:
     import torch
 
     from eebench.latency import measure_latency, pinned_threads
-    from eebench.training import keep_freed_memory
+    from eebench.inference import keep_freed_memory
 
     keep_freed_memory()  # as the latency rule
     with pinned_threads(opts.threads):

@@ -98,7 +98,8 @@ from eebench.posthoc import POSTHOC  # noqa: E402
 from eebench.provenance import device_name, git_commit, versions  # noqa: E402
 from eebench.recipe import Recipe  # noqa: E402
 from eebench.registry import build_params  # noqa: E402
-from eebench.training import TrainData, _TrainingRun, run_network, train  # noqa: E402
+from eebench.inference import run_network  # noqa: E402
+from eebench.training import TrainData, _TrainingRun, train  # noqa: E402
 from models import MultiExitNetwork, build_model, get_architecture, list_architectures  # noqa: E402
 from models.base import fold_batchnorm  # noqa: E402
 

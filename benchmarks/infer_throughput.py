@@ -8,7 +8,7 @@ Both run every exit of the 7-exit CIFAR-100 MSDNet over the same 10,000 random t
   of every exit with ``.item()``) over its ``dataloader.py`` test loader (torchvision CIFAR100,
   PIL -> ToTensor + Normalize, batch 64, ``-j 0``). Only ``.cuda()`` is a no-op on CPU and the
   dataset's md5 check is skipped; DataParallel is left out (on CPU it only calls the module).
-* ``ours``: ``eebench.training.run_network`` as ``pipeline.infer_cell`` calls it (inference_mode,
+* ``ours``: ``eebench.inference.run_network`` as ``pipeline.infer_cell`` calls it (inference_mode,
   uint8 NCHW tensors normalised per batch, logits + features of every exit gathered on the host).
 
 Variant syntax: ``ref`` or ``ours``, then ``+cl`` (channels_last), ``+fold`` (BatchNorm folded
@@ -78,7 +78,7 @@ def ours_worker(opts, mods, batch):
     sys.path.insert(0, str(_bench.ROOT))
     from eebench.methods.base import TrainContext
     from eebench.methods.standard import Standard
-    from eebench.training import keep_freed_memory, run_network
+    from eebench.inference import keep_freed_memory, run_network
     from models import InputSpec, build_model
 
     state: dict = {}

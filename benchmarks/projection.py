@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
 
 sys.path.insert(0, str(_bench.ROOT))
-from eebench.config import cells, is_posthoc, is_pretrained, recipe_for, training_variant, val_from, val_size  # noqa: E402
+from eebench.config import cells, is_posthoc, is_pretrained, recipe_for, val_from, val_size  # noqa: E402
 from eebench.datasets import dataset_info  # noqa: E402
 from eebench.methods import TrainContext  # noqa: E402
 from eebench.pipeline import _method_factory, build_network, flops_record  # noqa: E402

@@ -103,7 +103,9 @@ def ours_worker(opts: argparse.Namespace, mods: set[str], harness: bool):
     from eebench.augment import crop_flip, epoch_plan, normalize
     from eebench.methods.base import TrainContext
     from eebench.methods.standard import Standard
-    from eebench.training import Recipe, TrainData, keep_freed_memory, make_optimizer, train
+    from eebench.inference import keep_freed_memory
+    from eebench.recipe import Recipe
+    from eebench.training import TrainData, make_optimizer, train
     from models import InputSpec, build_model
 
     state: dict = {"epoch": 0, "batch": 0, "round": 0}

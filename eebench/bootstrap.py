@@ -30,6 +30,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .metrics import label_probabilities, log_loss
+
 TEST_STREAM = 0x7E57  # tags that keep the test-sample and seed draws on different streams
 SEED_STREAM = 0x5EED
 BLOCK = 128  # resamples per matrix product (bounds memory: BLOCK x N weights at a time)
@@ -285,7 +287,6 @@ class VariantReplicates:
 def per_sample_record(correct: torch.Tensor, exits: torch.Tensor, flops: list[float] | torch.Tensor,
                       probabilities: torch.Tensor | None, labels: torch.Tensor) -> dict[str, Any]:
     """What ``samples.pt`` holds (see the module docstring); ``probabilities`` (K, N, C) or None."""
-    from .metrics import label_probabilities, log_loss
 
     record: dict[str, Any] = {
         "correct": correct.bool(),

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .io import CorruptFileError, load_tensors
-from .posthoc.base import ScoredOutputs
+from .scored import ScoredOutputs
 
 
 def load_cache(path: str | Path, expect_meta: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -8,11 +8,30 @@ import json
 import sys
 from typing import Any
 
+import pandas as pd
+import torch
 import yaml
 
+from models import build_model, get_architecture, list_architectures
 
-# eebench.checkpoints.FORMATS, named here so that the parser does not import torch
-CHECKPOINT_FORMATS = ("msdnet", "l2w", "ranet", "boostnet", "eenets")
+from . import io
+from .bootstrap import BootstrapSettings, cell_statistics, interval_columns
+from .cache import correctness, load_cache, scored_outputs
+from .calibration import budgeted_curve
+from .checkpoints import FORMATS, convert_checkpoint, load_weights_only
+from .config import (ConfigError, check_budgets, check_config, check_data, content_hash, load_config,
+                     pretrained_fingerprint, validate_schema)
+from .datasets import dataset_info, load_pool, make_split, split_images
+from .dynamic import MethodScorer
+from .inference import pick_device, prepare_for_inference
+from .latency import select_budgets, thresholds_of
+from .methods import METHODS, TrainContext
+from .pipeline import _load_state, build_network, flops_record, network_latency, normalisation, read_split
+from .posthoc import POSTHOC
+from .timings import format_table, rule_time_table
+from .training import load_weights
+
+CHECKPOINT_FORMATS = tuple(FORMATS)
 
 
 def parse_value(text: str) -> Any:
@@ -38,10 +57,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from models import list_architectures
 
-    from .methods import METHODS
-    from .posthoc import POSTHOC
 
     listing = {"architectures": list_architectures(), "methods": METHODS.names(), "posthoc": POSTHOC.names()}
     if args.json:
@@ -52,11 +68,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
-    from models import build_model, get_architecture
 
-    from .config import ConfigError, load_config
-    from .datasets import dataset_info
-    from .pipeline import flops_record
 
     try:
         get_architecture(args.arch)
@@ -76,12 +88,7 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 
 def cmd_budgeted(args: argparse.Namespace) -> None:
-    import pandas as pd
-    import torch
 
-    from . import io
-    from .cache import correctness, load_cache, scored_outputs
-    from .calibration import budgeted_curve
 
     try:
         val, test = load_cache(args.val), load_cache(args.test)
@@ -99,7 +106,6 @@ def cmd_budgeted(args: argparse.Namespace) -> None:
     curve = budgeted_curve(val_scored.scores, test_scored.scores, correct, flops)
     table = pd.DataFrame(curve.rows())
     if args.bootstrap:
-        from .bootstrap import BootstrapSettings, cell_statistics, interval_columns
 
         settings = BootstrapSettings(resamples=args.bootstrap, seed=args.bootstrap_seed, level=args.level)
         record = {"correct": correct, "exits": curve.exits, "flops": torch.as_tensor(flops, dtype=torch.float64)}
@@ -114,7 +120,6 @@ def cmd_budgeted(args: argparse.Namespace) -> None:
 def cmd_check_config(args: argparse.Namespace) -> None:
     """What the workflow checks at start (schema, registries, data), plus Table 1's budgets
     against its architecture's traced FLOPs (seconds; the workflow checks those once traced)."""
-    from .config import ConfigError, check_budgets, check_config, check_data, load_config, validate_schema
 
     try:
         config = load_config(args.config)
@@ -124,8 +129,6 @@ def cmd_check_config(args: argparse.Namespace) -> None:
             check_data(config)
         table = config.get("report", {}).get("table1")
         if table is not None and not args.no_flops:
-            from .datasets import dataset_info
-            from .pipeline import build_network, flops_record
 
             network = build_network(config, table["dataset"], table["architecture"])
             record = flops_record(network, dataset_info(table["dataset"], config).input, config["flops_convention"])
@@ -136,7 +139,6 @@ def cmd_check_config(args: argparse.Namespace) -> None:
 
 
 def cmd_timings(args: argparse.Namespace) -> None:
-    from .timings import format_table, rule_time_table
 
     table = rule_time_table(args.results)
     if args.csv:
@@ -146,9 +148,7 @@ def cmd_timings(args: argparse.Namespace) -> None:
 
 
 def _network_for(family: str, dataset: str, sets: list[str]):
-    from models import build_model, get_architecture
 
-    from .datasets import dataset_info
 
     get_architecture(family)  # an unknown family is named with the allowed ones
     info = dataset_info(dataset)
@@ -158,10 +158,6 @@ def _network_for(family: str, dataset: str, sets: list[str]):
 
 def cmd_convert_checkpoint(args: argparse.Namespace) -> None:
     """A reference checkpoint as a weights file of this harness (what the train rule writes)."""
-    from . import io
-    from .checkpoints import convert_checkpoint
-    from .config import content_hash, pretrained_fingerprint
-
     try:
         _, params, info = _network_for(args.arch, args.dataset, args.set)
         _, state = convert_checkpoint(args.src, args.fmt, args.arch, info.input, params)
@@ -178,12 +174,7 @@ def cmd_convert_checkpoint(args: argparse.Namespace) -> None:
 
 def cmd_logits(args: argparse.Namespace) -> None:
     """Per-exit logits (K, N, C) in eval mode of a weights file on saved, normalised images."""
-    import torch
 
-    from . import io
-    from .checkpoints import load_weights_only
-    from .pipeline import _load_state
-    from .training import load_weights
 
     try:
         network, _, info = _network_for(args.arch, args.dataset, args.set)
@@ -217,16 +208,7 @@ def cmd_logits(args: argparse.Namespace) -> None:
 
 def cmd_latency(args: argparse.Namespace) -> None:
     """Dynamic early exit of a trained network timed at the thresholds of a budgeted curve."""
-    import pandas as pd
-    import torch
 
-    from . import io
-    from .datasets import load_pool, make_split, split_images
-    from .dynamic import MethodScorer
-    from .latency import select_budgets, thresholds_of
-    from .methods import METHODS, TrainContext
-    from .pipeline import _load_state, flops_record, network_latency, normalisation, prepare_for_inference, read_split
-    from .training import pick_device
 
     try:
         network, _, info = _network_for(args.arch, args.dataset, args.set)

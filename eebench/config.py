@@ -11,15 +11,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from models import get_architecture, list_architectures, make_config
+from models.ee_resnet import exit_positions, resnet_plan
+
 from . import registry
+from .checkpoints import FORMATS
 from .datasets import DatasetError, DeclarationError, check_files, dataset_info, declaration
 from .io import file_hash, stable_hash
+from .methods import METHODS
+from .posthoc import POSTHOC
+from .recipe import Recipe
+from .style import all_variants, variant_label, variant_names
 
 
 class ConfigError(ValueError):
@@ -59,7 +68,7 @@ def validate_schema(config: dict[str, Any], schema_path: str | Path = SCHEMA_PAT
     """Check ``config`` against the JSON schema and fill in its defaults (as Snakemake's
     ``validate`` does); the first error is raised as a ConfigError naming the key
     (``datasets.digits.resources.mem_mb``), the bad value and what is allowed."""
-    import jsonschema
+    import jsonschema  # only here: the GPU check and the jobs run without it
 
     with open(schema_path) as f:
         schema = yaml.safe_load(f)
@@ -214,7 +223,6 @@ def architecture(config: dict[str, Any], name: str) -> tuple[str, dict[str, Any]
 
 
 def recipe_for(config: dict[str, Any], dataset: str, variant: str):
-    from .recipe import Recipe
 
     values = {**config["datasets"][dataset].get("recipe", {}), **training_variant(config, variant)["recipe"]}
     return registry.build_params(Recipe, values, f"recipe of dataset {dataset!r}, method {variant!r}")
@@ -316,16 +324,12 @@ def cell_fingerprint(config: dict[str, Any], cell: Cell) -> str:
 
 def check_config(config: dict[str, Any]) -> None:
     """Raise ConfigError naming the key, the bad value and what is allowed."""
-    from models import list_architectures, make_config
 
-    from .methods import METHODS
-    from .posthoc import POSTHOC
 
     def fail(where: str, value: Any, allowed: Any) -> None:
         allowed_text = ", ".join(map(str, allowed)) if isinstance(allowed, (list, tuple)) else allowed
         raise ConfigError(f"config {where}: {value!r} is not allowed; allowed: {allowed_text}")
 
-    from .recipe import Recipe
 
     for name, spec in config["datasets"].items():
         try:
@@ -412,9 +416,7 @@ def _check_latency(config: dict[str, Any], fail) -> None:
 def _check_capabilities(config: dict[str, Any], variant: str, arch: str, where: str) -> None:
     """A method that needs what an architecture does not offer (EENets' confidence branches) is
     refused here, naming both, instead of failing in its first training step."""
-    from models import get_architecture
 
-    from .methods import METHODS
 
     method = training_variant(config, variant)["method"]
     family = config["architectures"][arch]["family"]
@@ -428,7 +430,6 @@ def _check_capabilities(config: dict[str, Any], variant: str, arch: str, where: 
 
 
 def _families_offering(capabilities: frozenset[str]) -> list[str]:
-    from models import get_architecture, list_architectures
 
     return [f for f in list_architectures() if capabilities <= get_architecture(f).network_class.capabilities]
 
@@ -436,8 +437,6 @@ def _families_offering(capabilities: frozenset[str]) -> list[str]:
 def _check_pretrained(config: dict[str, Any], fail) -> None:
     """Pretrained variants: known names and formats, a checkpoint for every cell that uses one, and
     a val split the checkpoint was not trained on."""
-    from .checkpoints import FORMATS
-    from .methods import METHODS
 
     for dataset, spec in config["datasets"].items():
         if spec.get("val_from") == "test" and dataset_info(dataset, config).test_fraction is not None:
@@ -526,9 +525,7 @@ def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:
     """The checks a network runs on its config and the dataset's input size before it allocates
     anything (a scale list that does not fit the input, early exits that do not fit the depth),
     without building it: milliseconds, where building even on the meta device takes seconds."""
-    import inspect
 
-    from models import make_config
 
     family, params = architecture(config, arch)
     spec = dataset_info(dataset, config).input  # what the network is built for: compatibility is its own checks
@@ -538,7 +535,6 @@ def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:
         if validate is not None and "input_size" in inspect.signature(validate).parameters:
             validate(spec.size)  # msdnet, ranet: scales that fit the input size
         if family == "ee_resnet":
-            from models.ee_resnet import exit_positions, resnet_plan
 
             exit_positions(arch_config, resnet_plan(arch_config, spec))  # early exits that fit the depth
     except (ValueError, TypeError, KeyError) as err:
@@ -655,7 +651,6 @@ def figure_spec(config: dict[str, Any], figure: str) -> dict[str, Any]:
     """A figure's report entry, with its reference variant: the one given, else ``standard`` where
     the figure draws it, else the figure's first variant. A figure the config does not list draws
     every cell."""
-    from .style import all_variants
 
     spec = dict(config.get("report", {}).get("figures", {}).get(figure, {}))
     if "reference" not in spec:
@@ -675,7 +670,6 @@ def comparison_settings(config: dict[str, Any], figure_kinds: dict[str, str]) ->
     """What the paired comparisons depend on: each figure's selection, curve kind and reference,
     the comparison budgets, Table 1's budgets (the default ones on its dataset and architecture),
     the variants' labels and the bootstrap settings."""
-    from .style import variant_label, variant_names
 
     report = config.get("report", {})
     table = report.get("table1")

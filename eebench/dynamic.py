@@ -36,7 +36,8 @@ from models import ExitHead, ExitOutputs, MultiExitNetwork, select_samples
 from .cache import scored_outputs
 from .calibration import exit_indices
 from .methods.base import TrainingMethod
-from .posthoc.base import PosthocMethod, ScoredOutputs
+from .posthoc.base import PosthocMethod
+from .scored import ScoredOutputs
 
 TIE_TOLERANCE = 1e-4  # scores this close to a threshold may fall either side under float rounding
 EXIT_SCORES = ("max_softmax", "confidence")
@@ -129,7 +130,7 @@ class PosthocScorer(ExitScorer):
 
 
 def cache_of(outputs: ExitOutputs, with_features: bool = True) -> dict[str, Any]:
-    """A batch's outputs as an inference cache holds them (``training.run_network``)."""
+    """A batch's outputs as an inference cache holds them (``inference.run_network``)."""
     cache: dict[str, Any] = {"logits": torch.stack([t.float() for t in outputs.logits]).cpu()}
     if with_features and outputs.features:
         cache["features"] = [f.float().flatten(1).cpu() for f in outputs.features]

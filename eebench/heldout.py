@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoints import load_weights_only
 from .config import held_out_file, val_from, val_size
 from .datasets import dataset_info, make_split
 from .io import CorruptFileError
@@ -41,7 +42,6 @@ def read_val_indices(path: str | Path, pool_size: int, n_val: int, carved_test: 
     """The held-out indices of a val_indices file: ``val`` (and ``test`` for a dataset whose test
     split is carved from its pool). A permutation of the whole pool (MSDNet's ``index.pth``) holds
     out its last ``n_val`` entries."""
-    from .checkpoints import load_weights_only
 
     path = Path(path)
     if path.suffix == ".npz":

@@ -37,7 +37,7 @@ from models import MultiExitNetwork
 from .calibration import accuracy_at_budget
 from .dynamic import (Agreement, DynamicResult, ExitScorer, compare_with_simulation, exit_by_exit,
                       run_dynamic, run_simulated)
-from .posthoc.base import ScoredOutputs
+from .scored import ScoredOutputs
 
 CI_LEVEL = 0.95
 _log = logging.getLogger("eebench.latency")

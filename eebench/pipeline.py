@@ -15,7 +15,6 @@ import pandas as pd
 import torch
 
 from models import InputSpec, MultiExitNetwork, build_model
-from models.base import fold_batchnorm
 
 from . import bootstrap, distributed, imagefolder, io, metrics, summary
 from .augment import normalize
@@ -33,9 +32,10 @@ from .latency import (BUDGET_COLUMNS, EXIT_COLUMNS, LatencyTask, measure_latency
                       thresholds_of)
 from .methods import METHODS, TrainContext, TrainingMethod
 from .posthoc import POSTHOC
-from .posthoc.base import ScoredOutputs
+from .scored import ScoredOutputs
 from .provenance import provenance
-from .training import TrainData, keep_freed_memory, load_weights, pick_device, run_network, train
+from .inference import keep_freed_memory, pick_device, prepare_for_inference, run_network
+from .training import TrainData, load_weights, train
 
 log = logging.getLogger("eebench")
 
@@ -233,16 +233,6 @@ def convert_cell(config: dict[str, Any], cell: Cell, flops_path: str, weights_ou
 
 
 # --- infer -----------------------------------------------------------------------------------
-def prepare_for_inference(network: MultiExitNetwork, device: torch.device) -> None:
-    """Eval mode on ``device``, BatchNorm folded into the convolutions (1.2x) and channels_last on
-    CPU too (1.2-1.3x; unlike training, where BatchNorm and cat slow down in it):
-    benchmarks/infer_throughput.py."""
-    network.to(device)
-    network.eval()
-    fold_batchnorm(network)
-    network.to(memory_format=torch.channels_last)
-
-
 def inference_network(config: dict[str, Any], cell: Cell, weights: str, flops_path: str,
                       device: torch.device) -> tuple[MultiExitNetwork, TrainingMethod]:
     """A training cell's network prepared for inference (eval mode, BatchNorm folded,

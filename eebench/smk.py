@@ -9,6 +9,12 @@ import traceback
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
+from .config import Cell, ConfigError
+from .datasets import DatasetError, DeclarationError
+from .io import CorruptFileError
+from .posthoc import POSTHOC
+from .training import TrainingDiverged
+
 
 def alternatives(names: Iterable[str]) -> str:
     """A regex matching exactly one of the configured names (a wildcard constraint)."""
@@ -16,7 +22,6 @@ def alternatives(names: Iterable[str]) -> str:
 
 
 def posthoc_needs_train_split(method: str) -> bool:
-    from .posthoc import POSTHOC
 
     return POSTHOC.get(method).needs_train_split
 
@@ -26,10 +31,6 @@ def logged(snakemake: Any, append: bool = False) -> Iterator[None]:
     """Send the library's log to the rule's log file (and stderr); log errors without a traceback
     for the expected kinds (bad input), with one for anything else. ``append`` keeps what earlier
     attempts wrote (a resumed training job's log tells the whole story of the cell)."""
-    from .config import ConfigError
-    from .datasets import DatasetError, DeclarationError
-    from .io import CorruptFileError
-    from .training import TrainingDiverged
 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if snakemake.log:
@@ -49,7 +50,6 @@ def logged(snakemake: Any, append: bool = False) -> Iterator[None]:
 
 
 def cell(snakemake: Any):
-    from .config import Cell
 
     w = snakemake.wildcards
     return Cell(w.dataset, w.arch, w.variant, int(w.seed))

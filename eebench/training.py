@@ -1,4 +1,4 @@
-"""The training loop shared by every method, and inference into the cache.
+"""The training loop shared by every method.
 
 The loop owns the data (uint8 tensors on the training device, augmented per batch), the epochs,
 the main optimizer and its learning-rate schedule, evaluation on val after each epoch, and a
@@ -10,7 +10,6 @@ as an uninterrupted run: every random draw of an epoch comes from a generator se
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import signal
@@ -22,10 +21,10 @@ import torch
 
 from models import MultiExitNetwork
 
-from . import distributed
-from . import imagefolder
+from . import distributed, imagefolder
 from .augment import EpochPlan, crop_flip, epoch_plan, normalize
 from .imagefolder import FolderImages
+from .inference import pick_device, run_network
 from .io import CorruptFileError, load_tensors, save_tensors
 from .recipe import Recipe
 from .methods import TrainContext, TrainingMethod
@@ -35,26 +34,6 @@ log = logging.getLogger("eebench.train")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def keep_freed_memory() -> None:
-    """Stop glibc returning large freed buffers to the OS (M_MMAP_MAX=0, no trimming).
-
-    Without it, every large activation of a big inference batch is mmapped, freed with munmap and
-    page-faulted in again on the next batch; on CPU this can halve throughput.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX
-        libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
@@ -102,14 +81,6 @@ class TrainData:
     hflip: bool
 
 
-def _eval_batches(images: torch.Tensor | FolderImages, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    if isinstance(images, FolderImages):
-        yield from imagefolder.eval_batches(images, batch_size, device)
-        return
-    for start in range(0, len(images), batch_size):
-        yield images[start : start + batch_size].to(device, non_blocking=True)
-
-
 class _TrainBatches:
     """The augmented uint8 training batches of each epoch: in-memory images are cropped and
     flipped on the device from the epoch's plan; image files are decoded by DataLoader workers."""
@@ -128,44 +99,6 @@ class _TrainBatches:
         offsets, flips = plan.offsets.to(self.device), flips.to(self.device)
         for idx in batches:
             yield crop_flip(self.images[idx], offsets[idx], flips[idx], self.data.crop_padding)
-
-
-@torch.inference_mode()
-def run_network(
-    model: MultiExitNetwork,
-    images: torch.Tensor | FolderImages,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    batch_size: int,
-    device: torch.device,
-    channels_last: bool = False,
-    with_features: bool = True,
-    transform: Callable | None = None,
-) -> dict[str, Any]:
-    """All exits on uint8 images (or image files): logits (K, N, C), features, confidences (if the
-    net has them)."""
-    model.eval()
-    mean_t = torch.tensor(mean, device=device)
-    std_t = torch.tensor(std, device=device)
-    logits, features, confidences = [], [], []
-    for batch in _eval_batches(images, batch_size, device):
-        x = normalize(batch, mean_t, std_t)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = model.forward_all(x)
-        if transform is not None:
-            out = transform(out)
-        logits.append(torch.stack([t.float() for t in out.logits]).cpu())
-        if with_features:
-            features.append([f.float().flatten(1).cpu() for f in out.features])
-        if out.confidences is not None:
-            confidences.append(torch.stack([c.float().reshape(-1) for c in out.confidences]).cpu())
-    result: dict[str, Any] = {"logits": torch.cat(logits, dim=1)}
-    if with_features and features and features[0]:
-        result["features"] = [torch.cat(parts) for parts in zip(*features)]
-    if confidences:
-        result["confidences"] = torch.cat(confidences, dim=1)
-    return result
 
 
 def per_exit_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:

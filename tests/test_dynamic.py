@@ -16,9 +16,9 @@ from eebench.dynamic import (MethodScorer, NotSegmentedError, PosthocScorer, cac
 from eebench.latency import (LatencyTask, accuracy_at_time, expected_ms, exit_latency, forced_exit, measure_latency,
                              median_interval, pinned_threads, select_budgets, thresholds_of)
 from eebench.methods import METHODS, TrainContext
-from eebench.pipeline import prepare_for_inference
+from eebench.inference import prepare_for_inference
 from eebench.posthoc import POSTHOC
-from eebench.training import run_network
+from eebench.inference import run_network
 from models import InputSpec, build_model, select_samples
 
 SPEC = InputSpec(3, 32, 10)

@@ -30,13 +30,13 @@ def test_table1_in_milliseconds():
     assert curves[curves["seed"] == 1]["ms"].tolist() == [1.0, 3.0, 5.0]
     spec = {"dataset": "digits", "architecture": "msdnet", "budgets": [2.5, 3.0], "rows": {"c+e": "gater"},
             "budget_unit": "ms"}
-    table = table1({}, curves, spec)
+    table = table1(curves, spec)
     seed0 = accuracy_at_time(curves[curves["seed"] == 0], [2.0, 4.0], 2.5)
     seed1 = accuracy_at_time(curves[curves["seed"] == 1], [1.0, 5.0], 2.5)
     assert (seed0, seed1) == (55.0, pytest.approx(59.5))
     assert table.loc[0, "2.5ms"] == pytest.approx((seed0 + seed1) / 2)
     assert table.loc[0, "3ms"] == pytest.approx(61.0)
-    in_flops = table1({}, curves, {**spec, "budget_unit": "flops", "budgets": [3.0]})
+    in_flops = table1(curves, {**spec, "budget_unit": "flops", "budgets": [3.0]})
     assert in_flops.loc[0, "3e-06M"] == pytest.approx(61.0)
 
 

@@ -7,7 +7,8 @@ import torch
 
 from eebench.datasets import dataset_info, load_pool, make_split, split_images
 from eebench.methods import METHODS
-from eebench.training import Recipe, TrainData, train
+from eebench.recipe import Recipe
+from eebench.training import TrainData, train
 from models import build_model
 
 ARCH_FOR = {"eenets": ("ee_resnet", {"depth": 8, "num_exits": 2, "width": 8})}

@@ -31,7 +31,8 @@ import torch
 from eebench import io, pipeline
 from eebench.config import Cell, validate_schema
 from eebench.methods.standard import Standard
-from eebench.training import Recipe, TrainingDiverged, train
+from eebench.recipe import Recipe
+from eebench.training import TrainingDiverged, train
 from train_helpers import digits_data
 from workflow_helpers import run_workflow, tiny_config
 

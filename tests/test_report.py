@@ -8,10 +8,8 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from eebench.bootstrap import BootstrapSettings, VariantReplicates
-from eebench.config import Cell
 from eebench.report import draw_figure, figure_panels, reproduction_report, table1, table_markdown
 from eebench.style import styles_for, variant_styles
 from eebench.summary import summary_tables

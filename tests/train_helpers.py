@@ -9,7 +9,8 @@ import torch
 
 from eebench.datasets import dataset_info, load_pool, make_split, split_images
 from eebench.pipeline import _method_factory, build_network
-from eebench.training import Recipe, TrainData, TrainResult, train
+from eebench.recipe import Recipe
+from eebench.training import TrainData, TrainResult, train
 from workflow_helpers import ROOT, default_config
 
 

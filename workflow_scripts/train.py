@@ -3,7 +3,7 @@ import sys
 sys.path.insert(0, snakemake.scriptdir + "/..")
 
 from eebench import smk
-from eebench.distributed import launch_training
+from eebench.launcher import launch_training
 from eebench.pipeline import train_cell
 
 args = dict(

@@ -43,7 +43,6 @@ At inference the gater is not used: thresholds are calibrated on max softmax as 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 

@@ -3,9 +3,9 @@ cache. Adding one: a file in this package with a ``PosthocMethod`` subclass and 
 """
 
 from ..registry import Registry
-from .base import PosthocMethod, ScoredOutputs
+from .base import PosthocMethod
 
 POSTHOC = Registry("post-hoc method", __name__)
 register_posthoc = POSTHOC.register
 
-__all__ = ["POSTHOC", "PosthocMethod", "ScoredOutputs", "register_posthoc"]
+__all__ = ["POSTHOC", "PosthocMethod", "register_posthoc"]

@@ -16,28 +16,13 @@ from exits 1..k alone. A method without it is measured with the simulated protoc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from models import ExitHead
 
-
-@dataclass
-class ScoredOutputs:
-    """Per-exit scores and predictions.
-
-    ``scores`` is (K, N), or (B, K, N) when the method fits one scorer per budget; then
-    ``exit_distributions`` (B, K) gives the share of samples meant to leave at each exit for
-    each budget, replacing the geometric budgets of the MSDNet protocol.
-    """
-
-    scores: torch.Tensor
-    predictions: torch.Tensor
-    probabilities: torch.Tensor | None = None  # (K, N, C) if the method produces them
-    exit_distributions: torch.Tensor | None = None
-    budget_targets: torch.Tensor | None = None  # (B,) FLOPs each budget was fitted for
+from ..scored import ScoredOutputs
 
 
 class PosthocMethod:

@@ -60,7 +60,8 @@ from ..metrics import log_loss
 from . import register_posthoc
 from models import ExitHead
 
-from .base import PosthocMethod, ScoredOutputs
+from ..scored import ScoredOutputs
+from .base import PosthocMethod
 
 TEMPERATURE_GRID = [0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0]
 VAR0_GRID = [0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0, 4.0]

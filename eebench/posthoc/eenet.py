@@ -93,7 +93,8 @@ from models import ExitHead
 
 from ..calibration import exit_indices, exit_thresholds
 from . import register_posthoc
-from .base import PosthocMethod, ScoredOutputs
+from ..scored import ScoredOutputs
+from .base import PosthocMethod
 
 INFERENCE_ELEMENTS = 1 << 22  # models x exits x samples x inputs held at once when scoring
 
