@@ -153,7 +153,7 @@ def is_pretrained(config: dict[str, Any], variant: str) -> bool:
 
 
 def pretrained_variant(config: dict[str, Any], name: str) -> dict[str, Any]:
-    return {"method": "standard", "params": {}, "val_indices": None, **config["pretrained"][name]}
+    return {"method": "standard", "params": {}, **config["pretrained"][name]}
 
 
 def training_variant(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -257,20 +257,15 @@ def content_hash(path: str | Path) -> str:
 
 
 def held_out_file(config: dict[str, Any], dataset: str) -> str | None:
-    """The ``val_indices`` file of the pretrained variants the experiments use on ``dataset``
-    (check_config makes sure they agree), when the dataset's val split comes from its training pool."""
-    if val_from(config, dataset) != "train":
-        return None
-    files = {pretrained_variant(config, c.variant)["val_indices"] for c in cells(config)
-             if c.dataset == dataset and is_pretrained(config, c.variant)}
-    files.discard(None)
-    return next(iter(sorted(files)), None)
+    """``datasets.<dataset>.val_indices``: the file of the training-pool images a pretrained
+    checkpoint's training held out, which the split's val then is (None: a seeded split)."""
+    return config["datasets"].get(dataset, {}).get("val_indices")
 
 
 def split_identity(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     """What makes a dataset's split other than its seed and val size: val drawn from the test set,
-    or the held-out indices of a pretrained checkpoint (empty when neither, so that configs without
-    them keep their fingerprints)."""
+    or the held-out indices of a pretrained checkpoint, by content (empty when neither, so that
+    configs without them keep their fingerprints)."""
     out: dict[str, Any] = {}
     if val_from(config, dataset) != "train":
         out["val_from"] = val_from(config, dataset)
@@ -296,7 +291,7 @@ def dataset_declared(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     ``val_size``/``split_identity`` cover): part of
     what a split and a cell's weights depend on. Empty for a built-in dataset used as it is."""
     entry = config["datasets"].get(dataset, {})
-    return {k: v for k, v in entry.items() if k not in ("recipe", "resources", "val_size", "val_from")}
+    return {k: v for k, v in entry.items() if k not in ("recipe", "resources", "val_size", "val_from", "val_indices")}
 
 
 def cell_fingerprint(config: dict[str, Any], cell: Cell) -> str:
@@ -476,36 +471,29 @@ def _check_pretrained(config: dict[str, Any], fail) -> None:
                               f"allowed architectures: {', '.join(spec['checkpoints'])}")
     for dataset in sorted({c.dataset for c in used}):
         _check_held_out(config, dataset, sorted({c.variant for c in used if c.dataset == dataset}))
+    for dataset, spec in config["datasets"].items():
+        if "val_indices" in spec and val_from(config, dataset) == "test":
+            raise ConfigError(
+                f"config datasets.{dataset}.val_indices: not used, since datasets.{dataset}.val_from is 'test' "
+                f"(val is drawn from the test set); allowed: no val_indices, or datasets.{dataset}.val_from: train")
 
 
 def _check_held_out(config: dict[str, Any], dataset: str, names: list[str]) -> None:
     """Refuse a pretrained variant whose training images may be in the val split (or, for a dataset
     without a test set of its own, the test split): thresholds calibrated on images the network was
     trained on are biased, all of them."""
-    files = {name: pretrained_variant(config, name)["val_indices"] for name in names}
-    if val_from(config, dataset) == "test":
-        for name, path in files.items():
-            if path is not None:
-                raise ConfigError(
-                    f"config pretrained.{name}.val_indices: not used, since datasets.{dataset}.val_from is 'test' "
-                    f"(val is drawn from the test set); allowed: no val_indices, or datasets.{dataset}.val_from: train")
+    if val_from(config, dataset) == "test" or held_out_file(config, dataset) is not None:
         return
-    for name, path in files.items():
-        if path is None:
-            raise ConfigError(
-                f"config pretrained.{name}: its checkpoints may have been trained on any image of {dataset}'s training "
-                f"pool, from which the harness draws its val split, and calibrating exit thresholds on images a "
-                "network was trained on biases every threshold. Give the indices of the images its training held "
-                "out (val_indices: the index.pth the reference code writes with --use-valid), or draw val from "
-                f"the test set (datasets.{dataset}.val_from: test, with a val_size below the test set's size)")
-    if len(set(files.values())) > 1:
-        shown = ", ".join(f"{name}: {path}" for name, path in files.items())
-        raise ConfigError(f"config pretrained: the variants on dataset {dataset!r} give different val_indices ({shown}), "
-                          "but a dataset has one split; allowed: the same val_indices file (or separate configs)")
+    raise ConfigError(
+        f"config pretrained.{names[0]}: its checkpoints may have been trained on any image of {dataset}'s training "
+        f"pool, from which the harness draws its val split, and calibrating exit thresholds on images a "
+        "network was trained on biases every threshold. Give the indices of the images its training held "
+        f"out (datasets.{dataset}.val_indices: the index.pth the reference code writes with --use-valid), or draw "
+        f"val from the test set (datasets.{dataset}.val_from: test, with a val_size below the test set's size)")
 
 
 def check_pretrained_files(config: dict[str, Any]) -> None:
-    """Every checkpoint (and val_indices file) the experiments use exists: checked at workflow
+    """Every checkpoint (and held-out index file) the experiments use exists: checked at workflow
     start, as the data is, so that a dry run plans without them."""
     seen = set()
     for cell in cells(config):
@@ -514,11 +502,15 @@ def check_pretrained_files(config: dict[str, Any]) -> None:
         seen.add((cell.variant, cell.arch))
         spec = pretrained_variant(config, cell.variant)
         fetch = f"; download it from {spec['source']}" if spec.get("source") else ""
-        for key, path in ((f"checkpoints.{cell.arch}", spec["checkpoints"][cell.arch]),
-                          ("val_indices", spec["val_indices"])):
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"config pretrained.{cell.variant}.{key}: {path!r} ({Path(path).resolve()}) "
-                                  f"is not a file{fetch}, or set the path to where it is")
+        path = spec["checkpoints"][cell.arch]
+        if not Path(path).is_file():
+            raise ConfigError(f"config pretrained.{cell.variant}.checkpoints.{cell.arch}: {path!r} "
+                              f"({Path(path).resolve()}) is not a file{fetch}, or set the path to where it is")
+    for dataset in sorted({c.dataset for c in cells(config)}):
+        path = held_out_file(config, dataset)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"config datasets.{dataset}.val_indices: {path!r} ({Path(path).resolve()}) is not a "
+                              "file, or set the path to where it is")
 
 
 def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:

@@ -3,7 +3,7 @@
 A checkpoint trained elsewhere has seen some of the dataset's training pool; the harness may only
 calibrate on images it has not. Two ways out, chosen in the config:
 
-- ``pretrained.<name>.val_indices``: the indices its training held out (MSDNet's ``--use-valid``
+- ``datasets.<name>.val_indices``: the indices its training held out (MSDNet's ``--use-valid``
   writes them as ``index.pth``, a random permutation of the training pool whose last 5000 (CIFAR)
   or 50000 (ImageNet) entries are val). The split's val is exactly these images, train the rest.
 - ``datasets.<name>.val_from: test``: val is ``val_size`` images drawn (with ``split_seed``) from the
