@@ -47,14 +47,14 @@ BUDGET_ROWS = (1, 8, 16, 24, 32, 39)  # budget ids of the 39 geometric budgets
 def build(name: str, seed: int = 0):
     import torch
 
-    from eebench.flops import exit_costs
+    from eebench.flops import exit_flops
     from eebench.inference import prepare_for_inference
     from models import InputSpec, build_model
 
     params, classes = MODELS[name]
     torch.manual_seed(seed)
     net = build_model("msdnet", InputSpec(3, 32, classes), **params)
-    flops = exit_costs(net, (3, 32, 32))["flops"]
+    flops = exit_flops(net, (3, 32, 32))["flops"]
     prepare_for_inference(net, torch.device("cpu"))
     return net, flops
 

@@ -48,7 +48,7 @@ class BootstrapSettings:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "BootstrapSettings":
-        return cls(**config.get("bootstrap", {}))
+        return cls(**config["bootstrap"])
 
 
 # --- resamples ---------------------------------------------------------------------------------

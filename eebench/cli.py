@@ -127,7 +127,7 @@ def cmd_check_config(args: argparse.Namespace) -> None:
         check_config(config)
         if not args.no_data:
             check_data(config)
-        table = config.get("report", {}).get("table1")
+        table = config["report"].get("table1")
         if table is not None and not args.no_flops:
 
             network = build_network(config, table["dataset"], table["architecture"])

@@ -31,6 +31,11 @@ from .recipe import Recipe
 from .style import all_variants, variant_label, variant_names
 
 
+CELL_PATTERN = "{dataset}/{arch}/{variant}/seed{seed}"  # a cell's place under every results/ folder
+# figure name -> the curves it draws (the schema's report.figures keys are these names)
+FIGURE_KINDS = {"fig2_anytime": "anytime", "fig3_budgeted": "budgeted", "fig4_posthoc": "budgeted", "fig5_imagenet": "both"}
+
+
 class ConfigError(ValueError):
     """The config names something that does not exist or cannot be built."""
 
@@ -39,12 +44,12 @@ class ConfigError(ValueError):
 class Cell:
     dataset: str
     arch: str
-    variant: str  # a training variant (config ``methods``) or a post-hoc variant (``posthoc``)
+    variant: str  # a training, pretrained or post-hoc variant (config methods, pretrained, posthoc)
     seed: int
 
     @property
     def path(self) -> str:
-        return f"{self.dataset}/{self.arch}/{self.variant}/seed{self.seed}"
+        return CELL_PATTERN.format(**dataclasses.asdict(self))
 
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
@@ -144,12 +149,12 @@ def _set_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -
 
 
 def is_posthoc(config: dict[str, Any], variant: str) -> bool:
-    return variant in config.get("posthoc", {})
+    return variant in config["posthoc"]
 
 
 def is_pretrained(config: dict[str, Any], variant: str) -> bool:
     """A variant whose weights are converted from a checkpoint file (config ``pretrained``)."""
-    return variant in config.get("pretrained", {})
+    return variant in config["pretrained"]
 
 
 def pretrained_variant(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -210,7 +215,7 @@ def latency_cells(config: dict[str, Any]) -> list[Cell]:
 def table1_latency_cells(config: dict[str, Any]) -> list[Cell]:
     """With ``report.table1.budget_unit: ms``, the measured cells whose per-exit latency converts
     Table 1's curves to milliseconds (one per seed)."""
-    spec = config.get("report", {}).get("table1")
+    spec = config["report"].get("table1")
     if spec is None or spec.get("budget_unit", "flops") != "ms":
         return []
     variant = spec.get("latency_variant") or config["latency"]["variants"][0]
@@ -342,7 +347,7 @@ def check_config(config: dict[str, Any]) -> None:
             fail(f"methods.{name}.method", variant["method"], METHODS.names())
         _wrap(lambda: METHODS.make_params(variant["method"], variant["params"]), f"methods.{name}.params")
         _wrap(lambda: registry.build_params(Recipe, variant["recipe"], f"config methods.{name}.recipe"))
-        parents = list(config["methods"]) + list(config.get("pretrained", {}))
+        parents = list(config["methods"]) + list(config["pretrained"])
         if variant["init_from"] is not None and variant["init_from"] not in parents:
             fail(f"methods.{name}.init_from", variant["init_from"], parents)
     for name in config["methods"]:  # init_from chains must end
@@ -352,20 +357,20 @@ def check_config(config: dict[str, Any]) -> None:
                 raise ConfigError(f"config methods.{name}.init_from: {' -> '.join(chain + [parent])} is a cycle; "
                                   "allowed: a chain that ends at a variant trained from scratch")
             chain.append(parent)
-    for name in config.get("posthoc", {}):
+    for name in config["posthoc"]:
         variant = posthoc_variant(config, name)
         if variant["method"] not in POSTHOC.names():
             fail(f"posthoc.{name}.method", variant["method"], POSTHOC.names())
         _wrap(lambda: POSTHOC.make_params(variant["method"], variant["params"]), f"posthoc.{name}.params")
-        bases = list(config["methods"]) + list(config.get("pretrained", {}))
+        bases = list(config["methods"]) + list(config["pretrained"])
         if variant["base"] not in bases:
             fail(f"posthoc.{name}.base", variant["base"], bases)
     _check_pretrained(config, fail)
     built: set[tuple[str, str]] = set()
     for i, exp in enumerate(config["experiments"]):
         for key, known in (("datasets", config["datasets"]), ("architectures", config["architectures"]),
-                           ("methods", config["methods"]), ("pretrained", config.get("pretrained", {})),
-                           ("posthoc", config.get("posthoc", {}))):
+                           ("methods", config["methods"]), ("pretrained", config["pretrained"]),
+                           ("posthoc", config["posthoc"])):
             for value in exp.get(key, []):
                 if value not in known:
                     fail(f"experiments[{i}].{key}", value, list(known))
@@ -386,13 +391,13 @@ def _check_latency(config: dict[str, Any], fail) -> None:
     """The latency section names configured variants, architectures and datasets and selects at
     least one cell; Table 1 in milliseconds needs its (dataset, architecture) measured."""
     spec = config.get("latency")
-    table = config.get("report", {}).get("table1")
+    table = config["report"].get("table1")
     if spec is None:
         if table is not None and table.get("budget_unit", "flops") == "ms":
             raise ConfigError("config report.table1.budget_unit: 'ms' needs a latency section measuring "
                               f"{table['dataset']}/{table['architecture']}; allowed without one: flops")
         return
-    variants = list(config["methods"]) + list(config.get("posthoc", {}))
+    variants = list(config["methods"]) + list(config["posthoc"])
     for key, allowed in (("variants", variants), ("architectures", list(config["architectures"])),
                          ("datasets", list(config["datasets"]))):
         for value in spec.get(key) or []:
@@ -437,9 +442,9 @@ def _check_pretrained(config: dict[str, Any], fail) -> None:
         if spec.get("val_from") == "test" and dataset_info(dataset, config).test_fraction is not None:
             fail(f"datasets.{dataset}.val_from", "test",
                  f"train ({dataset} has no test set of its own: its test split is carved from the same pool)")
-    for name in config.get("pretrained", {}):
+    for name in config["pretrained"]:
         where = f"pretrained.{name}"
-        if name in config["methods"] or name in config.get("posthoc", {}):
+        if name in config["methods"] or name in config["posthoc"]:
             raise ConfigError(f"config {where}: {name!r} also names a training or post-hoc variant; "
                               "allowed: a name used once across methods, pretrained and posthoc")
         spec = pretrained_variant(config, name)
@@ -537,8 +542,8 @@ def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:
 
 def _check_report(config: dict[str, Any], fail) -> None:
     """Names in the report section must be configured datasets, architectures and variants."""
-    report = config.get("report", {})
-    variants = list(config["methods"]) + list(config.get("pretrained", {})) + list(config.get("posthoc", {}))
+    report = config["report"]
+    variants = list(config["methods"]) + list(config["pretrained"]) + list(config["posthoc"])
     known = {"datasets": list(config["datasets"]), "architectures": list(config["architectures"]),
              "variants": variants}
     for name, spec in report.get("figures", {}).items():
@@ -583,7 +588,7 @@ def check_data(config: dict[str, Any]) -> None:
     used = sorted({d for exp in config["experiments"] for d in exp["datasets"]})
     for dataset in used:
         spec = dataset_info(dataset, config)
-        if config.get("download", False) and spec.torchvision_download:
+        if config["download"] and spec.torchvision_download:
             continue
         try:
             check_files(spec, config["data_dir"])
@@ -644,7 +649,7 @@ def figure_spec(config: dict[str, Any], figure: str) -> dict[str, Any]:
     the figure draws it, else the figure's first variant. A figure the config does not list draws
     every cell."""
 
-    spec = dict(config.get("report", {}).get("figures", {}).get(figure, {}))
+    spec = dict(config["report"].get("figures", {}).get(figure, {}))
     if "reference" not in spec:
         drawn = spec.get("variants") or all_variants(config)
         spec["reference"] = "standard" if "standard" in drawn else drawn[0]
@@ -663,7 +668,7 @@ def comparison_settings(config: dict[str, Any], figure_kinds: dict[str, str]) ->
     the comparison budgets, Table 1's budgets (the default ones on its dataset and architecture),
     the variants' labels and the bootstrap settings."""
 
-    report = config.get("report", {})
+    report = config["report"]
     table = report.get("table1")
     return {
         "figures": {name: {**figure_spec(config, name), "kind": kind} for name, kind in figure_kinds.items()},

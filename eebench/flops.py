@@ -217,7 +217,7 @@ def _flops_from_one_trace(network: MultiExitNetwork, example: torch.Tensor, conv
     return flops
 
 
-def exit_costs(
+def exit_flops(
     network: MultiExitNetwork,
     input_shape: tuple[int, int, int],
     convention: str = "reference",

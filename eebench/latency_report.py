@@ -15,7 +15,7 @@ from . import io  # noqa: E402
 from .config import Cell  # noqa: E402
 from .latency import exit_latency, expected_ms  # noqa: E402
 from .report import lay_out, save_figure  # noqa: E402
-from .style import architecture_fills, variant_styles  # noqa: E402
+from .style import styles_from  # noqa: E402
 
 IDENTITY = ("dataset", "architecture", "variant", "seed")
 
@@ -50,11 +50,11 @@ def _seed_mean(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return frame.groupby(keys, sort=False)[columns].mean().reset_index()
 
 
-def latency_figure(config: dict[str, Any], frame: pd.DataFrame, out_pdf: str, out_png: str) -> None:
+def latency_figure(style: dict[str, Any], frame: pd.DataFrame, out_pdf: str, out_png: str) -> None:
     """Accuracy against measured ms per image (one panel per batch size, the order-statistic
     interval of each median as a horizontal bar) beside accuracy against FLOPs, per variant, in
-    the variants' styles of every other figure."""
-    styles, fills = variant_styles(config), architecture_fills(config)
+    the variants' styles of every other figure (``style``: ``eebench.style.styles_for(config)``)."""
+    styles, fills = styles_from(style), style["architectures"]
     batch_sizes = sorted(frame["batch_size"].unique())
     fig, axes = plt.subplots(1, len(batch_sizes) + 1, figsize=(5.0 * (len(batch_sizes) + 1), 4.2), squeeze=False)
     stats = _seed_mean(frame, ["architecture", "variant", "batch_size", "budget_id"])

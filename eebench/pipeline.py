@@ -26,7 +26,7 @@ from .config import (Cell, architecture, cell_fingerprint, check_budgets, conten
                      training_variant)
 from .datasets import DatasetSpec, channel_stats, dataset_info, load_pool, split_images
 from .dynamic import ExitScorer, MethodScorer, PosthocScorer
-from .flops import baseline_cost, exit_costs
+from .flops import baseline_cost, exit_flops
 from .heldout import dataset_split, val_is_from_test
 from .latency import (BUDGET_COLUMNS, EXIT_COLUMNS, LatencyTask, measure_latency, select_budgets,
                       thresholds_of)
@@ -44,11 +44,11 @@ log = logging.getLogger("eebench")
 def _pool(config: dict[str, Any], dataset: str):
     """The dataset's images, read by its format's reader (the split job, and the jobs that need
     the images themselves: train and infer)."""
-    workers = config.get("data_workers")
+    workers = config["data_workers"]
     if workers is None:  # this process's share of the job's cores (a SLURM allocation's), less its own
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's DDP processes on this node
         workers = max(0, len(os.sched_getaffinity(0)) // processes - 1)
-    return load_pool(dataset_info(dataset, config), config["data_dir"], config.get("download", False), workers)
+    return load_pool(dataset_info(dataset, config), config["data_dir"], config["download"], workers)
 
 
 def write_split(config: dict[str, Any], dataset: str, out: str) -> None:
@@ -111,7 +111,7 @@ def build_network(config: dict[str, Any], dataset: str, arch: str) -> MultiExitN
 
 def flops_record(network: MultiExitNetwork, input_spec: InputSpec, convention: str) -> dict[str, Any]:
     shape = (input_spec.channels, input_spec.size, input_spec.size)
-    record: dict[str, Any] = {**exit_costs(network, shape, convention), "convention": convention}
+    record: dict[str, Any] = {**exit_flops(network, shape, convention), "convention": convention}
     baseline = baseline_cost(network, shape, convention)
     if baseline is not None:
         record["baseline_flops"] = baseline
@@ -171,7 +171,7 @@ def _method_factory(config: dict[str, Any], variant: str):
     return lambda model, ctx: cls(model, params, ctx)
 
 
-def _exit_costs(flops: dict[str, Any]) -> torch.Tensor:
+def _relative_exit_costs(flops: dict[str, Any]) -> torch.Tensor:
     f = torch.tensor(flops["flops"], dtype=torch.float32)
     return f / f[-1]
 
@@ -188,7 +188,7 @@ def train_cell(config: dict[str, Any], cell: Cell, split_path: str, flops_path: 
         _load_state(network, parent["model"], init_weights)
         log.info("initialised from %s", init_weights)
     recipe = recipe_for(config, cell.dataset, cell.variant)
-    device = pick_device(config.get("device", "auto"))
+    device = pick_device(config["device"])
     data = _train_data(config, cell.dataset, split_path)
     flops = read_flops(flops_path)
 
@@ -197,7 +197,7 @@ def train_cell(config: dict[str, Any], cell: Cell, split_path: str, flops_path: 
         log.info("epoch %d/%d loss %.4f lr %.4g val acc per exit: %s",
                  row["epoch"], recipe.epochs, row["loss"], row["lr"], accs)
 
-    result = train(network, _method_factory(config, cell.variant), data, recipe, _exit_costs(flops),
+    result = train(network, _method_factory(config, cell.variant), data, recipe, _relative_exit_costs(flops),
                    dataset_info(cell.dataset, config).input.num_classes, cell.seed, state_dir, fingerprint,
                    device, on_epoch=report, stop_after_batches=stop_after_batches)
     if not distributed.current().is_main:  # [ddp] under torchrun process 0 writes the outputs
@@ -217,7 +217,7 @@ def convert_cell(config: dict[str, Any], cell: Cell, flops_path: str, weights_ou
     checkpoint = spec["checkpoints"][cell.arch]
     info = dataset_info(cell.dataset, config)
     network, state = convert_checkpoint(checkpoint, spec["format"], family, info.input, params)
-    ctx = TrainContext(exit_costs=_exit_costs(read_flops(flops_path)), num_classes=info.input.num_classes,
+    ctx = TrainContext(exit_costs=_relative_exit_costs(read_flops(flops_path)), num_classes=info.input.num_classes,
                        epochs=recipe_for(config, cell.dataset, cell.variant).epochs, steps_per_epoch=1)
     method = _method_factory(config, cell.variant)(network, ctx)
     if method.extra_modules():
@@ -243,7 +243,7 @@ def inference_network(config: dict[str, Any], cell: Cell, weights: str, flops_pa
     prepare_for_inference(network, device)
     # the method is rebuilt only for eval_outputs, but with the run's real length: some methods
     # check their schedule against it (JEI-DNN's warm-up must be shorter than the run)
-    ctx = TrainContext(exit_costs=_exit_costs(read_flops(flops_path)),
+    ctx = TrainContext(exit_costs=_relative_exit_costs(read_flops(flops_path)),
                        num_classes=dataset_info(cell.dataset, config).input.num_classes,
                        epochs=recipe_for(config, cell.dataset, cell.variant).epochs, steps_per_epoch=1,
                        device=device)
@@ -257,18 +257,18 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
     """Run the trained network once over each requested part into a cache."""
     keep_freed_memory()
     fingerprint = cell_fingerprint(config, cell)
-    device = pick_device(config.get("device", "auto"))
+    device = pick_device(config["device"])
     network, method = inference_network(config, cell, weights, flops_path, device)
     info = dataset_info(cell.dataset, config)
     split = read_split(split_path)
     mean, std = normalisation(info, split, split_path)
     pool = _pool(config, cell.dataset)
-    batch = config.get("infer_batch_size", 512)
+    batch = config["infer_batch_size"]
     for part, out in outs.items():
         images, labels = split_images(pool, split, part)
         split_size = len(labels)
-        limit = config.get("train_cache_samples")
-        if part == "train" and limit is not None and len(labels) > limit:
+        limit = config["train_cache_samples"] if part == "train" else None
+        if limit is not None and len(labels) > limit:
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit].sort().values
             images, labels = images[keep], labels[keep]
         cache = run_network(network, images, mean, std, batch, device, channels_last=True,
@@ -388,7 +388,7 @@ def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: 
         io.save_tensors(samples_out, record)
     io.write_csv(budgeted_out, budgeted)
     io.write_csv(anytime_out, anytime)
-    io.write_json(provenance_out, provenance(resolved_cell_config(config, cell), config.get("device")))
+    io.write_json(provenance_out, provenance(resolved_cell_config(config, cell), config["device"]))
     best = budgeted["accuracy"].max()
     log.info("%s: last exit %.2f%%, best budgeted %.2f%%", cell.path, anytime["accuracy"].iloc[-1], best)
 
@@ -413,7 +413,7 @@ def latency_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: s
     normalised_by = normalisation(dataset_info(cell.dataset, config), read_split(split_path), split_path)
     budgets, exits = network_latency(network, scorer_for, normalised_by, images, labels, flops,
                                      {b: thresholds[b] for b in chosen}, spec, device,
-                                     config.get("infer_batch_size", 512),
+                                     config["infer_batch_size"],
                                      log=lambda line: log.info("%s %s", cell.path, line))
     log.info("%s: %s execution, %d ties at the threshold in %d checks", cell.path, budgets["execution"].iloc[0],
              int(budgets["ties"].sum()), int(budgets["checked_images"].sum()))

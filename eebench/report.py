@@ -22,11 +22,11 @@ import pandas as pd  # noqa: E402
 
 from . import io  # noqa: E402
 from .bootstrap import VariantReplicates, interval  # noqa: E402
-from .calibration import accuracy_at_budget  # noqa: E402
+from .calibration import N_BUDGETS, accuracy_at_budget  # noqa: E402
 from .style import VariantStyle, styles_from  # noqa: E402
 
 PROTOCOL_NOTE = (
-    "budgeted batch: MSDNet protocol, 39 budgets q=p/20, thresholds calibrated on val (no train "
+    f"budgeted batch: MSDNet protocol, {N_BUDGETS} budgets q=p/20, thresholds calibrated on val (no train "
     "augmentation), applied to test; FLOPs: {convention} convention, cumulative per exit"
 )
 COINCIDE_ATOL = 1e-9  # accuracy points and relative FLOPs under which two curves are one
@@ -349,7 +349,7 @@ def reproduction_report(published: list[dict[str, Any]], variants: dict[tuple[st
     lines = [
         "# Reproduction report", "",
         f"Each number the papers state, beside ours from this run's per-sample records (config: `{config_name}`).",
-        "Budgeted numbers use the MSDNet protocol (39 budgets, thresholds from val without train",
+        f"Budgeted numbers use the MSDNet protocol ({N_BUDGETS} budgets, thresholds from val without train",
         "augmentation); accuracy at a budget is each seed's curve linearly interpolated, then averaged",
         "over seeds (as in Table 1). FLOPs to reach an accuracy and peak FLOPs are read off the",
         f"seed-averaged budgeted curve. `ours` carries its {level} percentile bootstrap interval ({resamples}",

@@ -13,6 +13,7 @@ from .config import Cell, ConfigError
 from .datasets import DatasetError, DeclarationError
 from .io import CorruptFileError
 from .posthoc import POSTHOC
+from .specs import with_runtime
 from .training import TrainingDiverged
 
 
@@ -47,6 +48,12 @@ def logged(snakemake: Any, append: bool = False) -> Iterator[None]:
     except Exception:
         logging.getLogger("eebench").error("unexpected error:\n%s", traceback.format_exc())
         raise
+
+
+def job_config(snakemake: Any) -> dict[str, Any]:
+    """What a job works with: its spec (``params.spec``, also its rerun trigger) and the runtime
+    keys of the config it runs under (``eebench.specs``)."""
+    return with_runtime(snakemake.params.spec, snakemake.config)
 
 
 def cell(snakemake: Any):

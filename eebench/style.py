@@ -36,13 +36,13 @@ class VariantStyle:
 
 def variant_names(config: dict[str, Any]) -> list[str]:
     """Every variant, those the figures list first (the order styles are given in)."""
-    drawn = [v for spec in config.get("report", {}).get("figures", {}).values() for v in spec.get("variants", [])]
+    drawn = [v for spec in config["report"].get("figures", {}).values() for v in spec.get("variants", [])]
     return list(dict.fromkeys(drawn + all_variants(config)))
 
 
 def all_variants(config: dict[str, Any]) -> list[str]:
     """Training, pretrained and post-hoc variants, in config order."""
-    return [*config["methods"], *config.get("pretrained", {}), *config.get("posthoc", {})]
+    return [*config["methods"], *config["pretrained"], *config["posthoc"]]
 
 
 def variant_label(config: dict[str, Any], variant: str) -> str:

@@ -21,9 +21,9 @@ IDENTITY = ["dataset", "architecture", "variant"]
 
 
 def load_variants(cells: Iterable[Any], paths: Iterable[str], settings: BootstrapSettings,
-                  exit_costs: Callable[[Any], Sequence[float]] | None = None) -> dict[VariantKey, VariantReplicates]:
+                  per_exit_costs: Callable[[Any], Sequence[float]] | None = None) -> dict[VariantKey, VariantReplicates]:
     """``cells`` (objects with dataset, arch, variant, seed) and their ``samples.pt`` paths, in order.
-    ``exit_costs(cell)`` replaces the records' per-exit FLOPs by other per-exit costs (measured ms:
+    ``per_exit_costs(cell)`` replaces the records' per-exit FLOPs by other per-exit costs (measured ms:
     the budgets' costs and their intervals are then in that unit)."""
     records: dict[VariantKey, dict[int, dict[str, Any]]] = {}
     for cell, path in zip(cells, paths):
@@ -32,8 +32,8 @@ def load_variants(cells: Iterable[Any], paths: Iterable[str], settings: Bootstra
             check_samples(record, str(path))
         except ValueError as err:
             raise io.CorruptFileError(f"{err}; delete it to have it rebuilt") from None
-        if exit_costs is not None:
-            record["flops"] = torch.as_tensor(exit_costs(cell), dtype=torch.float64)
+        if per_exit_costs is not None:
+            record["flops"] = torch.as_tensor(per_exit_costs(cell), dtype=torch.float64)
         records.setdefault((cell.dataset, cell.arch, cell.variant), {})[cell.seed] = record
     variants = {}
     for key, by_seed in records.items():

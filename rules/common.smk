@@ -3,13 +3,13 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 from eebench import smk  # noqa: E402
-from eebench.config import Cell, architecture, cell_fingerprint, cells, check_config, check_data  # noqa: E402
-from eebench.config import is_posthoc, posthoc_variant, training_variant, val_size, validate_schema  # noqa: E402
-from eebench.config import check_pretrained_files, pretrained_variant, split_identity  # noqa: E402
-from eebench.config import comparison_settings, dataset_declared, figure_selects  # noqa: E402
-from eebench.datasets import dataset_info  # noqa: E402
-from eebench.style import styles_for  # noqa: E402
-from eebench.config import dependencies, latency_cells, table1_latency_cells  # noqa: E402
+from eebench.config import CELL_PATTERN, FIGURE_KINDS, Cell, cell_fingerprint, cells, check_config  # noqa: E402
+from eebench.config import check_data, check_pretrained_files  # noqa: E402
+from eebench.config import comparison_settings, dependencies, figure_selects, is_posthoc, latency_cells  # noqa: E402
+from eebench.config import posthoc_variant, pretrained_variant, split_identity, table1_latency_cells  # noqa: E402
+from eebench.config import training_variant, validate_schema  # noqa: E402
+from eebench.specs import job_spec  # noqa: E402
+from eebench.style import all_variants, styles_for  # noqa: E402
 
 
 # the schema (types, structure; fills defaults), then the registries: a bad config fails here, naming
@@ -28,20 +28,14 @@ CELLS = cells(config)
 RESULTS = "results"
 PUBLISHED = f"{workflow.basedir}/config/published.yaml"
 BOOTSTRAP = config["bootstrap"]  # a rule parameter wherever intervals are computed
-CELL = "{dataset}/{arch}/{variant}/seed{seed}"
-# figure name -> the aggregate it is drawn from
-FIGURES = {
-    "fig2_anytime": "anytime",
-    "fig3_budgeted": "budgeted",
-    "fig4_posthoc": "budgeted",
-    "fig5_imagenet": "both",
-}
+CELL = CELL_PATTERN
+FIGURES = FIGURE_KINDS
 
 
 wildcard_constraints:
     dataset=smk.alternatives(config["datasets"]),
     arch=smk.alternatives(config["architectures"]),
-    variant=smk.alternatives(list(config["methods"]) + list(config.get("pretrained", {})) + list(config.get("posthoc", {}))),
+    variant=smk.alternatives(all_variants(config)),
     seed=r"\d+",
 
 
@@ -50,7 +44,7 @@ def cell_of(wildcards):
 
 
 def cell_path(cell):
-    return f"{cell.dataset}/{cell.arch}/{cell.variant}/seed{cell.seed}"
+    return cell.path
 
 
 def init_weights(wildcards):
@@ -108,7 +102,7 @@ def dataset_resources(wildcards):
     return config["datasets"][wildcards.dataset].get("resources", {})
 
 
-def train_resources(wildcards, attempt):
+def train_runtime(wildcards, attempt):
     """Runtime in minutes: the dataset's configured value, doubled on each retry."""
     return dataset_resources(wildcards).get("train_runtime", 60) * 2 ** (attempt - 1)
 
@@ -139,22 +133,28 @@ def figure_kind(wildcards):
     return FIGURES[wildcards.figure]
 
 
-def split_settings(wildcards):
-    """What a split depends on (a rerun trigger: a changed split_seed rebuilds the split)."""
-    declared = dataset_declared(config, wildcards.dataset)  # a config's own declaration (files, format, ...)
-    return {"dataset": wildcards.dataset, "split_seed": config["split_seed"],
-            "val_size": val_size(config, wildcards.dataset), **split_identity(config, wildcards.dataset),
-            **({"declaration": declared} if declared else {})}
+# Every job gets the part of the config it reads as params.spec (eebench.specs): the spec it
+# computes from is the spec whose change reruns it.
+def split_spec(wildcards):
+    return job_spec(config, "split", dataset=wildcards.dataset)
 
 
-def flops_settings(wildcards):
-    """What a FLOPs record depends on (a rerun trigger: changed architecture parameters recount)."""
-    family, params = architecture(config, wildcards.arch)
-    settings = {"family": family, "params": params, "convention": config["flops_convention"]}
-    if dataset_declared(config, wildcards.dataset):  # the input the network is built for may differ
-        spec = dataset_info(wildcards.dataset, config).input
-        settings["input"] = [spec.channels, spec.size, spec.num_classes]
-    return settings
+def split_files(wildcards):
+    """The content of the files a split is made from beyond the data (held-out indices)."""
+    return split_identity(config, wildcards.dataset)
+
+
+def flops_spec(wildcards):
+    return job_spec(config, "flops", dataset=wildcards.dataset, arch=wildcards.arch)
+
+
+def cell_spec(rule):
+    """The params.spec function of a per-cell rule."""
+    return lambda wildcards: job_spec(config, rule, cells=[cell_of(wildcards)])
+
+
+def aggregate_spec(selected):
+    return job_spec(config, "aggregate", cells=selected)
 
 
 def table1_flops(wildcards):
@@ -171,17 +171,6 @@ def pretrained_checkpoint(wildcards):
     """The checkpoint file a pretrained variant's weights are converted from (a param, not an
     input, so that a dry run plans without it; its content hash is in the fingerprint)."""
     return pretrained_variant(config, wildcards.variant)["checkpoints"][wildcards.arch]
-
-
-def posthoc_settings(wildcards):
-    return posthoc_variant(config, wildcards.variant)
-
-
-def evaluation_settings(wildcards):
-    """What an evaluation depends on beyond its input files."""
-    if is_posthoc(config, wildcards.variant):
-        return {"posthoc": posthoc_variant(config, wildcards.variant)}
-    return {"method": training_variant(config, wildcards.variant)["method"]}
 
 
 def report_spec(name):
@@ -262,15 +251,6 @@ def latency_inputs(wildcards):
     if is_posthoc(config, cell.variant):
         inputs["posthoc"] = f"{RESULTS}/posthoc/{cell_path(cell)}/test.pt"
     return inputs
-
-
-def latency_settings(wildcards):
-    """What a latency table depends on beyond its input files (a rerun trigger)."""
-    cell = cell_of(wildcards)
-    training_cell = dependencies(config, cell)[0] if is_posthoc(config, cell.variant) else cell
-    how = {k: v for k, v in config["latency"].items() if k not in ("variants", "architectures", "datasets")}
-    return {"latency": how, "fingerprint": cell_fingerprint(config, training_cell),
-            "infer_batch_size": config["infer_batch_size"], **evaluation_settings(wildcards)}
 
 
 def latency_threads(wildcards):

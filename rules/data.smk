@@ -4,7 +4,8 @@ rule split:
     log:
         f"{RESULTS}/logs/split/{{dataset}}.log",
     params:
-        settings=split_settings,
+        spec=split_spec,
+        files=split_files,
     resources:
         mem_mb=4000,
         runtime=30,

@@ -11,8 +11,7 @@ rule evaluate:
     log:
         f"{RESULTS}/logs/evaluate/{CELL}.log",
     params:
-        settings=evaluation_settings,
-        bootstrap=BOOTSTRAP,
+        spec=cell_spec("evaluate"),
     resources:
         mem_mb=4000,
         runtime=30,
@@ -36,8 +35,8 @@ rule aggregate:
     log:
         f"{RESULTS}/logs/aggregate.log",
     params:
+        spec=aggregate_spec(CELLS),
         cells=CELLS,
-        bootstrap=BOOTSTRAP,
     resources:
         mem_mb=4000,
         runtime=30,

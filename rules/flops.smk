@@ -4,7 +4,7 @@ rule flops:
     log:
         f"{RESULTS}/logs/flops/{{dataset}}/{{arch}}.log",
     params:
-        settings=flops_settings,
+        spec=flops_spec,
     resources:
         mem_mb=4000,
         runtime=30,

@@ -9,6 +9,7 @@ rule infer:
     log:
         f"{RESULTS}/logs/infer/{CELL}.log",
     params:
+        spec=cell_spec("infer"),
         fingerprint=training_fingerprint,
     benchmark:
         f"{RESULTS}/benchmarks/infer/{CELL}.tsv"
@@ -26,6 +27,9 @@ rule infer:
 use rule infer as infer_train_split with:
     output:
         train=f"{RESULTS}/cache/{CELL}/train.pt",
+    params:
+        spec=cell_spec("infer_train_split"),
+        fingerprint=training_fingerprint,
     log:
         f"{RESULTS}/logs/infer_train/{CELL}.log",
     benchmark:

@@ -9,7 +9,7 @@ rule latency:
     benchmark:
         f"{RESULTS}/benchmarks/latency/{CELL}.tsv"
     params:
-        settings=latency_settings,
+        spec=cell_spec("latency"),
     threads: latency_threads
     resources:
         gpu=latency_gpus,
@@ -49,6 +49,8 @@ rule latency_figure:
         png=report(f"{RESULTS}/figures/latency.png", category="Figures"),
     log:
         f"{RESULTS}/logs/figures/latency.log",
+    params:
+        style=figure_style,
     resources:
         mem_mb=2000,
         runtime=10,

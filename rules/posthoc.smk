@@ -7,7 +7,7 @@ rule posthoc:
     log:
         f"{RESULTS}/logs/posthoc/{CELL}.log",
     params:
-        settings=posthoc_settings,
+        spec=cell_spec("posthoc"),
     resources:
         mem_mb=8000,
         runtime=120,

@@ -8,6 +8,7 @@ rule convert_pretrained:
     wildcard_constraints:
         variant=smk.alternatives(config.get("pretrained", {})) or "(?!)",  # (?!): none, when there are none
     params:
+        spec=cell_spec("convert_pretrained"),
         checkpoint=pretrained_checkpoint,
         fingerprint=training_fingerprint,  # the checkpoint's content hash: a new file reconverts
     resources:

@@ -37,6 +37,7 @@ rule aggregate_table1:
     log:
         f"{RESULTS}/logs/aggregate_table1.log",
     params:
+        spec=aggregate_spec(table1_cells()),
         cells=table1_cells(),
     resources:
         mem_mb=2000,
@@ -81,6 +82,7 @@ rule aggregate_eenets:
     log:
         f"{RESULTS}/logs/aggregate_eenets.log",
     params:
+        spec=aggregate_spec(eenets_cells()),
         cells=eenets_cells(),
     resources:
         mem_mb=2000,

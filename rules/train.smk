@@ -15,12 +15,13 @@ rule train:
     params:
         # resumable state lives outside the declared outputs, which Snakemake deletes before a rerun
         state_dir=f"{RESULTS}/state/{CELL}",
+        spec=cell_spec("train"),
         fingerprint=training_fingerprint,
     resources:
         gpu=train_gpus,
         cpus_per_gpu=cpus_per_gpu,
         mem_mb=train_mem,
-        runtime=train_resources,
+        runtime=train_runtime,
     conda:
         "../environment.yml"
     script:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eebench.flops import baseline_cost, exit_costs
+from eebench.flops import baseline_cost, exit_flops
 from models import InputSpec, build_model, make_config
 from models.ee_resnet import (
     EEBENCH_RULES,
@@ -238,7 +238,7 @@ def test_forward_backward() -> None:
 
 def test_cost_ratios_increase_to_one() -> None:
     net = _net(depth=20, num_exits=3, distribution="linear")
-    costs = exit_costs(net, (3, 32, 32), "reference")
+    costs = exit_flops(net, (3, 32, 32), "reference")
     baseline = baseline_cost(net, (3, 32, 32), "reference")
     ratios = [f / baseline for f in costs["flops"]]
     assert all(a < b for a, b in zip(ratios, ratios[1:]))
@@ -252,7 +252,7 @@ def test_cost_ratios_increase_to_one() -> None:
 @pytest.mark.slow
 def test_cost_ratios_resnet110() -> None:
     net = _net(depth=110, num_exits=8)
-    ratios = [f / baseline_cost(net, (3, 32, 32)) for f in exit_costs(net, (3, 32, 32))["flops"]]
+    ratios = [f / baseline_cost(net, (3, 32, 32)) for f in exit_flops(net, (3, 32, 32))["flops"]]
     assert all(a < b for a, b in zip(ratios, ratios[1:]))
     assert 1 <= ratios[-1] < 1.001
 
@@ -304,7 +304,7 @@ def test_zero_early_exits_is_the_plain_resnet() -> None:
     assert [l.shape for l in out.logits] == [(2, 10)]
     assert len(out.confidences) == 1 and out.confidences[0].shape == (2,)
     # the plain ResNet's FLOPs plus the final confidence head (64 weights + 1 bias)
-    costs = exit_costs(net, (3, 32, 32), "reference")
+    costs = exit_flops(net, (3, 32, 32), "reference")
     assert costs["flops"] == [41_005_706 + 65] == [net.total_flops + 65]
     assert baseline_cost(net, (3, 32, 32), "reference") == 41_005_706
     # same parameters as the plain counterpart, plus the confidence head

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from eebench.flops import exit_costs
+from eebench.flops import exit_flops
 from eebench.io import load_tensors, save_tensors
 from eebench.methods import METHODS, TrainContext
 from eebench.methods.eenets import EENets, inference_threshold
@@ -306,7 +306,7 @@ def test_train_step_on_ee_resnet_changes_parameters(loss: str):
     torch.manual_seed(0)
     spec = InputSpec(3, 16, 10)
     net = build_model("ee_resnet", spec, depth=8, num_exits=2, width=4).train()
-    flops = exit_costs(net, (3, 16, 16), "reference")["flops"]
+    flops = exit_flops(net, (3, 16, 16), "reference")["flops"]
     ctx = TrainContext(exit_costs=torch.tensor([f / flops[-1] for f in flops]), num_classes=10,
                        epochs=2, steps_per_epoch=1)
     method = EENets(net, METHODS.make_params("eenets", {**EENets.test_params, "loss": loss}), ctx)

@@ -9,6 +9,7 @@ from eebench.config import Cell
 from eebench.latency import accuracy_at_time
 from eebench.latency_report import aggregate_latency, latency_figure, with_time_axis
 from eebench.report import table1
+from eebench.style import styles_for
 
 
 def _curves() -> pd.DataFrame:
@@ -57,6 +58,7 @@ def test_latency_aggregate_and_figure(tmp_path):
     table = pd.read_csv(tmp_path / "latency.csv")
     assert list(table.columns[:4]) == ["dataset", "architecture", "variant", "seed"] and len(table) == 12
     config = {"methods": {"standard": {"method": "standard"}, "gater": {"method": "gater", "label": "Ours"}},
-              "architectures": {"msdnet": {}}}
-    latency_figure(config, table, str(tmp_path / "latency.pdf"), str(tmp_path / "latency.png"))
+              "architectures": {"msdnet": {}}, "posthoc": {}, "pretrained": {}, "report": {},
+              "flops_convention": "reference"}
+    latency_figure(styles_for(config), table, str(tmp_path / "latency.pdf"), str(tmp_path / "latency.png"))
     assert (tmp_path / "latency.png").stat().st_size > 1000 and (tmp_path / "latency.pdf").stat().st_size > 1000

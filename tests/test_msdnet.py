@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from eebench.flops import exit_costs
+from eebench.flops import exit_flops
 from models import ARCHITECTURES, InputSpec, build_model, list_architectures
 from models.msdnet import MSDNet, MSDNetConfig, Transition
 
@@ -52,7 +52,7 @@ def _row_params(slow_marked: bool):
 @functools.lru_cache(maxsize=None)
 def _costs(cfg_items: tuple, spec: InputSpec) -> dict[str, list[int]]:
     model = build_model("msdnet", spec, **dict(cfg_items))
-    return exit_costs(model, (spec.channels, spec.size, spec.size), "reference")
+    return exit_flops(model, (spec.channels, spec.size, spec.size), "reference")
 
 
 def _freeze(cfg: dict) -> tuple:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eebench.flops import exit_costs
+from eebench.flops import exit_flops
 from models import InputSpec, build_model, make_config
 from models.ranet import RANet, RANetConfig
 
@@ -41,7 +41,7 @@ def _build(params: dict, size: int, classes: int, channels: int = 3) -> RANet:
 def test_reference_flops_and_params(params, size, classes, ref_flops, ref_params):
     net = _build(params, size, classes)
     assert net.num_exits == len(ref_flops)
-    costs = exit_costs(net, (3, size, size), "reference")
+    costs = exit_flops(net, (3, size, size), "reference")
     for k, (got, ref) in enumerate(zip(costs["flops"], ref_flops), start=1):
         assert got / 1e6 == pytest.approx(ref, rel=0.005), f"exit {k}"
     assert costs["flops"] == sorted(costs["flops"])

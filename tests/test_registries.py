@@ -12,7 +12,7 @@ import io as stdio
 import pytest
 import torch
 
-from eebench.flops import exit_costs
+from eebench.flops import exit_flops
 from eebench.methods import METHODS, TrainContext
 from eebench.posthoc import POSTHOC
 from eebench.registry import build_params
@@ -69,7 +69,7 @@ def test_architecture_trains_every_parameter(family):
 def test_architecture_flops_record(family):
     network = tiny_network(family)
     spec = type(network).test_input
-    record = exit_costs(network, (spec.channels, spec.size, spec.size))
+    record = exit_flops(network, (spec.channels, spec.size, spec.size))
     flops, params = record["flops"], record["params"]
     assert len(flops) == len(params) == network.num_exits
     assert all(f > 0 for f in flops) and flops == sorted(flops) and params == sorted(params)

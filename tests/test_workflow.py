@@ -90,6 +90,12 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
     assert {(r, v) for r, v in jobs if v} == {("train", "boostnet"), ("infer", "boostnet"), ("evaluate", "boostnet")}
     jobs = planned_jobs(plan(config, "--forcerun", f"results/curves/{cell}/budgeted.csv"))
     assert {(r, v) for r, v in jobs if v} == {("evaluate", "boostnet")}
+    # everything a job reads is its rerun trigger (eebench.specs): the inference batch size replans
+    # every inference (and, here, the timed latency cells), nothing trains again
+    changed = copy.deepcopy(config)
+    changed["infer_batch_size"] = 64
+    rules = {rule for rule, variant in planned_jobs(plan(changed)) if variant}
+    assert {"infer", "latency"} <= rules and "train" not in rules and "split" not in rules
     changed = copy.deepcopy(config)
     changed["methods"]["boostnet"]["params"] = {"gradient_rescaling": False}
     jobs = planned_jobs(plan(changed))

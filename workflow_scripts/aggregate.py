@@ -9,7 +9,7 @@ with smk.logged(snakemake):
     for kind in ("anytime", "budgeted"):
         if kind in snakemake.output.keys():
             aggregate(
-                snakemake.config,
+                smk.job_config(snakemake),
                 snakemake.params.cells,
                 snakemake.input[kind],
                 snakemake.input.provenance,
@@ -17,7 +17,7 @@ with smk.logged(snakemake):
             )
     if "anytime_summary" in snakemake.output.keys():
         aggregate_summary(
-            snakemake.params.bootstrap,
+            snakemake.params.spec["bootstrap"],
             snakemake.params.cells,
             snakemake.input.samples,
             {kind: snakemake.output[kind] for kind in ("anytime", "budgeted")},

@@ -7,7 +7,7 @@ from eebench.pipeline import evaluate_cell
 
 with smk.logged(snakemake):
     evaluate_cell(
-        snakemake.config,
+        smk.job_config(snakemake),
         smk.cell(snakemake),
         val_path=snakemake.input.val,
         test_path=snakemake.input.test,

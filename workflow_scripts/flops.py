@@ -6,4 +6,4 @@ from eebench import smk
 from eebench.pipeline import write_flops
 
 with smk.logged(snakemake):
-    write_flops(snakemake.config, snakemake.wildcards.dataset, snakemake.wildcards.arch, snakemake.output[0])
+    write_flops(smk.job_config(snakemake), snakemake.wildcards.dataset, snakemake.wildcards.arch, snakemake.output[0])

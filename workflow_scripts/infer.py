@@ -7,7 +7,7 @@ from eebench.pipeline import infer_cell
 
 with smk.logged(snakemake):
     infer_cell(
-        snakemake.config,
+        smk.job_config(snakemake),
         smk.cell(snakemake),
         weights=snakemake.input.weights,
         split_path=snakemake.input.split,

@@ -7,7 +7,7 @@ from eebench.pipeline import latency_cell  # noqa: E402
 
 with smk.logged(snakemake):
     latency_cell(
-        snakemake.config,
+        smk.job_config(snakemake),
         smk.cell(snakemake),
         weights=snakemake.input.weights,
         split_path=snakemake.input.split,

@@ -7,7 +7,7 @@ from eebench.pipeline import posthoc_cell
 
 with smk.logged(snakemake):
     posthoc_cell(
-        snakemake.config,
+        smk.job_config(snakemake),
         smk.cell(snakemake),
         flops_path=snakemake.input.flops,
         val_cache=snakemake.input.val,

@@ -6,4 +6,4 @@ from eebench import smk
 from eebench.pipeline import write_split
 
 with smk.logged(snakemake):
-    write_split(snakemake.config, snakemake.wildcards.dataset, snakemake.output[0])
+    write_split(smk.job_config(snakemake), snakemake.wildcards.dataset, snakemake.output[0])

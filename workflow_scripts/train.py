@@ -7,7 +7,7 @@ from eebench.launcher import launch_training
 from eebench.pipeline import train_cell
 
 args = dict(
-    config=snakemake.config,
+    config=smk.job_config(snakemake),
     cell=smk.cell(snakemake),
     split_path=snakemake.input.split,
     flops_path=snakemake.input.flops,
