@@ -322,58 +322,79 @@ def cell_fingerprint(config: dict[str, Any], cell: Cell) -> str:
     })
 
 
+def _fail(where: str, value: Any, allowed: Any) -> None:
+    allowed_text = ", ".join(map(str, allowed)) if isinstance(allowed, (list, tuple)) else allowed
+    raise ConfigError(f"config {where}: {value!r} is not allowed; allowed: {allowed_text}")
+
+
 def check_config(config: dict[str, Any]) -> None:
     """Raise ConfigError naming the key, the bad value and what is allowed."""
+    _check_datasets(config)
+    _check_architectures(config)
+    _check_methods(config)
+    _check_posthoc(config)
+    _check_pretrained(config, _fail)
+    _check_experiments(config)
+    _check_report(config, _fail)
+    _check_latency(config, _fail)
 
 
-    def fail(where: str, value: Any, allowed: Any) -> None:
-        allowed_text = ", ".join(map(str, allowed)) if isinstance(allowed, (list, tuple)) else allowed
-        raise ConfigError(f"config {where}: {value!r} is not allowed; allowed: {allowed_text}")
-
-
+def _check_datasets(config: dict[str, Any]) -> None:
     for name, spec in config["datasets"].items():
         try:
             dataset_info(name, config)
         except DeclarationError as err:
             raise ConfigError(f"config {err}") from None
         _wrap(lambda: registry.build_params(Recipe, spec.get("recipe", {}), f"config datasets.{name}.recipe"))
+
+
+def _check_architectures(config: dict[str, Any]) -> None:
     for name, arch in config["architectures"].items():
         if arch["family"] not in list_architectures():
-            fail(f"architectures.{name}.family", arch["family"], list_architectures())
+            _fail(f"architectures.{name}.family", arch["family"], list_architectures())
         _wrap(lambda: make_config(arch["family"], arch.get("params", {})), f"architectures.{name}.params")
+
+
+def _check_methods(config: dict[str, Any]) -> None:
+    """Known methods with valid params and recipes; init_from chains that end."""
+    parents = list(config["methods"]) + list(config["pretrained"])
     for name in config["methods"]:
         variant = training_variant(config, name)
         if variant["method"] not in METHODS.names():
-            fail(f"methods.{name}.method", variant["method"], METHODS.names())
+            _fail(f"methods.{name}.method", variant["method"], METHODS.names())
         _wrap(lambda: METHODS.make_params(variant["method"], variant["params"]), f"methods.{name}.params")
         _wrap(lambda: registry.build_params(Recipe, variant["recipe"], f"config methods.{name}.recipe"))
-        parents = list(config["methods"]) + list(config["pretrained"])
         if variant["init_from"] is not None and variant["init_from"] not in parents:
-            fail(f"methods.{name}.init_from", variant["init_from"], parents)
-    for name in config["methods"]:  # init_from chains must end
+            _fail(f"methods.{name}.init_from", variant["init_from"], parents)
+    for name in config["methods"]:
         chain = [name]
         while (parent := training_variant(config, chain[-1])["init_from"]) is not None:
             if parent in chain:
                 raise ConfigError(f"config methods.{name}.init_from: {' -> '.join(chain + [parent])} is a cycle; "
                                   "allowed: a chain that ends at a variant trained from scratch")
             chain.append(parent)
+
+
+def _check_posthoc(config: dict[str, Any]) -> None:
+    bases = list(config["methods"]) + list(config["pretrained"])
     for name in config["posthoc"]:
         variant = posthoc_variant(config, name)
         if variant["method"] not in POSTHOC.names():
-            fail(f"posthoc.{name}.method", variant["method"], POSTHOC.names())
+            _fail(f"posthoc.{name}.method", variant["method"], POSTHOC.names())
         _wrap(lambda: POSTHOC.make_params(variant["method"], variant["params"]), f"posthoc.{name}.params")
-        bases = list(config["methods"]) + list(config["pretrained"])
         if variant["base"] not in bases:
-            fail(f"posthoc.{name}.base", variant["base"], bases)
-    _check_pretrained(config, fail)
+            _fail(f"posthoc.{name}.base", variant["base"], bases)
+
+
+def _check_experiments(config: dict[str, Any]) -> None:
+    """Configured names only; every method on an architecture that offers what it needs; every
+    architecture buildable on every dataset it runs on."""
     built: set[tuple[str, str]] = set()
     for i, exp in enumerate(config["experiments"]):
-        for key, known in (("datasets", config["datasets"]), ("architectures", config["architectures"]),
-                           ("methods", config["methods"]), ("pretrained", config["pretrained"]),
-                           ("posthoc", config["posthoc"])):
+        for key in ("datasets", "architectures", "methods", "pretrained", "posthoc"):
             for value in exp.get(key, []):
-                if value not in known:
-                    fail(f"experiments[{i}].{key}", value, list(known))
+                if value not in config[key]:
+                    _fail(f"experiments[{i}].{key}", value, list(config[key]))
         for arch in exp["architectures"]:
             for variant in exp.get("methods", []) + exp.get("pretrained", []):
                 _check_capabilities(config, variant, arch, f"experiments[{i}]")
@@ -383,8 +404,6 @@ def check_config(config: dict[str, Any]) -> None:
                 if (arch, dataset) not in built:
                     _check_buildable(config, arch, dataset)
                     built.add((arch, dataset))
-    _check_report(config, fail)
-    _check_latency(config, fail)
 
 
 def _check_latency(config: dict[str, Any], fail) -> None:
