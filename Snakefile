@@ -21,15 +21,17 @@ include: "rules/latency.smk"
 
 
 rule all:
+    default_target: True
     input:
         rules.all_figures.input,
         rules.all_tables.input,
-    default_target: True
 
 
 onsuccess:
     from eebench.timings import format_table, rule_time_table
 
-    print(f"Per-rule times of the jobs with benchmark files ({RESULTS}/benchmarks; "
-          "`python -m eebench timings` prints this again):")
+    print(
+        f"Per-rule times of the jobs with benchmark files ({RESULTS}/benchmarks; "
+        "`python -m eebench timings` prints this again):"
+    )
     print(format_table(rule_time_table(RESULTS)))

@@ -47,8 +47,9 @@ def machine_line() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {load_average()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, {load_average()}"
+    )
 
 
 def check_reference(path: str | None, needed: tuple[str, ...] = ("models/msdnet.py",)) -> Path:
@@ -108,10 +109,33 @@ def import_reference_main(reference: Path, argv: list[str], save_dir: str):
 
 
 REFERENCE_ARGV = [  # the 7-exit CIFAR-100 budgeted-batch MSDNet (README command, nBlocks 7)
-    "--data", "cifar100", "--arch", "msdnet", "--batch-size", "64", "--nBlocks", "7",
-    "--stepmode", "lin_grow", "--step", "1", "--base", "1", "--nChannels", "16",
-    "--growthRate", "6", "--grFactor", "1-2-4", "--bnFactor", "1-2-4", "--use-valid", "-j", "0",
-    "--print-freq", "1000000",
+    "--data",
+    "cifar100",
+    "--arch",
+    "msdnet",
+    "--batch-size",
+    "64",
+    "--nBlocks",
+    "7",
+    "--stepmode",
+    "lin_grow",
+    "--step",
+    "1",
+    "--base",
+    "1",
+    "--nChannels",
+    "16",
+    "--growthRate",
+    "6",
+    "--grFactor",
+    "1-2-4",
+    "--bnFactor",
+    "1-2-4",
+    "--use-valid",
+    "-j",
+    "0",
+    "--print-freq",
+    "1000000",
 ]
 
 
@@ -136,8 +160,13 @@ def write_fake_cifar100(root: Path, images, labels, n_train: int = 50_000) -> No
         with open(folder / name, "wb") as f:
             pickle.dump({"data": flat[part], "fine_labels": labels[part].tolist()}, f, protocol=4)
     with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)],
-                     "coarse_label_names": [f"super{i}" for i in range(20)]}, f)
+        pickle.dump(
+            {
+                "fine_label_names": [f"class{i}" for i in range(100)],
+                "coarse_label_names": [f"super{i}" for i in range(20)],
+            },
+            f,
+        )
 
 
 def accept_fake_cifar() -> None:
@@ -191,14 +220,17 @@ class Worker:
     """A persistent worker process; ``wait=False`` starts it without waiting for its set-up (call
     ``ready()``), so that several workers can build (and compile) at the same time."""
 
-    def __init__(self, name: str, argv: list[str], quiet: bool = True, wait: bool = True,
-                 log: Path | None = None):
+    def __init__(self, name: str, argv: list[str], quiet: bool = True, wait: bool = True, log: Path | None = None):
         self.name = name
         self.log = log
         self._stderr = open(log, "w") if log is not None else None
         self.proc = subprocess.Popen(
-            [sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._stderr or (subprocess.DEVNULL if quiet else None), text=True, bufsize=1,
+            [sys.executable, *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr or (subprocess.DEVNULL if quiet else None),
+            text=True,
+            bufsize=1,
         )
         self.info: dict[str, Any] = {}
         if wait:
@@ -211,7 +243,7 @@ class Worker:
     def _expect(self, word: str) -> str:
         for line in self.proc.stdout:
             if line.startswith(f"{TAG} {word}"):
-                return line[len(TAG) + len(word) + 2:].strip()
+                return line[len(TAG) + len(word) + 2 :].strip()
         where = f"its stderr is in {self.log}" if self.log is not None else "rerun with --verbose"
         raise RuntimeError(f"worker {self.name} ended (exit code {self.proc.wait()}); {where}")
 
@@ -242,6 +274,7 @@ class Worker:
 
 def cpu_busy(seconds: float = 1.0) -> float:
     """Fraction of all CPUs busy over ``seconds`` (from /proc/stat); nan where unavailable."""
+
     def read() -> tuple[int, int]:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         idle = fields[3] + fields[4]  # idle + iowait
@@ -265,8 +298,9 @@ def wait_for_quiet(threshold: float, max_wait: float) -> float:
     return busy
 
 
-def interleave(workers: list[Worker], units: int, repeats: int, log=print,
-               quiet: float = 0.25, max_wait: float = 30.0) -> dict[str, list[float]]:
+def interleave(
+    workers: list[Worker], units: int, repeats: int, log=print, quiet: float = 0.25, max_wait: float = 30.0
+) -> dict[str, list[float]]:
     """Seconds per chunk for every worker, ABAB... with the order reversed on odd rounds.
 
     Before each round the parent waits up to ``max_wait`` seconds for the machine to be quiet
@@ -280,16 +314,22 @@ def interleave(workers: list[Worker], units: int, repeats: int, log=print,
         for w in order:
             seconds, _ = w.run(units)
             times[w.name].append(seconds)
-        log(f"  round {r + 1}/{repeats}: " + "  ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items())
-            + f"  (others busy {busy:.0%} before; {load_average()})", flush=True)
+        log(
+            f"  round {r + 1}/{repeats}: "
+            + "  ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items())
+            + f"  (others busy {busy:.0%} before; {load_average()})",
+            flush=True,
+        )
     return times
 
 
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
-    return (f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} "
-            f"(min {min(values):.2f}, max {max(values):.2f}, n={len(values)})")
+    return (
+        f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} "
+        f"(min {min(values):.2f}, max {max(values):.2f}, n={len(values)})"
+    )
 
 
 def ratio_table(rates: dict[str, list[float]], baseline: str, unit: str) -> list[str]:
@@ -301,6 +341,8 @@ def ratio_table(rates: dict[str, list[float]], baseline: str, unit: str) -> list
         ratios = [a / b for a, b in zip(r, base)]
         sd = statistics.stdev(r) if len(r) > 1 else 0.0
         rsd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-        lines.append(f"{name:<{width}}  {statistics.mean(r):>12.1f} ± {sd:<7.1f}  "
-                     f"{statistics.mean(ratios):.3f} ± {rsd:.3f} [{min(ratios):.3f}, {max(ratios):.3f}]")
+        lines.append(
+            f"{name:<{width}}  {statistics.mean(r):>12.1f} ± {sd:<7.1f}  "
+            f"{statistics.mean(ratios):.3f} ± {rsd:.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
+        )
     return lines

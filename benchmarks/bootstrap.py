@@ -26,8 +26,13 @@ import _bench  # noqa: E402
 sys.path.insert(0, str(_bench.ROOT))  # this checkout's eebench, not another installed copy
 from calibration import FLOPS, make_probabilities  # noqa: E402  (benchmarks/calibration.py)
 
-from eebench.bootstrap import (ECE_BINS, BootstrapSettings, cell_statistics, per_sample_record,  # noqa: E402
-                               resample_indices)
+from eebench.bootstrap import (
+    ECE_BINS,
+    BootstrapSettings,
+    cell_statistics,
+    per_sample_record,  # noqa: E402
+    resample_indices,
+)
 from eebench.calibration import budgeted_curve  # noqa: E402
 
 
@@ -45,12 +50,22 @@ def loop_statistics(record: dict, settings: BootstrapSettings) -> dict[str, np.n
     correct, exits = record["correct"], record["exits"].long()
     chosen = correct.gather(0, exits).double()
     paid = record["flops"][exits]
-    bins = torch.bucketize(record["confidence"].double(), torch.arange(1, ECE_BINS, dtype=torch.float64) / ECE_BINS,
-                           right=True)
+    bins = torch.bucketize(
+        record["confidence"].double(), torch.arange(1, ECE_BINS, dtype=torch.float64) / ECE_BINS, right=True
+    )
     gap = correct.double() - record["confidence"].double()
     k, n = correct.shape
-    out: dict[str, list] = {key: [] for key in ("anytime_accuracy", "anytime_top5", "anytime_nll", "anytime_ece",
-                                                "budgeted_accuracy", "budgeted_flops")}
+    out: dict[str, list] = {
+        key: []
+        for key in (
+            "anytime_accuracy",
+            "anytime_top5",
+            "anytime_nll",
+            "anytime_ece",
+            "budgeted_accuracy",
+            "budgeted_flops",
+        )
+    }
     for r in range(settings.resamples):
         idx = torch.from_numpy(resample_indices(n, r, settings.seed))
         out["anytime_accuracy"].append(correct[:, idx].double().mean(1) * 100)
@@ -76,8 +91,10 @@ def main() -> None:
     accuracy_only = {key: record[key] for key in ("correct", "exits", "flops")}
     settings = BootstrapSettings(resamples=opts.resamples)
     b = record["exits"].shape[0]
-    print(f"bootstrap of one cell: {opts.resamples} resamples x {opts.samples} test samples x {opts.exits} exits x "
-          f"{b} budgets; {_bench.machine_line()}")
+    print(
+        f"bootstrap of one cell: {opts.resamples} resamples x {opts.samples} test samples x {opts.exits} exits x "
+        f"{b} budgets; {_bench.machine_line()}"
+    )
     default_threads = torch.get_num_threads()
 
     def vectorised(rec: dict, threads: int):
@@ -114,11 +131,15 @@ def main() -> None:
     for name, ts in times.items():
         print(f"{name:<40} {statistics.median(ts):>9.3f}  {statistics.median(ts) / base:>27.1f}x")
     vec = results["vectorised, all statistics, 1 thread"]
-    worst = max(float(np.max(np.abs(vec[key] - results["loop"][key]) / np.maximum(1e-12, np.abs(results["loop"][key]))))
-                for key in vec)
+    worst = max(
+        float(np.max(np.abs(vec[key] - results["loop"][key]) / np.maximum(1e-12, np.abs(results["loop"][key]))))
+        for key in vec
+    )
     exact = all(np.array_equal(vec[key], results["loop"][key]) for key in ("anytime_accuracy", "budgeted_accuracy"))
-    print(f"\ncheck: vectorised and loop replicates agree to {worst:.1e} (relative); accuracies "
-          f"{'identical' if exact else 'DIFFER'}")
+    print(
+        f"\ncheck: vectorised and loop replicates agree to {worst:.1e} (relative); accuracies "
+        f"{'identical' if exact else 'DIFFER'}"
+    )
     print(_bench.load_average())
 
 

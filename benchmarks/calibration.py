@@ -173,13 +173,16 @@ def check_reference(results, curve) -> str:
         worst_flops = max(worst_flops, abs(flops - curve.flops[b]) / curve.flops[b])
     if worst_acc > 1e-9 or worst_flops > 1e-6:
         raise SystemExit(f"reference differs: accuracy by {worst_acc}, FLOPs by {worst_flops:.2e} (relative)")
-    return (f"reference Tester: identical thresholds on all 39 budgets; accuracy equal (max |diff| {worst_acc:.1e}),"
-            f" expected FLOPs equal to {worst_flops:.1e} relative (the reference sums them in float32)")
+    return (
+        f"reference Tester: identical thresholds on all 39 budgets; accuracy equal (max |diff| {worst_acc:.1e}),"
+        f" expected FLOPs equal to {worst_flops:.1e} relative (the reference sums them in float32)"
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--reference", help="checkout of kalviny/MSDNet-PyTorch: also time its Tester functions")
     p.add_argument("--samples", type=int, default=10_000, help="val and test samples each")
     p.add_argument("--exits", type=int, default=7)
@@ -201,11 +204,12 @@ def main() -> None:
             torch.nn.Module.cuda = lambda self, *a, **k: self
         tester = Tester(torch.nn.Identity(), argparse.Namespace(nBlocks=opts.exits, print_freq=10**9))
     else:
-        print("(no --reference: the reference's own Tester is left out; get it with\n"
-              + _bench.GET_REFERENCE + ")")
+        print("(no --reference: the reference's own Tester is left out; get it with\n" + _bench.GET_REFERENCE + ")")
 
-    print(f"budgeted calibration, {opts.samples} val + {opts.samples} test samples x {opts.exits} exits x 39 "
-          f"budgets; {_bench.machine_line()}")
+    print(
+        f"budgeted calibration, {opts.samples} val + {opts.samples} test samples x {opts.exits} exits x 39 "
+        f"budgets; {_bench.machine_line()}"
+    )
     val_probs, val_labels = make_probabilities(opts.exits, opts.samples, opts.classes, opts.seed)
     test_probs, test_labels = make_probabilities(opts.exits, opts.samples, opts.classes, opts.seed + 1)
     val_scores = val_probs.max(-1).values
@@ -245,8 +249,9 @@ def main() -> None:
             times["loop (tensor)"].append(time.perf_counter() - t0)
         if tester is not None and r == 0:  # about a minute: once
             t0 = time.perf_counter()
-            reference = run_reference(tester, val_probs, val_labels.float(), test_probs, test_labels.float(),
-                                      opts.exits)
+            reference = run_reference(
+                tester, val_probs, val_labels.float(), test_probs, test_labels.float(), opts.exits
+            )
             times["reference Tester"].append(time.perf_counter() - t0)
         if r == 0:
             checks.append(check_loop("loop (lists)", lists, curve, opts.samples))
@@ -254,18 +259,27 @@ def main() -> None:
                 checks.append(check_loop("loop (tensor)", tensor_loop, curve, opts.samples))
             if tester is not None:
                 checks.append(check_reference(reference, curve))
-        print(f"  round {r + 1}/{opts.repeats}: " + "  ".join(f"{k} {v[r]:.3f}s" for k, v in times.items() if len(v) > r)
-              + f"  ({_bench.load_average()})", flush=True)
+        print(
+            f"  round {r + 1}/{opts.repeats}: "
+            + "  ".join(f"{k} {v[r]:.3f}s" for k, v in times.items() if len(v) > r)
+            + f"  ({_bench.load_average()})",
+            flush=True,
+        )
 
     print()
     base = times["vectorised, 1 thread"]
-    print(f"{'':<24} {'seconds (mean ± sd)':>22}   speed-up over 'vectorised, 1 thread' = time / its time in the same round")
+    print(
+        f"{'':<24} {'seconds (mean ± sd)':>22}   "
+        "speed-up over 'vectorised, 1 thread' = time / its time in the same round"
+    )
     for name, ts in times.items():
         sd = statistics.stdev(ts) if len(ts) > 1 else 0.0
         ratios = [t / b for t, b in zip(ts, base)]
         rsd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-        print(f"{name:<24} {statistics.mean(ts):>12.4f} ± {sd:<8.4f}  "
-              f"x{statistics.mean(ratios):.1f} ± {rsd:.1f} [{min(ratios):.1f}, {max(ratios):.1f}]")
+        print(
+            f"{name:<24} {statistics.mean(ts):>12.4f} ± {sd:<8.4f}  "
+            f"x{statistics.mean(ratios):.1f} ± {rsd:.1f} [{min(ratios):.1f}, {max(ratios):.1f}]"
+        )
     print()
     for c in checks:
         print("check: " + c)

@@ -43,13 +43,20 @@ import _bench  # noqa: E402
 
 sys.path.insert(0, str(_bench.ROOT))
 from eebench.augment import crop_flip, epoch_plan, normalize  # noqa: E402
-from eebench.config import cells, dependencies, is_posthoc, load_config, posthoc_variant, recipe_for  # noqa: E402
-from eebench.config import validate_schema  # noqa: E402
+from eebench.config import (  # noqa: E402
+    cells,
+    dependencies,
+    is_posthoc,
+    load_config,
+    posthoc_variant,
+    recipe_for,
+    validate_schema,  # noqa: E402
+)
 from eebench.datasets import channel_stats, dataset_info, load_pool, make_split, split_images  # noqa: E402
+from eebench.inference import keep_freed_memory, run_network  # noqa: E402
 from eebench.methods import TrainContext  # noqa: E402
 from eebench.pipeline import _method_factory, build_network, flops_record  # noqa: E402
 from eebench.posthoc import POSTHOC  # noqa: E402
-from eebench.inference import keep_freed_memory, run_network  # noqa: E402
 from eebench.training import make_optimizer  # noqa: E402
 
 
@@ -65,9 +72,15 @@ class Probe:
         self.recipe = recipe_for(config, cell.dataset, cell.variant)
         self.steps_per_epoch = len(data["train_labels"]) // self.recipe.batch_size
         costs = torch.tensor(self.flops) / self.flops[-1]
-        self.ctx = TrainContext(exit_costs=costs, num_classes=spec.input.num_classes, epochs=self.recipe.epochs,
-                                steps_per_epoch=self.steps_per_epoch, lr=self.recipe.lr,
-                                momentum=self.recipe.momentum, weight_decay=self.recipe.weight_decay)
+        self.ctx = TrainContext(
+            exit_costs=costs,
+            num_classes=spec.input.num_classes,
+            epochs=self.recipe.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            lr=self.recipe.lr,
+            momentum=self.recipe.momentum,
+            weight_decay=self.recipe.weight_decay,
+        )
         self.method = _method_factory(config, cell.variant)(self.network, self.ctx)
         self.optimizer = make_optimizer(self.recipe, list(self.method.trainable_parameters()))
         self.data, self.spec = data, spec
@@ -83,7 +96,7 @@ class Probe:
         cpu = wall = 0.0
         for _ in range(steps):
             start = (self.step * b) % (len(self.plan.order) - b)
-            idx = self.plan.order[start:start + b]
+            idx = self.plan.order[start : start + b]
             flips = self.plan.flips[idx] if self.spec.hflip else torch.zeros(b, dtype=torch.bool)
             images = crop_flip(self.data["train_images"][idx], self.plan.offsets[idx], flips, self.spec.crop_padding)
             x = normalize(images, self.data["mean"], self.data["std"])
@@ -109,16 +122,31 @@ def dataset_data(config: dict, name: str) -> dict:
         mean, std = channel_stats(train_images)
     else:
         mean, std = spec.mean, spec.std
-    return {"spec": spec, "read_s": read_s, "train_images": train_images, "train_labels": train_labels,
-            "val": split_images(pool, split, "val"), "test": split_images(pool, split, "test"),
-            "mean": torch.tensor(mean), "std": torch.tensor(std), "split": split}
+    return {
+        "spec": spec,
+        "read_s": read_s,
+        "train_images": train_images,
+        "train_labels": train_labels,
+        "val": split_images(pool, split, "val"),
+        "test": split_images(pool, split, "test"),
+        "mean": torch.tensor(mean),
+        "std": torch.tensor(std),
+        "split": split,
+    }
 
 
 def per_image_inference(probe: Probe, config: dict, images: torch.Tensor, batch: int) -> float:
     probe.network.eval()
     t = time.process_time()
-    run_network(probe.network, images, tuple(probe.data["mean"].tolist()), tuple(probe.data["std"].tolist()),
-                batch, torch.device("cpu"), with_features=False)
+    run_network(
+        probe.network,
+        images,
+        tuple(probe.data["mean"].tolist()),
+        tuple(probe.data["std"].tolist()),
+        batch,
+        torch.device("cpu"),
+        with_features=False,
+    )
     return (time.process_time() - t) / len(images)
 
 
@@ -153,8 +181,9 @@ def main() -> None:
     validate_schema(config)
     print(f"# {_bench.machine_line()}")
     all_cells = [c for c in cells(config) if c.seed == config["seeds"][0]]
-    train_cells = [c for c in all_cells if not is_posthoc(config, c.variant)
-                   and (args.only is None or c.arch == args.only)]
+    train_cells = [
+        c for c in all_cells if not is_posthoc(config, c.variant) and (args.only is None or c.arch == args.only)
+    ]
     datasets = {name: dataset_data(config, name) for name in sorted({c.dataset for c in train_cells})}
     probes = [Probe(config, c, datasets[c.dataset]) for c in train_cells]
     for probe in probes:
@@ -166,13 +195,15 @@ def main() -> None:
     start_s = statistics.median(start_up_seconds() for _ in range(3))
     infer_batch = config.get("infer_batch_size", 512)
     jobs: dict[str, float] = {}
-    print(f"\n{'cell':52} {'cpu ms/step':>11} {'wall':>6} {'steps/ep':>8} {'val s/ep':>8} {'train s':>8} "
-          f"{'infer s':>8}")
+    print(
+        f"\n{'cell':52} {'cpu ms/step':>11} {'wall':>6} {'steps/ep':>8} {'val s/ep':>8} {'train s':>8} {'infer s':>8}"
+    )
     for probe in probes:
         data = probe.data
         step_s = statistics.median(probe.times)
         val_s = per_image_inference(probe, config, data["val"][0][:1024], probe.recipe.eval_batch_size) * len(
-            data["val"][1])
+            data["val"][1]
+        )
         train_s = probe.recipe.epochs * (probe.steps_per_epoch * step_s + val_s) + data["read_s"] + start_s
         cached = len(data["val"][1]) + len(data["test"][1])
         if any(needs_train_cache(config, c, probe.cell) for c in all_cells):
@@ -182,23 +213,33 @@ def main() -> None:
         infer_s = per_image * cached + data["read_s"] + start_s
         jobs[f"train {probe.cell.path}"] = train_s
         jobs[f"infer {probe.cell.path}"] = infer_s
-        print(f"{probe.cell.path:52} {step_s * 1e3:11.1f} {statistics.median(probe.wall) * 1e3:6.0f} "
-              f"{probe.steps_per_epoch:8d} {val_s:8.1f} {train_s:8.0f} {infer_s:8.0f}", flush=True)
+        print(
+            f"{probe.cell.path:52} {step_s * 1e3:11.1f} {statistics.median(probe.wall) * 1e3:6.0f} "
+            f"{probe.steps_per_epoch:8d} {val_s:8.1f} {train_s:8.0f} {infer_s:8.0f}",
+            flush=True,
+        )
     for cell in all_cells:  # post-hoc fits on caches of the right shape
         if not is_posthoc(config, cell.variant) or (args.only and cell.arch != args.only):
             continue
         spec = posthoc_variant(config, cell.variant)
         base = next(p for p in probes if (p.cell.arch, p.cell.variant) == (cell.arch, spec["base"]))
         caches = {}
-        method = POSTHOC.get(spec["method"])(POSTHOC.make_params(spec["method"], spec.get("params", {})),
-                                             base.flops, seed=0)
+        method = POSTHOC.get(spec["method"])(
+            POSTHOC.make_params(spec["method"], spec.get("params", {})), base.flops, seed=0
+        )
         parts = [("val", base.data["val"]), ("test", base.data["test"])]
         if method.needs_train_split:
             n = min(len(base.data["train_labels"]), config.get("train_cache_samples") or len(base.data["train_labels"]))
             parts.append(("train", (base.data["train_images"][:n], base.data["train_labels"][:n])))
         for part, (images, labels) in parts:
-            cache = run_network(base.network, images, tuple(base.data["mean"].tolist()),
-                                tuple(base.data["std"].tolist()), infer_batch, torch.device("cpu"))
+            cache = run_network(
+                base.network,
+                images,
+                tuple(base.data["mean"].tolist()),
+                tuple(base.data["std"].tolist()),
+                infer_batch,
+                torch.device("cpu"),
+            )
             cache["labels"] = labels
             caches[part] = cache
         t = time.process_time()
@@ -215,10 +256,14 @@ def main() -> None:
         chain = [probe.cell, *dependencies(config, probe.cell)]
         chains[probe.cell.path] = sum(jobs[f"train {c.path}"] for c in chain) + jobs[f"infer {probe.cell.path}"]
     longest = max(chains, key=chains.get)
-    print(f"\njob start-up {start_s:.1f} s; {len(jobs)} train/infer/posthoc jobs {sum(jobs.values()):.0f} s, "
-          f"split/evaluate/report jobs about {small:.0f} s")
-    print(f"PROJECTION on {args.cores} cores: at least {total / args.cores / 60:.1f} min (all jobs / cores); "
-          f"longest chain {chains[longest] / 60:.1f} min ({longest})")
+    print(
+        f"\njob start-up {start_s:.1f} s; {len(jobs)} train/infer/posthoc jobs {sum(jobs.values()):.0f} s, "
+        f"split/evaluate/report jobs about {small:.0f} s"
+    )
+    print(
+        f"PROJECTION on {args.cores} cores: at least {total / args.cores / 60:.1f} min (all jobs / cores); "
+        f"longest chain {chains[longest] / 60:.1f} min ({longest})"
+    )
 
 
 if __name__ == "__main__":

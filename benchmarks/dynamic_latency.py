@@ -37,8 +37,20 @@ import _bench  # noqa: E402
 sys.path.insert(0, str(_bench.ROOT))
 
 MODELS = {
-    "digits": ({"n_blocks": 4, "step_mode": "lin_grow", "step": 1, "base": 1, "n_channels": 8, "growth_rate": 4,
-                "gr_factor": [1, 2, 4], "bn_factor": [1, 2, 4], "n_scales": 3}, 10),
+    "digits": (
+        {
+            "n_blocks": 4,
+            "step_mode": "lin_grow",
+            "step": 1,
+            "base": 1,
+            "n_channels": 8,
+            "growth_rate": 4,
+            "gr_factor": [1, 2, 4],
+            "bn_factor": [1, 2, 4],
+            "n_scales": 3,
+        },
+        10,
+    ),
     "c100": ({"n_blocks": 7}, 100),
 }
 BUDGET_ROWS = (1, 8, 16, 24, 32, 39)  # budget ids of the 39 geometric budgets
@@ -80,25 +92,40 @@ def task_of(name: str, opts):
         with torch.inference_mode():
             return scorer.score_cache(cache_of(net.forward_all(x), with_features=False))
 
-    thresholds = exit_thresholds(scored(random_images(opts.val, seed=1)).scores,
-                                 geometric_exit_distributions(net.num_exits)[1])
+    thresholds = exit_thresholds(
+        scored(random_images(opts.val, seed=1)).scores, geometric_exit_distributions(net.num_exits)[1]
+    )
     test = random_images(opts.images, seed=2)
     chosen = {b: thresholds[b - 1].tolist() for b in BUDGET_ROWS}
-    return LatencyTask(net, lambda _row: scorer, test, torch.zeros(len(test), dtype=torch.long), flops,
-                       scored(test), chosen, torch.device("cpu"))
+    return LatencyTask(
+        net,
+        lambda _row: scorer,
+        test,
+        torch.zeros(len(test), dtype=torch.long),
+        flops,
+        scored(test),
+        chosen,
+        torch.device("cpu"),
+    )
 
 
 def report(name: str, task, budgets, exits) -> None:
-    print(f"\n{name}: MSDNet, {task.network.num_exits} exits, {task.exit_flops[-1] / 1e6:.2f} MFLOPs at the last exit, "
-          f"batch 1, {int(budgets['images'].iloc[0])} images per pass, {int(budgets['repeats'].iloc[0])} rounds")
+    print(
+        f"\n{name}: MSDNet, {task.network.num_exits} exits, {task.exit_flops[-1] / 1e6:.2f} MFLOPs at the last exit, "
+        f"batch 1, {int(budgets['images'].iloc[0])} images per pass, {int(budgets['repeats'].iloc[0])} rounds"
+    )
     print(f"{'budget':>6}  {'MFLOPs':>7}  {'ms/img [interval]':>24}  {'measured x':>10}  {'FLOPs x':>8}  {'ratio':>6}")
     for row in budgets.itertuples():
-        print(f"{row.budget_id:>6}  {row.flops_timed / 1e6:>7.2f}  {row.ms_per_image:>8.3f} "
-              f"[{row.ms_ci_low:.3f}, {row.ms_ci_high:.3f}]  {row.speedup_measured:>10.2f}  {row.speedup_flops:>8.2f}  "
-              f"{row.speedup_measured / row.speedup_flops:>6.2f}")
+        print(
+            f"{row.budget_id:>6}  {row.flops_timed / 1e6:>7.2f}  {row.ms_per_image:>8.3f} "
+            f"[{row.ms_ci_low:.3f}, {row.ms_ci_high:.3f}]  {row.speedup_measured:>10.2f}  {row.speedup_flops:>8.2f}  "
+            f"{row.speedup_measured / row.speedup_flops:>6.2f}"
+        )
     ratios = budgets["speedup_measured"] / budgets["speedup_flops"]
-    print(f"measured / FLOPs speedup: min {ratios.min():.2f}, median {ratios.median():.2f} "
-          f"(interval coverage {budgets['ci_level'].min():.1%}); ties {int(budgets['ties'].sum())}")
+    print(
+        f"measured / FLOPs speedup: min {ratios.min():.2f}, median {ratios.median():.2f} "
+        f"(interval coverage {budgets['ci_level'].min():.1%}); ties {int(budgets['ties'].sum())}"
+    )
     ms, flops = exits["ms_per_image"].tolist(), task.exit_flops
     print("per exit: cumulative ms, and ms per MFLOP of each segment (trunk + head + scoring)")
     previous_ms, previous_flops = 0.0, 0.0
@@ -123,6 +150,7 @@ def profile(name: str, task, budget_ids: list[int], rounds: int) -> None:
         def call(*args):
             with record_function(label(*args)):
                 return fn(*args)
+
         return call
 
     wrapped["begin"] = ranged(lambda x: "stem", net.begin)
@@ -151,8 +179,11 @@ def profile(name: str, task, budget_ids: list[int], rounds: int) -> None:
             per_image = rounds * len(task.images)
             parts = [totals.get(lab, 0.0) / per_image for lab in labels]
             whole = totals["all"] / per_image
-            print(f"{title:>14}  {whole:>12.3f}  " + "  ".join(f"{p:>9.3f} ({p / whole:>3.0%})" for p in parts)
-                  + f"  {whole - sum(parts):>8.3f}")
+            print(
+                f"{title:>14}  {whole:>12.3f}  "
+                + "  ".join(f"{p:>9.3f} ({p / whole:>3.0%})" for p in parts)
+                + f"  {whole - sum(parts):>8.3f}"
+            )
     finally:
         for attr in wrapped:
             delattr(net, attr)
@@ -173,8 +204,8 @@ def main() -> None:
 
     import torch
 
-    from eebench.latency import measure_latency, pinned_threads
     from eebench.inference import keep_freed_memory
+    from eebench.latency import measure_latency, pinned_threads
 
     keep_freed_memory()  # as the latency rule
     with pinned_threads(opts.threads):
@@ -184,11 +215,14 @@ def main() -> None:
 
             def quiet(r: int) -> None:  # before each round: wait for the other processes to calm down
                 busy = _bench.wait_for_quiet(opts.quiet_below, opts.max_wait)
-                print(f"  {name} round {r + 1}/{opts.repeats}: others busy {busy:.0%} before "
-                      f"({_bench.load_average()})", flush=True)
+                print(
+                    f"  {name} round {r + 1}/{opts.repeats}: others busy {busy:.0%} before ({_bench.load_average()})",
+                    flush=True,
+                )
 
-            budgets, exits = measure_latency(task, [1], opts.repeats, warmup=1, images=opts.images,
-                                             threads=opts.threads, before_round=quiet)
+            budgets, exits = measure_latency(
+                task, [1], opts.repeats, warmup=1, images=opts.images, threads=opts.threads, before_round=quiet
+            )
             report(name, task, budgets, exits)
             if opts.profile:
                 with torch.inference_mode():

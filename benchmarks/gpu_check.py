@@ -74,10 +74,11 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,13 +93,13 @@ from eebench.augment import epoch_plan, normalize  # noqa: E402
 from eebench.cache import correctness, scored_outputs  # noqa: E402
 from eebench.calibration import NO_EXIT, budgeted_curve, exit_indices, geometric_exit_distributions  # noqa: E402
 from eebench.datasets import dataset_info  # noqa: E402
+from eebench.inference import run_network  # noqa: E402
 from eebench.methods import METHODS  # noqa: E402
 from eebench.methods.common import frozen_batchnorms  # noqa: E402
 from eebench.posthoc import POSTHOC  # noqa: E402
 from eebench.provenance import device_name, git_commit, versions  # noqa: E402
 from eebench.recipe import Recipe  # noqa: E402
 from eebench.registry import build_params  # noqa: E402
-from eebench.inference import run_network  # noqa: E402
 from eebench.training import TrainData, _TrainingRun, train  # noqa: E402
 from models import MultiExitNetwork, build_model, get_architecture, list_architectures  # noqa: E402
 from models.base import fold_batchnorm  # noqa: E402
@@ -139,12 +140,36 @@ class Sizes:
         return dict(get_architecture(family).network_class.test_params) if self.small else {}
 
 
-FULL = Sizes(False, batch=64, train_batches=4, cache_images=2048, infer_batch=1024, speed_batch=64,
-             speed_iters=20, speed_rounds=5, warmup=5, infer_images=8192, sharing=(1, 2, 4),
-             projection_steps=6, matmul_n=8192)
-SMALL = Sizes(True, batch=8, train_batches=2, cache_images=64, infer_batch=32, speed_batch=8,
-              speed_iters=2, speed_rounds=2, warmup=1, infer_images=64, sharing=(1, 2),
-              projection_steps=1, matmul_n=256)
+FULL = Sizes(
+    False,
+    batch=64,
+    train_batches=4,
+    cache_images=2048,
+    infer_batch=1024,
+    speed_batch=64,
+    speed_iters=20,
+    speed_rounds=5,
+    warmup=5,
+    infer_images=8192,
+    sharing=(1, 2, 4),
+    projection_steps=6,
+    matmul_n=8192,
+)
+SMALL = Sizes(
+    True,
+    batch=8,
+    train_batches=2,
+    cache_images=64,
+    infer_batch=32,
+    speed_batch=8,
+    speed_iters=2,
+    speed_rounds=2,
+    warmup=1,
+    infer_images=64,
+    sharing=(1, 2),
+    projection_steps=1,
+    matmul_n=256,
+)
 # --small projects config/config.yaml restricted to this experiment (two cells: gater_frozen and
 # the standard cell it starts from), so that the CPU test stays short
 SMALL_EXPERIMENTS = [{"datasets": ["digits"], "architectures": ["msdnet"], "methods": ["gater_frozen"]}]
@@ -218,8 +243,9 @@ class Report:
     def write(self) -> None:
         if self.path is None:
             return
-        io.write_json(self.path, {**self.header, "elapsed_s": round(time.perf_counter() - self.started, 1),
-                                  "checks": self.checks})
+        io.write_json(
+            self.path, {**self.header, "elapsed_s": round(time.perf_counter() - self.started, 1), "checks": self.checks}
+        )
 
     def failed(self) -> list[dict[str, Any]]:
         return [c for c in self.checks if c["status"] == "fail"]
@@ -247,8 +273,16 @@ def random_data(n_train: int, n_val: int, seed: int) -> TrainData:
     """CIFAR-100-shaped random uint8 images (N, 3, 32, 32) and labels, train and val."""
     images, labels = _bench.random_cifar(n_train + n_val, seed=seed, num_classes=SPEC.num_classes)
     images = images.permute(0, 3, 1, 2).contiguous()
-    return TrainData(images[:n_train], labels[:n_train], images[n_train:], labels[n_train:], CIFAR100.mean,
-                     CIFAR100.std, CIFAR100.crop_padding, CIFAR100.hflip)
+    return TrainData(
+        images[:n_train],
+        labels[:n_train],
+        images[n_train:],
+        labels[n_train:],
+        CIFAR100.mean,
+        CIFAR100.std,
+        CIFAR100.crop_padding,
+        CIFAR100.hflip,
+    )
 
 
 def build(family: str, sizes: Sizes, seed: int = 0) -> MultiExitNetwork:
@@ -263,7 +297,9 @@ def exit_costs(network: MultiExitNetwork) -> torch.Tensor:
 
 def family_for(method_cls: type) -> str:
     """MSDNet where the method can train it, else the first architecture offering what it needs."""
-    offering = [f for f in list_architectures() if method_cls.requires <= get_architecture(f).network_class.capabilities]
+    offering = [
+        f for f in list_architectures() if method_cls.requires <= get_architecture(f).network_class.capabilities
+    ]
     return PREFERRED_ARCH if PREFERRED_ARCH in offering else offering[0]
 
 
@@ -308,18 +344,28 @@ def check_environment(device: torch.device) -> dict[str, Any]:
     import pandas
 
     figures: dict[str, Any] = {
-        "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-        "pandas": pandas.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "cpus": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pandas.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
     }
-    figures["importable"] = {name: importable(name)
-                             for name in ("yaml", "jsonschema", "fvcore", "snakemake", "torchvision")}
+    figures["importable"] = {
+        name: importable(name) for name in ("yaml", "jsonschema", "fvcore", "snakemake", "torchvision")
+    }
     if device.type == "cuda":
         expect(torch.cuda.is_available(), "torch sees no CUDA device (a CPU build of torch, or no driver)", figures)
         props = torch.cuda.get_device_properties(device)
-        figures.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                       memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
-                       gpus=torch.cuda.device_count())
+        figures.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            gpus=torch.cuda.device_count(),
+        )
         with contextlib.suppress(Exception):  # a tuple in recent torch, an int in older ones
             version = torch.cuda.nccl.version()
             figures["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
@@ -371,8 +417,9 @@ def conv_dtypes(model: nn.Module) -> tuple[set[torch.dtype], list[Any]]:
     return seen, [conv.register_forward_hook(hook)]
 
 
-def check_training(case: TrainCase, precision: str, device: torch.device, sizes: Sizes, scratch: Path,
-                   keep: dict[str, Any]) -> dict[str, Any]:
+def check_training(
+    case: TrainCase, precision: str, device: torch.device, sizes: Sizes, scratch: Path, keep: dict[str, Any]
+) -> dict[str, Any]:
     if precision != "fp32" and device.type != "cuda":
         raise Skip(f"{precision} is a GPU switch: on CPU the recipe trains in fp32, which the fp32 check covers")
     model = build(case.family, sizes)
@@ -396,12 +443,28 @@ def check_training(case: TrainCase, precision: str, device: torch.device, sizes:
 
     watch(model.parameters())
     data = random_data(sizes.batch * sizes.train_batches, 2 * sizes.batch, seed=1)
-    recipe = Recipe(epochs=1, batch_size=sizes.batch, lr=0.05, schedule="constant", precision=precision,
-                    eval_batch_size=2 * sizes.batch)
+    recipe = Recipe(
+        epochs=1,
+        batch_size=sizes.batch,
+        lr=0.05,
+        schedule="constant",
+        precision=precision,
+        eval_batch_size=2 * sizes.batch,
+    )
     t0 = time.perf_counter()
     try:
-        result = train(model, factory, data, recipe, exit_costs(model), SPEC.num_classes, seed=0,
-                       state_dir=scratch / f"train-{case.label}-{precision}", fingerprint=case.label, device=device)
+        result = train(
+            model,
+            factory,
+            data,
+            recipe,
+            exit_costs(model),
+            SPEC.num_classes,
+            seed=0,
+            state_dir=scratch / f"train-{case.label}-{precision}",
+            fingerprint=case.label,
+            device=device,
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -419,28 +482,52 @@ def check_training(case: TrainCase, precision: str, device: torch.device, sizes:
     frozen = {n for n, p in named if not p.requires_grad}
     outside = {n for n, p in named if id(p) not in trained}
     frozen_bn = {id(m) for m in frozen_batchnorms(model)}
-    frozen_buffers = {f"model.{mn}.{bn}" for mn, m in model.named_modules() if id(m) in frozen_bn
-                      for bn, _ in m.named_buffers(recurse=False)}
+    frozen_buffers = {
+        f"model.{mn}.{bn}"
+        for mn, m in model.named_modules()
+        if id(m) in frozen_bn
+        for bn, _ in m.named_buffers(recurse=False)
+    }
     changed_buffers = {n for n in frozen_buffers if not torch.equal(after[n], before[n])}
     off_device = [n for n, t in after.items() if t.device.type != device.type]
     expected_dtype = recipe.autocast_dtype(device) or torch.float32
-    figures = {"loss": loss, "parameters": len(named), "moved": len(moved), "frozen": len(frozen),
-               "trained_without_gradient": len(unreached),
-               "outside_training": len(outside - frozen), "frozen_bn_buffers": len(frozen_buffers),
-               "conv_dtype": sorted(str(d) for d in seen), "seconds_1_epoch": seconds,
-               "val_acc_last_exit": result.history[-1][f"val_acc_{model.num_exits}"]}
+    figures = {
+        "loss": loss,
+        "parameters": len(named),
+        "moved": len(moved),
+        "frozen": len(frozen),
+        "trained_without_gradient": len(unreached),
+        "outside_training": len(outside - frozen),
+        "frozen_bn_buffers": len(frozen_buffers),
+        "conv_dtype": sorted(str(d) for d in seen),
+        "seconds_1_epoch": seconds,
+        "val_acc_last_exit": result.history[-1][f"val_acc_{model.num_exits}"],
+    }
     expect(math.isfinite(loss), f"mean training loss {loss}", figures)
-    expect(not (should_move - moved), f"{len(should_move - moved)} trained parameters that received a gradient "
-           f"did not move, e.g. {sorted(should_move - moved)[:3]}", figures)
+    expect(
+        not (should_move - moved),
+        f"{len(should_move - moved)} trained parameters that received a gradient "
+        f"did not move, e.g. {sorted(should_move - moved)[:3]}",
+        figures,
+    )
     expect(not (moved & frozen), f"frozen parameters moved: {sorted(moved & frozen)[:3]}", figures)
-    expect(not (moved & outside), f"parameters outside what the method trains moved: {sorted(moved & outside)[:3]}",
-           figures)
-    expect(not changed_buffers, f"running statistics of frozen BatchNorm layers changed: {sorted(changed_buffers)[:3]}",
-           figures)
+    expect(
+        not (moved & outside),
+        f"parameters outside what the method trains moved: {sorted(moved & outside)[:3]}",
+        figures,
+    )
+    expect(
+        not changed_buffers,
+        f"running statistics of frozen BatchNorm layers changed: {sorted(changed_buffers)[:3]}",
+        figures,
+    )
     expect(bool(moved), "nothing moved", figures)
     expect(not off_device, f"tensors not on {device.type} after training: {off_device[:3]}", figures)
-    expect(seen == {expected_dtype}, f"the first convolution ran in {sorted(map(str, seen))}, expected "
-           f"{expected_dtype}", figures)
+    expect(
+        seen == {expected_dtype},
+        f"the first convolution ran in {sorted(map(str, seen))}, expected {expected_dtype}",
+        figures,
+    )
     if case.method == "standard" and case.family == PREFERRED_ARCH and precision == "fp32":
         keep["trained"] = (model, method)
     return figures
@@ -468,32 +555,67 @@ def check_cache(device: torch.device, sizes: Sizes, keep: dict[str, Any]) -> dic
     caches = {}
     t0 = time.perf_counter()
     for part, (images, labels) in parts.items():
-        cache = run_network(net, images.to(device), CIFAR100.mean, CIFAR100.std, sizes.infer_batch, device,
-                            channels_last=True, with_features=True, transform=method.eval_outputs)
+        cache = run_network(
+            net,
+            images.to(device),
+            CIFAR100.mean,
+            CIFAR100.std,
+            sizes.infer_batch,
+            device,
+            channels_last=True,
+            with_features=True,
+            transform=method.eval_outputs,
+        )
         caches[part] = {**cache, "labels": labels, "split_size": len(labels)}
     seconds = time.perf_counter() - t0
     reference_net = copy.deepcopy(model).cpu().eval()
     m = min(n, 256)
-    reference = run_network(reference_net, parts["test"][0][:m], CIFAR100.mean, CIFAR100.std, 64, torch.device("cpu"),
-                            with_features=True, transform=method.eval_outputs)
+    reference = run_network(
+        reference_net,
+        parts["test"][0][:m],
+        CIFAR100.mean,
+        CIFAR100.std,
+        64,
+        torch.device("cpu"),
+        with_features=True,
+        transform=method.eval_outputs,
+    )
     test = caches["test"]
     scale = float(reference["logits"].abs().max())
     difference = float((test["logits"][:, :m] - reference["logits"]).abs().max())
-    feature_difference = max(float((a[:m] - b).abs().max() / b.abs().max().clamp_min(1e-12))
-                             for a, b in zip(test["features"], reference["features"]))
+    feature_difference = max(
+        float((a[:m] - b).abs().max() / b.abs().max().clamp_min(1e-12))
+        for a, b in zip(test["features"], reference["features"])
+    )
     k = model.num_exits
-    figures = {"exits": k, "images_per_part": n, "img_s": 3 * n / seconds, "logits_max_abs": scale,
-               "logits_difference_vs_cpu": difference, "features_relative_difference_vs_cpu": feature_difference}
-    expect(test["logits"].shape == (k, n, SPEC.num_classes), f"cache logits of shape {tuple(test['logits'].shape)}",
-           figures)
-    expect(test["logits"].device.type == "cpu" and all(f.device.type == "cpu" for f in test["features"]),
-           "the cache is not on the CPU", figures)
+    figures = {
+        "exits": k,
+        "images_per_part": n,
+        "img_s": 3 * n / seconds,
+        "logits_max_abs": scale,
+        "logits_difference_vs_cpu": difference,
+        "features_relative_difference_vs_cpu": feature_difference,
+    }
+    expect(
+        test["logits"].shape == (k, n, SPEC.num_classes),
+        f"cache logits of shape {tuple(test['logits'].shape)}",
+        figures,
+    )
+    expect(
+        test["logits"].device.type == "cpu" and all(f.device.type == "cpu" for f in test["features"]),
+        "the cache is not on the CPU",
+        figures,
+    )
     expect(all(torch.isfinite(c["logits"]).all() for c in caches.values()), "non-finite logits in the cache", figures)
     expect(len(test["features"]) == k and all(f.shape[0] == n for f in test["features"]), "features missing", figures)
-    expect(difference <= 1e-3 * max(scale, 1.0), f"logits differ from the CPU's by {difference:.3g} "
-           f"(largest logit {scale:.3g})", figures)
-    expect(feature_difference <= 1e-3, f"features differ from the CPU's by {feature_difference:.3g} (relative)",
-           figures)
+    expect(
+        difference <= 1e-3 * max(scale, 1.0),
+        f"logits differ from the CPU's by {difference:.3g} (largest logit {scale:.3g})",
+        figures,
+    )
+    expect(
+        feature_difference <= 1e-3, f"features differ from the CPU's by {feature_difference:.3g} (relative)", figures
+    )
     keep.update(caches=caches, deployed=net, method=method)
     return figures
 
@@ -508,8 +630,11 @@ def check_posthoc(name: str, keep: dict[str, Any]) -> dict[str, Any]:
     method.fit(caches["val"], caches["train"] if cls.needs_train_split else None)
     scored = {part: method.score(caches[part]) for part in ("val", "test")}
     k, n = caches["test"]["logits"].shape[:2]
-    figures = {"params": "test_params", "fit_and_score_s": time.perf_counter() - t0,
-               "scores_shape": list(scored["test"].scores.shape)}
+    figures = {
+        "params": "test_params",
+        "fit_and_score_s": time.perf_counter() - t0,
+        "scores_shape": list(scored["test"].scores.shape),
+    }
     for part, s in scored.items():
         expect(s.predictions.shape == (k, n), f"{part} predictions of shape {tuple(s.predictions.shape)}", figures)
         expect(s.scores.shape[-2:] == (k, n), f"{part} scores of shape {tuple(s.scores.shape)}", figures)
@@ -544,22 +669,36 @@ def check_curves(keep: dict[str, Any]) -> dict[str, Any]:
     figures: dict[str, Any] = {"flops_per_exit": flops}
     for name, scored in scorers.items():
         correct = correctness(scored["test"], caches["test"]["labels"])
-        curve = budgeted_curve(scored["val"].scores, scored["test"].scores, correct, flops,
-                               scored["test"].exit_distributions)
-        figures[name] = {"budgets": len(curve.flops), "flops_range": [float(curve.flops.min()), float(curve.flops.max())],
-                         "accuracy_range": [float(curve.accuracy.min()), float(curve.accuracy.max())]}
+        curve = budgeted_curve(
+            scored["val"].scores, scored["test"].scores, correct, flops, scored["test"].exit_distributions
+        )
+        figures[name] = {
+            "budgets": len(curve.flops),
+            "flops_range": [float(curve.flops.min()), float(curve.flops.max())],
+            "accuracy_range": [float(curve.accuracy.min()), float(curve.accuracy.max())],
+        }
         fractions = torch.as_tensor(curve.exit_fractions)
-        expect(bool(torch.allclose(fractions.sum(1), torch.ones(len(fractions), dtype=fractions.dtype))),
-               f"{name}: exit fractions do not sum to 1", figures)
-        expect(flops[0] * (1 - 1e-9) <= curve.flops.min() and curve.flops.max() <= flops[-1] * (1 + 1e-9),
-               f"{name}: expected FLOPs outside [F_1, F_K]", figures)
+        expect(
+            bool(torch.allclose(fractions.sum(1), torch.ones(len(fractions), dtype=fractions.dtype))),
+            f"{name}: exit fractions do not sum to 1",
+            figures,
+        )
+        expect(
+            flops[0] * (1 - 1e-9) <= curve.flops.min() and curve.flops.max() <= flops[-1] * (1 + 1e-9),
+            f"{name}: expected FLOPs outside [F_1, F_K]",
+            figures,
+        )
         expect(0 <= curve.accuracy.min() and curve.accuracy.max() <= 100, f"{name}: accuracy outside [0, 100]", figures)
         if name == "plain":
             keep["thresholds"] = torch.as_tensor(curve.thresholds)
             mismatched = _calibration_mismatches(scored["val"].scores, torch.as_tensor(curve.thresholds))
             figures[name]["untied_count_mismatches"] = mismatched
-            expect(mismatched == 0, f"{mismatched} (budget, exit) pairs where val thresholds do not send "
-                   "floor(N pi_k) samples out and no tie explains it", figures)
+            expect(
+                mismatched == 0,
+                f"{mismatched} (budget, exit) pairs where val thresholds do not send "
+                "floor(N pi_k) samples out and no tie explains it",
+                figures,
+            )
     return figures
 
 
@@ -598,7 +737,10 @@ def check_dynamic(device: torch.device, sizes: Sizes, keep: dict[str, Any]) -> d
     for b in sorted({0, len(thresholds) // 3, 2 * len(thresholds) // 3, len(thresholds) - 1}):
         result = run_dynamic_batches(net, x, thresholds[b], scorer, sizes.infer_batch, record_scores=True)
         agreement = compare_with_simulation(result, simulated, thresholds[b])
-        figures[f"budget_{b + 1}"] = {"agreement": agreement.describe(), "samples_per_segment": result.samples_per_segment}
+        figures[f"budget_{b + 1}"] = {
+            "agreement": agreement.describe(),
+            "samples_per_segment": result.samples_per_segment,
+        }
         expect(agreement.exact, f"budget {b + 1}: {agreement.describe()}", figures)
     b = len(thresholds) // 3
     times = {"dynamic": [], "full": []}
@@ -649,8 +791,18 @@ def ddp_worker(out: Path, device_name: str, small: bool) -> None:
         params = METHODS.make_params(name, dict(cls.test_params))
         data = random_data(sizes.batch * sizes.train_batches, 2 * sizes.batch, seed=1)
         recipe = Recipe(epochs=1, batch_size=sizes.batch, lr=0.05, schedule="constant")
-        history = train(model, lambda m, ctx: cls(m, params, ctx), data, recipe, exit_costs(model),
-                        SPEC.num_classes, 0, out / f"state-{name}", name, device).history
+        history = train(
+            model,
+            lambda m, ctx: cls(m, params, ctx),
+            data,
+            recipe,
+            exit_costs(model),
+            SPEC.num_classes,
+            0,
+            out / f"state-{name}",
+            name,
+            device,
+        ).history
         result[name] = {"loss": history[-1]["loss"]}
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / f"{name}.rank{rank}.pt")
     if dist.is_initialized():
@@ -663,28 +815,53 @@ def ddp_worker(out: Path, device_name: str, small: bool) -> None:
 
 def check_ddp(nproc: int, device: torch.device, sizes: Sizes, scratch: Path) -> dict[str, Any]:
     if device.type == "cuda" and nproc > torch.cuda.device_count():
-        raise Skip(f"{torch.cuda.device_count()} GPU(s): the harness gives each process a GPU of its own "
-                   f"(cuda:LOCAL_RANK), so {nproc} processes need {nproc} GPUs")
+        raise Skip(
+            f"{torch.cuda.device_count()} GPU(s): the harness gives each process a GPU of its own "
+            f"(cuda:LOCAL_RANK), so {nproc} processes need {nproc} GPUs"
+        )
     out = scratch / f"ddp{nproc}"
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(_bench.ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
-           "--ddp-worker", str(out), "--device", str(device), *(["--small"] if sizes.small else [])]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(_bench.ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        __file__,
+        "--ddp-worker",
+        str(out),
+        "--device",
+        str(device),
+        *(["--small"] if sizes.small else []),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     figures: dict[str, Any] = {"processes": nproc, "seconds": time.perf_counter() - t0}
-    expect(proc.returncode == 0, f"torchrun exited with {proc.returncode}: "
-           + (proc.stderr.strip().splitlines() or [""])[-1][:300], {**figures, "stderr": proc.stderr[-3000:]})
+    expect(
+        proc.returncode == 0,
+        f"torchrun exited with {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1][:300],
+        {**figures, "stderr": proc.stderr[-3000:]},
+    )
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
     expected_backend = "nccl" if device.type == "cuda" else "gloo"
     figures["backend"] = ranks[0]["backend"]
     figures["losses"] = {name: ranks[0][name]["loss"] for name in DDP_METHODS}
-    expect(all(r["backend"] == expected_backend for r in ranks), f"backend {figures['backend']}, expected "
-           f"{expected_backend}", figures)
+    expect(
+        all(r["backend"] == expected_backend for r in ranks),
+        f"backend {figures['backend']}, expected {expected_backend}",
+        figures,
+    )
     if nproc == 1:
-        expect(ranks[0]["probe_all_reduce"] == 1.0, "the one-process all_reduce gave "
-               f"{ranks[0]['probe_all_reduce']}", figures)
+        expect(
+            ranks[0]["probe_all_reduce"] == 1.0,
+            f"the one-process all_reduce gave {ranks[0]['probe_all_reduce']}",
+            figures,
+        )
     for name in DDP_METHODS:
         expect(all(math.isfinite(r[name]["loss"]) for r in ranks), f"{name}: non-finite loss", figures)
         weights = [torch.load(out / f"{name}.rank{r}.pt") for r in range(nproc)]
@@ -702,8 +879,19 @@ def check_resume(device: torch.device, sizes: Sizes, scratch: Path) -> dict[str,
     def run(state_dir: Path, stop: int | None = None) -> dict[str, torch.Tensor]:
         model = build(PREFERRED_ARCH, sizes, seed=3)
         recipe = Recipe(epochs=2, batch_size=sizes.batch, lr=0.05, schedule="cosine")
-        result = train(model, lambda m, ctx: cls(m, cls.Params(), ctx), data, recipe, exit_costs(model),
-                       SPEC.num_classes, 0, state_dir, "resume", device, stop_after_batches=stop)
+        result = train(
+            model,
+            lambda m, ctx: cls(m, cls.Params(), ctx),
+            data,
+            recipe,
+            exit_costs(model),
+            SPEC.num_classes,
+            0,
+            state_dir,
+            "resume",
+            device,
+            stop_after_batches=stop,
+        )
         return {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()}
 
     whole = run(scratch / "resume-whole")
@@ -717,15 +905,21 @@ def check_resume(device: torch.device, sizes: Sizes, scratch: Path) -> dict[str,
             expect(exit_.code == 143, f"a stopped run exited with {exit_.code}, expected 143 (128 + SIGTERM)")
     resumed = run(killed)
     difference = max_relative_difference(resumed, whole)
-    figures: dict[str, Any] = {"batches": 2 * steps, "stopped_after": stops,
-                               "resumed_vs_whole_relative": difference}
+    figures: dict[str, Any] = {"batches": 2 * steps, "stopped_after": stops, "resumed_vs_whole_relative": difference}
     if device.type == "cpu":
-        expect(difference == 0.0, f"resumed weights differ from the uninterrupted run's ({difference:.3g}); "
-               "on CPU they must be bit-identical", figures)
+        expect(
+            difference == 0.0,
+            f"resumed weights differ from the uninterrupted run's ({difference:.3g}); "
+            "on CPU they must be bit-identical",
+            figures,
+        )
     else:
         figures["rerun_vs_whole_relative"] = max_relative_difference(run(scratch / "resume-again"), whole)
-        expect(difference <= 1e-3, f"resumed weights differ from the uninterrupted run's by {difference:.3g} "
-               "(relative; tolerance 1e-3)", figures)
+        expect(
+            difference <= 1e-3,
+            f"resumed weights differ from the uninterrupted run's by {difference:.3g} (relative; tolerance 1e-3)",
+            figures,
+        )
     return figures
 
 
@@ -774,8 +968,18 @@ def step_worker(spec: dict[str, Any]) -> None:
         recipe = Recipe(batch_size=batch, **spec["recipe"])
         cls = METHODS.get("standard")
         scratch = Path(tempfile.mkdtemp(prefix="eebench-gpu-check-step-"))
-        run = _TrainingRun(model, lambda m, ctx: cls(m, cls.Params(), ctx), data, recipe, exit_costs(model),
-                           SPEC.num_classes, 0, scratch / "checkpoint.pt", "speed", device)
+        run = _TrainingRun(
+            model,
+            lambda m, ctx: cls(m, cls.Params(), ctx),
+            data,
+            recipe,
+            exit_costs(model),
+            SPEC.num_classes,
+            0,
+            scratch / "checkpoint.pt",
+            "speed",
+            device,
+        )
         shutil.rmtree(scratch, ignore_errors=True)
         state.update(run=run, epoch=-1, batch=run.steps_per_epoch, step=0)
         t0 = time.perf_counter()
@@ -815,8 +1019,14 @@ def step_worker(spec: dict[str, Any]) -> None:
 def reference_worker(spec: dict[str, Any]) -> None:
     import train_throughput
 
-    opts = argparse.Namespace(threads=spec["threads"], reference=spec["reference"], data=spec["data"],
-                              scratch=spec["scratch"], warmup=spec["warmup"], reference_args=spec["reference_args"])
+    opts = argparse.Namespace(
+        threads=spec["threads"],
+        reference=spec["reference"],
+        data=spec["data"],
+        scratch=spec["scratch"],
+        warmup=spec["warmup"],
+        reference_args=spec["reference_args"],
+    )
     _bench.serve(*train_throughput.reference_worker(opts, set()))
 
 
@@ -849,14 +1059,29 @@ def stop_workers(workers: dict[str, _bench.Worker]) -> None:
             worker.proc.kill()
 
 
-def check_speed_train(device: torch.device, sizes: Sizes, opts: argparse.Namespace, scratch: Path,
-                      keep: dict[str, Any], with_sharing: bool) -> dict[str, Any]:
+def check_speed_train(
+    device: torch.device,
+    sizes: Sizes,
+    opts: argparse.Namespace,
+    scratch: Path,
+    keep: dict[str, Any],
+    with_sharing: bool,
+) -> dict[str, Any]:
     chosen = opts.variants or list(TRAIN_VARIANTS)
     skipped = {v: r for v in chosen if (r := variant_skip_reason(v, device, opts.cpu_compile))}
     names = [v for v in chosen if v not in skipped]
     threads = 1 if sizes.small else opts.threads
-    specs = {v: {"kind": "step", "device": str(device), "small": sizes.small, "batch": sizes.speed_batch,
-                 "threads": threads, "recipe": TRAIN_VARIANTS[v]} for v in names}
+    specs = {
+        v: {
+            "kind": "step",
+            "device": str(device),
+            "small": sizes.small,
+            "batch": sizes.speed_batch,
+            "threads": threads,
+            "recipe": TRAIN_VARIANTS[v],
+        }
+        for v in names
+    }
     reference_note = "no --reference given"
     if opts.reference:
         reference = _bench.check_reference(opts.reference, ("main.py", "dataloader.py", "models/msdnet.py"))
@@ -864,10 +1089,19 @@ def check_speed_train(device: torch.device, sizes: Sizes, opts: argparse.Namespa
         images, labels = _bench.random_cifar(60_000, seed=0)
         _bench.write_fake_cifar100(data, images, labels)
         workers_j = str(min(16, os.cpu_count() or 1)) if device.type == "cuda" else "0"  # README's -j 16 on GPUs
-        specs["reference"] = {"kind": "reference", "threads": threads, "reference": str(reference), "data": str(data),
-                              "scratch": str(scratch), "warmup": sizes.warmup, "reference_args": ["-j", workers_j]}
-        reference_note = (f"kalviny/MSDNet-PyTorch train() at batch 64, -j {workers_j}, DataParallel and "
-                          "cudnn.benchmark as its main.py")
+        specs["reference"] = {
+            "kind": "reference",
+            "threads": threads,
+            "reference": str(reference),
+            "data": str(data),
+            "scratch": str(scratch),
+            "warmup": sizes.warmup,
+            "reference_args": ["-j", workers_j],
+        }
+        reference_note = (
+            f"kalviny/MSDNet-PyTorch train() at batch 64, -j {workers_j}, DataParallel and "
+            "cudnn.benchmark as its main.py"
+        )
     sharing = sharing_specs(device, sizes, opts) if with_sharing else {}
     workers, errors = start_workers({**specs, **sharing}, scratch)  # the sharing check's workers build meanwhile
     if not set(sharing) & set(errors):
@@ -878,8 +1112,13 @@ def check_speed_train(device: torch.device, sizes: Sizes, opts: argparse.Namespa
         stop_workers(workers)
         raise CheckFailed(f"the baseline variant {names[0]} could not start: {errors[names[0]]}", {"errors": errors})
     try:
-        times = _bench.interleave(list(workers.values()), sizes.speed_iters, sizes.speed_rounds,
-                                  quiet=opts.quiet_below, max_wait=0.0 if sizes.small else opts.max_wait)
+        times = _bench.interleave(
+            list(workers.values()),
+            sizes.speed_iters,
+            sizes.speed_rounds,
+            quiet=opts.quiet_below,
+            max_wait=0.0 if sizes.small else opts.max_wait,
+        )
     finally:
         stop_workers(workers)
     rates = {name: [sizes.speed_iters * sizes.speed_batch / t for t in ts] for name, ts in times.items()}
@@ -889,18 +1128,24 @@ def check_speed_train(device: torch.device, sizes: Sizes, opts: argparse.Namespa
     best = max((n for n in medians if n != "reference"), key=medians.get)
     keep["train_rates"] = medians
     figures: dict[str, Any] = {
-        "batch": sizes.speed_batch, "steps_per_chunk": sizes.speed_iters, "rounds": sizes.speed_rounds,
-        "img_s_median": medians, "img_s_rounds": rates,
+        "batch": sizes.speed_batch,
+        "steps_per_chunk": sizes.speed_iters,
+        "rounds": sizes.speed_rounds,
+        "img_s_median": medians,
+        "img_s_rounds": rates,
         "baseline": names[0],
-        "ratio_to_baseline_median": {n: statistics.median(a / b for a, b in zip(r, rates[names[0]]))
-                                     for n, r in rates.items()},
-        "best": best, "configured_variant": CONFIGURED_VARIANT[device.type], "skipped_variants": skipped,
+        "ratio_to_baseline_median": {
+            n: statistics.median(a / b for a, b in zip(r, rates[names[0]])) for n, r in rates.items()
+        },
+        "best": best,
+        "configured_variant": CONFIGURED_VARIANT[device.type],
+        "skipped_variants": skipped,
         "reference": reference_note,
-        "workers": {name: w.info for name, w in workers.items()}, "errors": errors,
+        "workers": {name: w.info for name, w in workers.items()},
+        "errors": errors,
     }
     if "reference" in rates:
-        figures["best_vs_reference_median"] = statistics.median(
-            a / b for a, b in zip(rates[best], rates["reference"]))
+        figures["best_vs_reference_median"] = statistics.median(a / b for a, b in zip(rates[best], rates["reference"]))
     expect(not errors, f"{len(errors)} variant(s) could not start: {errors}", figures)
     return figures
 
@@ -918,9 +1163,13 @@ def check_speed_infer(device: torch.device, sizes: Sizes) -> dict[str, Any]:
 
     one_pass()
     seconds = [one_pass() for _ in range(3)]
-    return {"batch": sizes.infer_batch, "images": len(images), "img_s_median": len(images) / statistics.median(seconds),
-            "img_s_passes": [len(images) / s for s in seconds], "what": "fp32, BatchNorm folded, channels_last, "
-            "logits and features to the CPU (the infer rule)"}
+    return {
+        "batch": sizes.infer_batch,
+        "images": len(images),
+        "img_s_median": len(images) / statistics.median(seconds),
+        "img_s_passes": [len(images) / s for s in seconds],
+        "what": "fp32, BatchNorm folded, channels_last, logits and features to the CPU (the infer rule)",
+    }
 
 
 def step_flops(sizes: Sizes) -> float:
@@ -929,8 +1178,11 @@ def step_flops(sizes: Sizes) -> float:
     cls = METHODS.get("standard")
     from eebench.methods import TrainContext
 
-    method = cls(model, cls.Params(), TrainContext(exit_costs=exit_costs(model), num_classes=SPEC.num_classes,
-                                                   epochs=1, steps_per_epoch=1))
+    method = cls(
+        model,
+        cls.Params(),
+        TrainContext(exit_costs=exit_costs(model), num_classes=SPEC.num_classes, epochs=1, steps_per_epoch=1),
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(sizes.speed_batch, SPEC.channels, SPEC.size, SPEC.size)
     y = torch.randint(0, SPEC.num_classes, (sizes.speed_batch,))
@@ -968,35 +1220,52 @@ def check_flops_share(device: torch.device, sizes: Sizes, keep: dict[str, Any]) 
     if "train_rates" not in keep:
         raise Skip("needs the speed_train figures, which did not pass")
     flops = step_flops(sizes)
-    precisions = {"fp32": torch.float32} if device.type == "cpu" else {
-        "fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+    precisions = (
+        {"fp32": torch.float32}
+        if device.type == "cpu"
+        else {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+    )
     measured = {p: matmul_peak(device, dtype, sizes.matmul_n, tf32=p == "tf32") for p, dtype in precisions.items()}
     sheet = datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    figures: dict[str, Any] = {"step_flops": flops, "flops_per_image": flops / sizes.speed_batch,
-                               "measured_matmul_peak": measured, "datasheet_peak": sheet or "device not in the table"}
+    figures: dict[str, Any] = {
+        "step_flops": flops,
+        "flops_per_image": flops / sizes.speed_batch,
+        "measured_matmul_peak": measured,
+        "datasheet_peak": sheet or "device not in the table",
+    }
     shares = {}
     for variant, img_s in keep["train_rates"].items():
         if variant == "reference":
             continue
         precision = TRAIN_VARIANTS[variant].get("precision", "fp32")
         achieved = flops / sizes.speed_batch * img_s
-        shares[variant] = {"achieved_flop_s": achieved, "of_measured_matmul": achieved / measured[precision],
-                           **({"of_datasheet": achieved / sheet[precision]} if sheet else {})}
+        shares[variant] = {
+            "achieved_flop_s": achieved,
+            "of_measured_matmul": achieved / measured[precision],
+            **({"of_datasheet": achieved / sheet[precision]} if sheet else {}),
+        }
     figures["shares"] = shares
     return figures
 
 
-
-
 def sharing_specs(device: torch.device, sizes: Sizes, opts: argparse.Namespace) -> dict[str, dict[str, Any]]:
     recipe = TRAIN_VARIANTS[CONFIGURED_VARIANT[device.type]]
-    return {f"share{i}": {"kind": "step", "device": str(device), "small": sizes.small, "batch": sizes.speed_batch,
-                          "threads": 1 if device.type == "cpu" else opts.threads, "recipe": recipe}
-            for i in range(max(sizes.sharing))}
+    return {
+        f"share{i}": {
+            "kind": "step",
+            "device": str(device),
+            "small": sizes.small,
+            "batch": sizes.speed_batch,
+            "threads": 1 if device.type == "cpu" else opts.threads,
+            "recipe": recipe,
+        }
+        for i in range(max(sizes.sharing))
+    }
 
 
-def check_sharing(device: torch.device, sizes: Sizes, opts: argparse.Namespace, scratch: Path,
-                  keep: dict[str, Any]) -> dict[str, Any]:
+def check_sharing(
+    device: torch.device, sizes: Sizes, opts: argparse.Namespace, scratch: Path, keep: dict[str, Any]
+) -> dict[str, Any]:
     """Total img/s of N processes training at once on the one device, N = sizes.sharing (the
     workers were started beside the speed_train check's, or are started here)."""
     workers = keep.pop("sharing_workers", None)
@@ -1009,7 +1278,7 @@ def check_sharing(device: torch.device, sizes: Sizes, opts: argparse.Namespace, 
     totals: dict[int, list[float]] = {n: [] for n in sizes.sharing}
     try:
         for r in range(sizes.speed_rounds):
-            for n in (sizes.sharing if r % 2 == 0 else sizes.sharing[::-1]):
+            for n in sizes.sharing if r % 2 == 0 else sizes.sharing[::-1]:
                 t0 = time.perf_counter()
                 for w in workers[:n]:
                     w.start(sizes.speed_iters)
@@ -1019,13 +1288,18 @@ def check_sharing(device: torch.device, sizes: Sizes, opts: argparse.Namespace, 
     finally:
         stop_workers(dict(enumerate(workers)))
     medians = {n: statistics.median(t) for n, t in totals.items()}
-    return {"variant": CONFIGURED_VARIANT[device.type], "total_img_s_median": medians, "total_img_s_rounds": totals,
-            "gain_over_one_process": {n: medians[n] / medians[1] for n in medians}}
+    return {
+        "variant": CONFIGURED_VARIANT[device.type],
+        "total_img_s_median": medians,
+        "total_img_s_rounds": totals,
+        "gain_over_one_process": {n: medians[n] / medians[1] for n in medians},
+    }
 
 
 # --- projection ----------------------------------------------------------------------------------------
-def measure_cell(config: dict[str, Any], cell_key: tuple[str, str, str], device: torch.device, steps: int,
-                 warmup: int) -> dict[str, Any]:
+def measure_cell(
+    config: dict[str, Any], cell_key: tuple[str, str, str], device: torch.device, steps: int, warmup: int
+) -> dict[str, Any]:
     """Seconds per training step (the cell's recipe, as configured) and per evaluated image."""
     from eebench.config import recipe_for
     from eebench.pipeline import _method_factory, build_network
@@ -1044,8 +1318,18 @@ def measure_cell(config: dict[str, Any], cell_key: tuple[str, str, str], device:
     data = TrainData(images, labels, images[:batch], labels[:batch], info.mean, info.std, info.crop_padding, info.hflip)
     scratch = Path(tempfile.mkdtemp(prefix="eebench-gpu-check-cell-"))
     try:
-        run = _TrainingRun(network, _method_factory(config, variant), data, recipe, exit_costs(network),
-                           info.input.num_classes, 0, scratch / "checkpoint.pt", "projection", device)
+        run = _TrainingRun(
+            network,
+            _method_factory(config, variant),
+            data,
+            recipe,
+            exit_costs(network),
+            info.input.num_classes,
+            0,
+            scratch / "checkpoint.pt",
+            "projection",
+            device,
+        )
         plan = epoch_plan(len(labels), info.crop_padding, 0, 0)
         order = plan.order.to(run.device)
         idx = [order[b * batch : (b + 1) * batch] for b in range(n_batches)]
@@ -1063,22 +1347,40 @@ def measure_cell(config: dict[str, Any], cell_key: tuple[str, str, str], device:
         for _ in range(3):
             synchronize(device)
             t0 = time.perf_counter()
-            run_network(network, images[:eval_batch], info.mean, info.std, eval_batch, device, run.channels_last,
-                        with_features=False, transform=run.method.eval_outputs)
+            run_network(
+                network,
+                images[:eval_batch],
+                info.mean,
+                info.std,
+                eval_batch,
+                device,
+                run.channels_last,
+                with_features=False,
+                transform=run.method.eval_outputs,
+            )
             eval_seconds.append((time.perf_counter() - t0) / eval_batch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"batch": batch, "step_s": statistics.mean(timed), "step_s_median": statistics.median(timed),
-            "steps_timed": len(timed), "eval_s_per_image": statistics.median(eval_seconds[1:]),
-            "precision": recipe.precision, "compile": recipe.compile, "channels_last": run.channels_last}
+    return {
+        "batch": batch,
+        "step_s": statistics.mean(timed),
+        "step_s_median": statistics.median(timed),
+        "steps_timed": len(timed),
+        "eval_s_per_image": statistics.median(eval_seconds[1:]),
+        "precision": recipe.precision,
+        "compile": recipe.compile,
+        "channels_last": run.channels_last,
+    }
 
 
-def check_projection(device: torch.device, sizes: Sizes, opts: argparse.Namespace, keep: dict[str, Any]) -> dict[str, Any]:
+def check_projection(
+    device: torch.device, sizes: Sizes, opts: argparse.Namespace, keep: dict[str, Any]
+) -> dict[str, Any]:
     if not importable("yaml"):
         raise Skip("pyyaml is not installed (bring its wheel: README, 'GPU check')")
+    import projection
     import yaml
 
-    import projection
     from eebench.config import cells, is_posthoc
 
     default = _bench.ROOT / "config" / ("config.yaml" if sizes.small else "paper.yaml")
@@ -1100,9 +1402,16 @@ def check_projection(device: torch.device, sizes: Sizes, opts: argparse.Namespac
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if name in measured:
-            print(f"    {name}: {1e3 * measured[name]['step_s']:.1f} ms/step at batch {measured[name]['batch']}", flush=True)
-    figures: dict[str, Any] = {"config": str(config_path.relative_to(_bench.ROOT) if config_path.is_relative_to(
-        _bench.ROOT) else config_path), "device": str(device), "cells": measured, "errors": errors}
+            print(
+                f"    {name}: {1e3 * measured[name]['step_s']:.1f} ms/step at batch {measured[name]['batch']}",
+                flush=True,
+            )
+    figures: dict[str, Any] = {
+        "config": str(config_path.relative_to(_bench.ROOT) if config_path.is_relative_to(_bench.ROOT) else config_path),
+        "device": str(device),
+        "cells": measured,
+        "errors": errors,
+    }
     if restricted:
         figures["experiments"] = SMALL_EXPERIMENTS
     rates = keep.get("train_rates", {})
@@ -1112,28 +1421,40 @@ def check_projection(device: torch.device, sizes: Sizes, opts: argparse.Namespac
     rows, totals = projection.measured_projection(config, measured, speedup, missing_ok=True)
     print("\n".join(projection.format_measured(rows, totals)), flush=True)
     figures["gpu_hours"] = totals
-    expect(not errors, f"{len(errors)} cell(s) could not be measured (left out of the hours), e.g. "
-           f"{next(iter(errors.items()), '')}", figures)
+    expect(
+        not errors,
+        f"{len(errors)} cell(s) could not be measured (left out of the hours), e.g. {next(iter(errors.items()), '')}",
+        figures,
+    )
     return figures
 
 
 # --- main --------------------------------------------------------------------------------------------
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--small", action="store_true", help="tiny sizes (the CPU test)")
     p.add_argument("--json", type=Path, help="write the checks here")
     p.add_argument("--reference", help="checkout of kalviny/MSDNet-PyTorch for the reference training step")
     p.add_argument("--only", nargs="+", default=[], help="run only these groups (others are reported skipped)")
     p.add_argument("--skip", nargs="+", default=[], help="skip these groups")
-    p.add_argument("--variants", nargs="+", choices=list(TRAIN_VARIANTS),
-                   help="training-step variants to time (default: all; the first is the baseline)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(TRAIN_VARIANTS),
+        help="training-step variants to time (default: all; the first is the baseline)",
+    )
     p.add_argument("--threads", type=int, default=4, help="torch threads in the speed workers on a GPU")
     p.add_argument("--cpu-compile", action="store_true", help="include the torch.compile variants on CPU (slow)")
     p.add_argument("--projection-config", help="config to project (default config/paper.yaml; --small: config.yaml)")
-    p.add_argument("--quiet-below", type=float, default=0.5,
-                   help="before each speed round wait until other processes use less than this share of the CPUs")
+    p.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.5,
+        help="before each speed round wait until other processes use less than this share of the CPUs",
+    )
     p.add_argument("--max-wait", type=float, default=5.0, help="longest such wait per round, seconds")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)
@@ -1150,10 +1471,15 @@ def main() -> int:
     sizes = SMALL if opts.small else FULL
     if device.type == "cpu":  # one thread: tiny networks, and bit-equal resumes need a fixed count
         torch.set_num_threads(1)
-    header = {"what": "benchmarks/gpu_check.py", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": git_commit(), "versions": versions(),
-              "device": device_name(device) if device.type != "cuda" or torch.cuda.is_available() else "cuda (none)",
-              "small": sizes.small, "argv": sys.argv[1:]}
+    header = {
+        "what": "benchmarks/gpu_check.py",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "device": device_name(device) if device.type != "cuda" or torch.cuda.is_available() else "cuda (none)",
+        "small": sizes.small,
+        "argv": sys.argv[1:],
+    }
     report = Report(opts.json, header, set(opts.only), set(opts.skip))
     keep: dict[str, Any] = {}
     scratch = Path(tempfile.mkdtemp(prefix="eebench-gpu-check-"))
@@ -1164,23 +1490,33 @@ def main() -> int:
             return 1
         for case in training_cases():
             for precision in ("fp32", "bf16"):
-                report.run("train", f"train {case.label} {precision}",
-                           lambda: check_training(case, precision, device, sizes, scratch, keep))
+                report.run(
+                    "train",
+                    f"train {case.label} {precision}",
+                    lambda: check_training(case, precision, device, sizes, scratch, keep),
+                )
         report.run("cache", "cache (run_network)", lambda: check_cache(device, sizes, keep))
         for name in POSTHOC.names():
             report.run("posthoc", f"posthoc {name}", lambda: check_posthoc(name, keep))
         report.run("curve", "budgeted curves", lambda: check_curves(keep))
         report.run("dynamic", "dynamic early exit", lambda: check_dynamic(device, sizes, keep))
         for nproc in (1, 2):
-            report.run("ddp", f"torchrun {nproc} process{'es' if nproc > 1 else ''}",
-                       lambda: check_ddp(nproc, device, sizes, scratch))
+            report.run(
+                "ddp",
+                f"torchrun {nproc} process{'es' if nproc > 1 else ''}",
+                lambda: check_ddp(nproc, device, sizes, scratch),
+            )
         report.run("resume", "kill and resume", lambda: check_resume(device, sizes, scratch))
-        report.run("speed_train", "speed: training step",
-                   lambda: check_speed_train(device, sizes, opts, scratch, keep, report.selected("sharing")))
+        report.run(
+            "speed_train",
+            "speed: training step",
+            lambda: check_speed_train(device, sizes, opts, scratch, keep, report.selected("sharing")),
+        )
         report.run("speed_infer", "speed: inference", lambda: check_speed_infer(device, sizes))
         report.run("flops_share", "speed: share of peak FLOP/s", lambda: check_flops_share(device, sizes, keep))
-        report.run("sharing", "speed: processes sharing the device",
-                   lambda: check_sharing(device, sizes, opts, scratch, keep))
+        report.run(
+            "sharing", "speed: processes sharing the device", lambda: check_sharing(device, sizes, opts, scratch, keep)
+        )
         report.run("projection", "projection (measured)", lambda: check_projection(device, sizes, opts, keep))
     finally:
         stop_workers(dict(enumerate(keep.get("sharing_workers", []))))
@@ -1188,9 +1524,11 @@ def main() -> int:
     print()
     print(report.table())
     failed = report.failed()
-    print(f"\n{len(report.checks)} checks: {len(failed)} failed, "
-          f"{sum(c['status'] == 'skipped' for c in report.checks)} skipped; {time.perf_counter() - report.started:.0f} s"
-          + (f"; JSON: {opts.json}" if opts.json else ""))
+    print(
+        f"\n{len(report.checks)} checks: {len(failed)} failed, "
+        f"{sum(c['status'] == 'skipped' for c in report.checks)} skipped; {time.perf_counter() - report.started:.0f} s"
+        + (f"; JSON: {opts.json}" if opts.json else "")
+    )
     return 1 if failed else 0
 
 

@@ -56,8 +56,9 @@ def reference_worker(opts, mods):
         torch.set_num_threads(opts.threads)
         if "mallopt" in mods:
             _bench.keep_freed_memory()
-        ref = _bench.import_reference_main(Path(opts.reference), [*_bench.REFERENCE_ARGV, "--data-root", opts.data],
-                                           opts.scratch)
+        ref = _bench.import_reference_main(
+            Path(opts.reference), [*_bench.REFERENCE_ARGV, "--data-root", opts.data], opts.scratch
+        )
         _bench.accept_fake_cifar()
         model = getattr(ref.models, ref.args.arch)(ref.args)
         _, _, test_loader = ref.get_dataloaders(ref.args)
@@ -76,9 +77,9 @@ def ours_worker(opts, mods, batch):
     import torch
 
     sys.path.insert(0, str(_bench.ROOT))
+    from eebench.inference import keep_freed_memory, run_network
     from eebench.methods.base import TrainContext
     from eebench.methods.standard import Standard
-    from eebench.inference import keep_freed_memory, run_network
     from models import InputSpec, build_model
 
     state: dict = {}
@@ -104,8 +105,17 @@ def ours_worker(opts, mods, batch):
         return {"images": len(test)}
 
     def call(images):
-        return run_network(state["model"], images, MEAN, STD, batch, device, channels_last,
-                           with_features=True, transform=state["transform"])
+        return run_network(
+            state["model"],
+            images,
+            MEAN,
+            STD,
+            batch,
+            device,
+            channels_last,
+            with_features=True,
+            transform=state["transform"],
+        )
 
     def run(_passes: int):
         out = call(state["test"])
@@ -115,19 +125,28 @@ def ours_worker(opts, mods, batch):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--reference", help="checkout of kalviny/MSDNet-PyTorch (needed for the 'ref' variant)")
-    p.add_argument("--variants", nargs="+", default=["ref", "ours+cl+mallopt"],
-                   help="ref | ours[+cl][+mallopt][@B] (default: ref ours+cl+mallopt)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["ref", "ours+cl+mallopt"],
+        help="ref | ours[+cl][+mallopt][@B] (default: ref ours+cl+mallopt)",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="our batch size where a variant names none")
     p.add_argument("--images", type=int, default=10_000, help="test images per pass")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (one pass each)")
     p.add_argument("--warmup-batches", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet-below", type=float, default=0.25,
-                   help="before each round wait until other processes use less than this share of the CPUs")
+    p.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.25,
+        help="before each round wait until other processes use less than this share of the CPUs",
+    )
     p.add_argument("--max-wait", type=float, default=30.0, help="longest wait for quiet per round, seconds")
     p.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -154,9 +173,23 @@ def main() -> None:
         images, labels = _bench.random_cifar(N_TRAIN_FILE + opts.images, seed=opts.seed)
         _bench.write_fake_cifar100(Path(scratch) / "data", images, labels, n_train=N_TRAIN_FILE)
         del images, labels
-        common = [__file__, "--threads", str(opts.threads), "--seed", str(opts.seed), "--images", str(opts.images),
-                  "--warmup-batches", str(opts.warmup_batches), "--batch-size", str(opts.batch_size),
-                  "--data", str(Path(scratch) / "data"), "--scratch", scratch]
+        common = [
+            __file__,
+            "--threads",
+            str(opts.threads),
+            "--seed",
+            str(opts.seed),
+            "--images",
+            str(opts.images),
+            "--warmup-batches",
+            str(opts.warmup_batches),
+            "--batch-size",
+            str(opts.batch_size),
+            "--data",
+            str(Path(scratch) / "data"),
+            "--scratch",
+            scratch,
+        ]
         if opts.reference:
             common += ["--reference", opts.reference]
         for name in names:
@@ -172,8 +205,10 @@ def main() -> None:
     print()
     print("\n".join(_bench.ratio_table(rates, names[0], "img/s")))
     gflop = 2 * MFLOPS_FINAL_EXIT / 1e3
-    print(f"\nforward cost {gflop:.3f} GFLOP/img (2 x {MFLOPS_FINAL_EXIT}M multiply-adds); "
-          + ", ".join(f"{n} {sum(r) / len(r) * gflop:.0f} GFLOP/s" for n, r in rates.items()))
+    print(
+        f"\nforward cost {gflop:.3f} GFLOP/img (2 x {MFLOPS_FINAL_EXIT}M multiply-adds); "
+        + ", ".join(f"{n} {sum(r) / len(r) * gflop:.0f} GFLOP/s" for n, r in rates.items())
+    )
     print(_bench.load_average())
 
 

@@ -70,11 +70,44 @@ TRAIN_SIZE = {"cifar10": 45_000, "cifar100": 45_000, "imagenet": 1_231_167, "dig
 VAL_SIZE = {"cifar10": 5_000, "cifar100": 5_000, "imagenet": 50_000, "digits": 270}
 TEST_SIZE = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 50_000, "digits": 449}
 VIEW_OPS = {  # no kernel of their own
-    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "as_strided", "detach",
-    "alias", "slice", "select", "unsqueeze", "squeeze", "split", "chunk", "split_with_sizes",
-    "unbind", "empty", "empty_like", "empty_strided", "lift_fresh", "_to_copy_noop", "numel",
-    "sym_size", "sym_stride", "is_same_size", "unsafe_split", "flatten", "_reshape_alias", "narrow",
-    "_local_scalar_dense", "size", "stride", "contiguous", "lift", "new_empty", "new_empty_strided",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "as_strided",
+    "detach",
+    "alias",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "split",
+    "chunk",
+    "split_with_sizes",
+    "unbind",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "lift_fresh",
+    "_to_copy_noop",
+    "numel",
+    "sym_size",
+    "sym_stride",
+    "is_same_size",
+    "unsafe_split",
+    "flatten",
+    "_reshape_alias",
+    "narrow",
+    "_local_scalar_dense",
+    "size",
+    "stride",
+    "contiguous",
+    "lift",
+    "new_empty",
+    "new_empty_strided",
 }
 
 
@@ -108,8 +141,9 @@ def split_sizes(config: dict, dataset: str) -> tuple[int, int, int]:
     return TRAIN_SIZE[dataset], VAL_SIZE[dataset], VAL_SIZE[dataset] + TEST_SIZE[dataset]
 
 
-def count_step_cost(config: dict, dataset: str, arch: str, variant: str, probe_batch: int,
-                    flops: list[float], trained: bool = True) -> StepCost:
+def count_step_cost(
+    config: dict, dataset: str, arch: str, variant: str, probe_batch: int, flops: list[float], trained: bool = True
+) -> StepCost:
     """Count FLOPs and kernels of a real train_step of ``variant`` (after a first, uncounted one);
     for a pretrained variant (``trained`` false) only the evaluation's kernels."""
     torch.manual_seed(0)
@@ -118,8 +152,9 @@ def count_step_cost(config: dict, dataset: str, arch: str, variant: str, probe_b
     recipe = recipe_for(config, dataset, variant)
     costs = torch.tensor(flops, dtype=torch.float32) / flops[-1]
     steps_per_epoch = TRAIN_SIZE[dataset] // recipe.batch_size
-    ctx = TrainContext(exit_costs=costs, num_classes=info.input.num_classes, epochs=recipe.epochs,
-                       steps_per_epoch=steps_per_epoch)
+    ctx = TrainContext(
+        exit_costs=costs, num_classes=info.input.num_classes, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch
+    )
     method = _method_factory(config, variant)(model, ctx)
     opt = make_optimizer(recipe, list(method.trainable_parameters()))
     if opt is not None:
@@ -156,8 +191,9 @@ def count_step_cost(config: dict, dataset: str, arch: str, variant: str, probe_b
 
 
 # --- from measured step times ------------------------------------------------------------------
-def measured_projection(config: dict, measured: dict[str, dict], speedup: float | None = None,
-                        missing_ok: bool = False) -> tuple[list[dict], dict]:
+def measured_projection(
+    config: dict, measured: dict[str, dict], speedup: float | None = None, missing_ok: bool = False
+) -> tuple[list[dict], dict]:
     """Rows per training cell and GPU-hour totals from measured seconds per step and per image.
 
     ``measured`` maps "dataset/arch/variant" to gpu_check's figures (``step_s``,
@@ -169,24 +205,38 @@ def measured_projection(config: dict, measured: dict[str, dict], speedup: float 
     keys = sorted({(c.dataset, c.arch, c.variant) for c in train_cells})
     missing = ["/".join(k) for k in keys if "/".join(k) not in measured]
     if missing and not missing_ok:
-        raise KeyError(f"no measured figures for {len(missing)} training cell(s) of this config, e.g. {missing[0]}; "
-                       "run benchmarks/gpu_check.py with the same config (--projection-config)")
+        raise KeyError(
+            f"no measured figures for {len(missing)} training cell(s) of this config, e.g. {missing[0]}; "
+            "run benchmarks/gpu_check.py with the same config (--projection-config)"
+        )
     rows = []
     for key in (k for k in keys if "/".join(k) not in missing):
         dataset, _, variant = key
         m = measured["/".join(key)]
         recipe = recipe_for(config, dataset, variant)
         if m["batch"] != recipe.batch_size:
-            raise ValueError(f"{'/'.join(key)}: measured at batch {m['batch']}, the config trains at {recipe.batch_size}")
+            raise ValueError(
+                f"{'/'.join(key)}: measured at batch {m['batch']}, the config trains at {recipe.batch_size}"
+            )
         seeds = sum(1 for c in train_cells if (c.dataset, c.arch, c.variant) == key)
         steps = recipe.epochs * (TRAIN_SIZE[dataset] // recipe.batch_size)
         train_s = steps * m["step_s"]
         eval_s = (recipe.epochs * VAL_SIZE[dataset] + VAL_SIZE[dataset] + TEST_SIZE[dataset]) * m["eval_s_per_image"]
         hours = (train_s + eval_s) / 3600
-        rows.append(dict(cell="/".join(key), seeds=seeds, epochs=recipe.epochs, batch=recipe.batch_size,
-                         step_ms=1e3 * m["step_s"], img_s=recipe.batch_size / m["step_s"],
-                         eval_share=eval_s / (train_s + eval_s), hours=hours, total=hours * seeds,
-                         train_hours=train_s / 3600 * seeds))
+        rows.append(
+            dict(
+                cell="/".join(key),
+                seeds=seeds,
+                epochs=recipe.epochs,
+                batch=recipe.batch_size,
+                step_ms=1e3 * m["step_s"],
+                img_s=recipe.batch_size / m["step_s"],
+                eval_share=eval_s / (train_s + eval_s),
+                hours=hours,
+                total=hours * seeds,
+                train_hours=train_s / 3600 * seeds,
+            )
+        )
     by_dataset: dict[str, float] = defaultdict(float)
     for r in rows:
         by_dataset[r["cell"].split("/")[0]] += r["total"]
@@ -194,29 +244,41 @@ def measured_projection(config: dict, measured: dict[str, dict], speedup: float 
     if speedup:
         # only the training steps are sped up; evaluation stays as measured
         totals["speedup"] = speedup
-        totals["at_speedup_extrapolated"] = sum(r["total"] - r["train_hours"] + r["train_hours"] / speedup for r in rows)
+        totals["at_speedup_extrapolated"] = sum(
+            r["total"] - r["train_hours"] + r["train_hours"] / speedup for r in rows
+        )
     return rows, totals
 
 
 def format_measured(rows: list[dict], totals: dict) -> list[str]:
-    head = (f"{'cell (dataset/arch/method)':<44} {'seeds':>5} {'ep':>4} {'bs':>4} {'ms/step':>8} {'img/s':>7} "
-            f"{'eval%':>6} {'h/seed':>7} {'GPU h':>7}")
+    head = (
+        f"{'cell (dataset/arch/method)':<44} {'seeds':>5} {'ep':>4} {'bs':>4} {'ms/step':>8} {'img/s':>7} "
+        f"{'eval%':>6} {'h/seed':>7} {'GPU h':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: -r["total"]):
-        lines.append(f"{r['cell']:<44} {r['seeds']:>5} {r['epochs']:>4} {r['batch']:>4} {r['step_ms']:>8.1f} "
-                     f"{r['img_s']:>7.0f} {100 * r['eval_share']:>5.1f}% {r['hours']:>7.2f} {r['total']:>7.1f}")
+        lines.append(
+            f"{r['cell']:<44} {r['seeds']:>5} {r['epochs']:>4} {r['batch']:>4} {r['step_ms']:>8.1f} "
+            f"{r['img_s']:>7.0f} {100 * r['eval_share']:>5.1f}% {r['hours']:>7.2f} {r['total']:>7.1f}"
+        )
     lines.append("-" * len(head))
     total = totals["as_configured"]
-    lines.append("MEASURED-STEP PROJECTION, GPU hours (one GPU per job, each cell's recipe as configured): "
-                 + ", ".join(f"{d} {h:.1f}" for d, h in totals["by_dataset"].items())
-                 + f"; total {total:.1f} h ({total / 24:.1f} GPU-days)")
+    lines.append(
+        "MEASURED-STEP PROJECTION, GPU hours (one GPU per job, each cell's recipe as configured): "
+        + ", ".join(f"{d} {h:.1f}" for d, h in totals["by_dataset"].items())
+        + f"; total {total:.1f} h ({total / 24:.1f} GPU-days)"
+    )
     if totals.get("missing"):
-        lines.append(f"INCOMPLETE: {len(totals['missing'])} cell(s) could not be measured and are not in the total: "
-                     + ", ".join(totals["missing"]))
+        lines.append(
+            f"INCOMPLETE: {len(totals['missing'])} cell(s) could not be measured and are not in the total: "
+            + ", ".join(totals["missing"])
+        )
     if "at_speedup_extrapolated" in totals:
-        lines.append(f"EXTRAPOLATION: with every training step {totals['speedup']:.2f}x faster (the best switches' "
-                     f"speed-up over the configured recipe, measured on the CIFAR-100 MSDNet step only; methods "
-                     f"that cannot be compiled would not get its compiled part): {totals['at_speedup_extrapolated']:.1f} h")
+        lines.append(
+            f"EXTRAPOLATION: with every training step {totals['speedup']:.2f}x faster (the best switches' "
+            f"speed-up over the configured recipe, measured on the CIFAR-100 MSDNet step only; methods "
+            f"that cannot be compiled would not get its compiled part): {totals['at_speedup_extrapolated']:.1f} h"
+        )
     lines.append("Not included: data loading (ImageNet JPEG decoding), checkpoint writes, queueing, reruns.")
     return lines
 
@@ -228,8 +290,10 @@ def measured_main(path: str, configfile: str | None) -> None:
     checks = json.loads(Path(path).read_text()).get("checks", [])
     found = [c for c in checks if c.get("group") == "projection" and c.get("figures", {}).get("cells")]
     if not found:
-        sys.exit(f"error: {path} holds no measured projection (a 'projection' check with cells); "
-                 "run benchmarks/gpu_check.py --json ... first")
+        sys.exit(
+            f"error: {path} holds no measured projection (a 'projection' check with cells); "
+            "run benchmarks/gpu_check.py --json ... first"
+        )
     figures = found[-1]["figures"]
     config_path = Path(configfile) if configfile else _bench.ROOT / figures["config"]
     config = yaml.safe_load(config_path.read_text())
@@ -246,8 +310,9 @@ def measured_main(path: str, configfile: str | None) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--configfile", help="default: config/paper.yaml (with --measured: the config it was measured for)")
     p.add_argument("--util", type=float, default=0.05, help="assumed fraction of the bf16 dense peak reached")
     p.add_argument("--us-per-kernel", type=float, default=10.0, help="assumed eager cost per kernel, microseconds")
@@ -262,9 +327,11 @@ def main() -> None:
     torch.set_num_threads(1)  # counting only: one thread is fastest on a shared machine
     config = yaml.safe_load(Path(opts.configfile).read_text())
     train_cells = [c for c in cells(config) if not is_posthoc(config, c.variant)]
-    print(f"PROJECTION for {opts.configfile}: {len(train_cells)} training cells "
-          f"(assumed: {opts.util:.0%} of {opts.peak / 1e12:.0f} TFLOP/s, {opts.us_per_kernel:g} us per kernel)",
-          flush=True)
+    print(
+        f"PROJECTION for {opts.configfile}: {len(train_cells)} training cells "
+        f"(assumed: {opts.util:.0%} of {opts.peak / 1e12:.0f} TFLOP/s, {opts.us_per_kernel:g} us per kernel)",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     costs: dict[tuple[str, str, str], StepCost] = {}
@@ -277,10 +344,18 @@ def main() -> None:
         if (cell.dataset, cell.arch) not in exit_flops:
             net = build_network(config, cell.dataset, cell.arch)
             exit_flops[(cell.dataset, cell.arch)] = flops_record(
-                net, dataset_info(cell.dataset, config).input, config.get("flops_convention", "reference"))["flops"]
+                net, dataset_info(cell.dataset, config).input, config.get("flops_convention", "reference")
+            )["flops"]
         batch = 4 if cell.dataset == "imagenet" else opts.probe_batch
-        costs[key] = count_step_cost(config, cell.dataset, cell.arch, cell.variant, batch,
-                                     exit_flops[(cell.dataset, cell.arch)], not is_pretrained(config, cell.variant))
+        costs[key] = count_step_cost(
+            config,
+            cell.dataset,
+            cell.arch,
+            cell.variant,
+            batch,
+            exit_flops[(cell.dataset, cell.arch)],
+            not is_pretrained(config, cell.variant),
+        )
         print(f"  counted {'/'.join(key)} in {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)
     print(f"(counted {len(costs)} (dataset, architecture, method) steps in {time.perf_counter() - t0:.0f} s)\n")
 
@@ -297,35 +372,60 @@ def main() -> None:
         train_s = steps * max(t_flop, t_launch)
         f = exit_flops[(dataset, arch)][-1]
         val_batches = epochs * math.ceil(n_val / recipe.eval_batch_size)
-        val_s = max(epochs * n_val * 2 * 2 * f / (opts.util * opts.peak),
-                    val_batches * cost.eval_kernels_per_batch * opts.us_per_kernel * 1e-6)
-        infer_s = max(infer_n * 2 * 2 * f / (opts.util * opts.peak),
-                      math.ceil(infer_n / config.get("infer_batch_size", 512)) * cost.eval_kernels_per_batch
-                      * opts.us_per_kernel * 1e-6)
+        val_s = max(
+            epochs * n_val * 2 * 2 * f / (opts.util * opts.peak),
+            val_batches * cost.eval_kernels_per_batch * opts.us_per_kernel * 1e-6,
+        )
+        infer_s = max(
+            infer_n * 2 * 2 * f / (opts.util * opts.peak),
+            math.ceil(infer_n / config.get("infer_batch_size", 512))
+            * cost.eval_kernels_per_batch
+            * opts.us_per_kernel
+            * 1e-6,
+        )
         hours = (train_s + val_s + infer_s) / 3600
-        rows.append(dict(cell=f"{dataset}/{arch}/{variant}", seeds=n_seeds, epochs=epochs, batch=recipe.batch_size,
-                         fk=f / 1e6, textbook=6 * f / 1e9, counted=cost.flops_per_image / 1e9,
-                         kernels=cost.kernels_per_step,
-                         bound="-" if not steps else "FLOPs" if t_flop > t_launch else "launch",
-                         step_ms=1e3 * max(t_flop, t_launch),
-                         img_s=recipe.batch_size / max(t_flop, t_launch) if steps else float("nan"),
-                         hours=hours, total=hours * n_seeds))
-    head = (f"{'cell (dataset/arch/method)':<44} {'seeds':>5} {'ep':>4} {'bs':>4} {'F_K M':>8} {'6F GF':>6} "
-            f"{'cnt GF':>7} {'kern/step':>9} {'bound':>6} {'ms/step':>8} {'img/s':>7} {'h/seed':>7} {'GPU h':>7}")
+        rows.append(
+            dict(
+                cell=f"{dataset}/{arch}/{variant}",
+                seeds=n_seeds,
+                epochs=epochs,
+                batch=recipe.batch_size,
+                fk=f / 1e6,
+                textbook=6 * f / 1e9,
+                counted=cost.flops_per_image / 1e9,
+                kernels=cost.kernels_per_step,
+                bound="-" if not steps else "FLOPs" if t_flop > t_launch else "launch",
+                step_ms=1e3 * max(t_flop, t_launch),
+                img_s=recipe.batch_size / max(t_flop, t_launch) if steps else float("nan"),
+                hours=hours,
+                total=hours * n_seeds,
+            )
+        )
+    head = (
+        f"{'cell (dataset/arch/method)':<44} {'seeds':>5} {'ep':>4} {'bs':>4} {'F_K M':>8} {'6F GF':>6} "
+        f"{'cnt GF':>7} {'kern/step':>9} {'bound':>6} {'ms/step':>8} {'img/s':>7} {'h/seed':>7} {'GPU h':>7}"
+    )
     print(head)
     print("-" * len(head))
     by_dataset: dict[str, float] = defaultdict(float)
     for r in sorted(rows, key=lambda r: -r["total"]):
-        print(f"{r['cell']:<44} {r['seeds']:>5} {r['epochs']:>4} {r['batch']:>4} {r['fk']:>8.1f} {r['textbook']:>6.2f} "
-              f"{r['counted']:>7.2f} {r['kernels']:>9.0f} {r['bound']:>6} {r['step_ms']:>8.1f} {r['img_s']:>7.0f} "
-              f"{r['hours']:>7.2f} {r['total']:>7.1f}")
+        print(
+            f"{r['cell']:<44} {r['seeds']:>5} {r['epochs']:>4} {r['batch']:>4} {r['fk']:>8.1f} {r['textbook']:>6.2f} "
+            f"{r['counted']:>7.2f} {r['kernels']:>9.0f} {r['bound']:>6} {r['step_ms']:>8.1f} {r['img_s']:>7.0f} "
+            f"{r['hours']:>7.2f} {r['total']:>7.1f}"
+        )
         by_dataset[r["cell"].split("/")[0]] += r["total"]
     print("-" * len(head))
     total = sum(by_dataset.values())
-    print("PROJECTED GPU hours (one H100 per job): " + ", ".join(f"{d} {h:.0f}" for d, h in by_dataset.items())
-          + f"; total {total:.0f} h ({total / 24:.1f} GPU-days)")
-    print("6F GF = textbook training GFLOPs per image (3 x 2 x F_K); cnt GF = counted in a real train_step "
-          "(per image); img/s = projected training images per second per GPU.")
+    print(
+        "PROJECTED GPU hours (one H100 per job): "
+        + ", ".join(f"{d} {h:.0f}" for d, h in by_dataset.items())
+        + f"; total {total:.0f} h ({total / 24:.1f} GPU-days)"
+    )
+    print(
+        "6F GF = textbook training GFLOPs per image (3 x 2 x F_K); cnt GF = counted in a real train_step "
+        "(per image); img/s = projected training images per second per GPU."
+    )
     print("PROJECTION: FLOPs and kernel counts are measured; GPU utilisation and per-kernel cost are assumptions.")
 
 

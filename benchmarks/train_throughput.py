@@ -45,9 +45,20 @@ BATCH = 64
 N_TRAIN = 45_000
 MFLOPS_FINAL_EXIT = 137.28  # multiply-adds per image, the reference op_counter's figure
 TRAIN_GFLOP_PER_IMAGE = 3 * 2 * MFLOPS_FINAL_EXIT / 1e3  # forward + 2x backward, 2 flops per MAC
-MSDNET_CIFAR100 = dict(n_blocks=7, step_mode="lin_grow", step=1, base=1, n_channels=16, growth_rate=6,
-                       gr_factor=[1, 2, 4], bn_factor=[1, 2, 4], n_scales=3, prune="max",
-                       reduction=0.5, bottleneck=True)
+MSDNET_CIFAR100 = dict(
+    n_blocks=7,
+    step_mode="lin_grow",
+    step=1,
+    base=1,
+    n_channels=16,
+    growth_rate=6,
+    gr_factor=[1, 2, 4],
+    bn_factor=[1, 2, 4],
+    n_scales=3,
+    prune="max",
+    reduction=0.5,
+    bottleneck=True,
+)
 
 
 def parse_variant(name: str) -> tuple[str, set[str]]:
@@ -79,11 +90,9 @@ def reference_worker(opts: argparse.Namespace, mods: set[str]):
             model = torch.nn.DataParallel(model).cuda()
             criterion = criterion.cuda()
             torch.backends.cudnn.benchmark = True
-        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
         train_loader, _, _ = ref.get_dataloaders(args)
-        state.update(ref=ref, model=model, criterion=criterion, optimizer=optimizer,
-                     chunk=_bench.Chunk(train_loader))
+        state.update(ref=ref, model=model, criterion=criterion, optimizer=optimizer, chunk=_bench.Chunk(train_loader))
         run(opts.warmup)
         return {"params": sum(p.numel() for p in model.parameters()), "batches_per_epoch": len(train_loader)}
 
@@ -101,9 +110,9 @@ def ours_worker(opts: argparse.Namespace, mods: set[str], harness: bool):
 
     sys.path.insert(0, str(_bench.ROOT))
     from eebench.augment import crop_flip, epoch_plan, normalize
+    from eebench.inference import keep_freed_memory
     from eebench.methods.base import TrainContext
     from eebench.methods.standard import Standard
-    from eebench.inference import keep_freed_memory
     from eebench.recipe import Recipe
     from eebench.training import TrainData, make_optimizer, train
     from models import InputSpec, build_model
@@ -119,19 +128,30 @@ def ours_worker(opts: argparse.Namespace, mods: set[str], harness: bool):
         state["images"] = images[:N_TRAIN].permute(0, 3, 1, 2).contiguous()  # the harness's uint8 NCHW
         state["labels"] = labels[:N_TRAIN]
         model = build_model("msdnet", InputSpec(3, 32, 100), **MSDNET_CIFAR100)
-        recipe = Recipe(batch_size=BATCH, channels_last="on" if channels_last else "off",
-                        compile="default" if "compile" in mods else False)
+        recipe = Recipe(
+            batch_size=BATCH,
+            channels_last="on" if channels_last else "off",
+            compile="default" if "compile" in mods else False,
+        )
         state.update(model=model, recipe=recipe)
         if "compile" in mods and not harness:  # as train() does it
             model.forward_all = torch.compile(model.forward_all)
         if not harness:
             if channels_last:
                 model.to(memory_format=torch.channels_last)
-            ctx = TrainContext(exit_costs=torch.linspace(0.05, 1, 7), num_classes=100, epochs=recipe.epochs,
-                               steps_per_epoch=N_TRAIN // BATCH)
+            ctx = TrainContext(
+                exit_costs=torch.linspace(0.05, 1, 7),
+                num_classes=100,
+                epochs=recipe.epochs,
+                steps_per_epoch=N_TRAIN // BATCH,
+            )
             method = Standard(model, Standard.Params(), ctx)
-            state.update(method=method, optimizer=make_optimizer(recipe, list(method.trainable_parameters())),
-                         mean=torch.tensor(MEAN), std=torch.tensor(STD))
+            state.update(
+                method=method,
+                optimizer=make_optimizer(recipe, list(method.trainable_parameters())),
+                mean=torch.tensor(MEAN),
+                std=torch.tensor(STD),
+            )
             new_epoch()
         run(opts.warmup)
         return {"params": sum(p.numel() for p in model.parameters())}
@@ -153,8 +173,9 @@ def ours_worker(opts: argparse.Namespace, mods: set[str], harness: bool):
                 new_epoch()
             b = state["batch"]
             idx = state["order"][b * BATCH : (b + 1) * BATCH]
-            x = normalize(crop_flip(images[idx], state["offsets"][idx], state["flips"][idx], 4),
-                          state["mean"], state["std"])
+            x = normalize(
+                crop_flip(images[idx], state["offsets"][idx], state["flips"][idx], 4), state["mean"], state["std"]
+            )
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             step = state["epoch"] * steps + b
@@ -168,13 +189,26 @@ def ours_worker(opts: argparse.Namespace, mods: set[str], harness: bool):
         state["round"] += 1
         images, labels = state["images"], state["labels"]
         data = TrainData(images[: n * BATCH], labels[: n * BATCH], images[-64:], labels[-64:], MEAN, STD, 4, True)
-        recipe = Recipe(epochs=1, batch_size=BATCH, channels_last=state["recipe"].channels_last,
-                        compile=state["recipe"].compile if state["round"] == 1 else False)  # compiled once
+        recipe = Recipe(
+            epochs=1,
+            batch_size=BATCH,
+            channels_last=state["recipe"].channels_last,
+            compile=state["recipe"].compile if state["round"] == 1 else False,
+        )  # compiled once
         state_dir = tempfile.mkdtemp(dir=opts.scratch)
         try:
-            result = train(state["model"], lambda m, ctx: Standard(m, Standard.Params(), ctx), data, recipe,
-                           torch.linspace(0.05, 1, 7), 100, opts.seed + state["round"], state_dir, "bench",
-                           torch.device("cpu"))
+            result = train(
+                state["model"],
+                lambda m, ctx: Standard(m, Standard.Params(), ctx),
+                data,
+                recipe,
+                torch.linspace(0.05, 1, 7),
+                100,
+                opts.seed + state["round"],
+                state_dir,
+                "bench",
+                torch.device("cpu"),
+            )
         finally:
             shutil.rmtree(state_dir, ignore_errors=True)
         return {"loss": result.history[-1]["loss"]}
@@ -189,20 +223,29 @@ STD = (0.2675, 0.2565, 0.2761)
 
 # --- parent ---------------------------------------------------------------------------------------
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--reference", help="checkout of kalviny/MSDNet-PyTorch (needed for the 'ref' variants)")
-    p.add_argument("--variants", nargs="+", default=["ref", "ours"],
-                   help="ref, ours, harness, each optionally +cl and/or +mallopt (default: ref ours, i.e. the "
-                        "reference as shipped against what train() does on CPU: NCHW, no mallopt)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["ref", "ours"],
+        help="ref, ours, harness, each optionally +cl and/or +mallopt (default: ref ours, i.e. the "
+        "reference as shipped against what train() does on CPU: NCHW, no mallopt)",
+    )
     p.add_argument("--iters", type=int, default=10, help="timed training steps per variant per round")
     p.add_argument("--repeats", type=int, default=8, help="interleaved rounds")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps at start-up")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every variant")
     p.add_argument("--images", type=int, default=60_000, help="random images (50k train file + 10k test file)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet-below", type=float, default=0.25,
-                   help="before each round wait until other processes use less than this share of the CPUs")
+    p.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.25,
+        help="before each round wait until other processes use less than this share of the CPUs",
+    )
     p.add_argument("--max-wait", type=float, default=30.0, help="longest wait for quiet per round, seconds")
     p.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -233,8 +276,21 @@ def main() -> None:
         images, labels = _bench.random_cifar(opts.images, seed=opts.seed)
         _bench.write_fake_cifar100(Path(scratch) / "data", images, labels)
         del images, labels
-        common = [__file__, "--threads", str(opts.threads), "--warmup", str(opts.warmup), "--seed", str(opts.seed),
-                  "--images", str(opts.images), "--data", str(Path(scratch) / "data"), "--scratch", scratch]
+        common = [
+            __file__,
+            "--threads",
+            str(opts.threads),
+            "--warmup",
+            str(opts.warmup),
+            "--seed",
+            str(opts.seed),
+            "--images",
+            str(opts.images),
+            "--data",
+            str(Path(scratch) / "data"),
+            "--scratch",
+            scratch,
+        ]
         if opts.reference:
             common += ["--reference", opts.reference]
         for v in opts.variants:
@@ -255,12 +311,17 @@ def main() -> None:
     print("\n".join(_bench.ratio_table(rates, opts.variants[0], "img/s")))
     print()
     print(f"fp32 4096^2 matmul peak: {peak_before:.0f} GFLOP/s before, {peak_after:.0f} after (mean {peak:.0f})")
-    print(f"training cost {TRAIN_GFLOP_PER_IMAGE:.3f} GFLOP/img (3 x 2 x {MFLOPS_FINAL_EXIT}M multiply-adds); "
-          f"ceiling at that peak {peak / TRAIN_GFLOP_PER_IMAGE:.0f} img/s")
+    print(
+        f"training cost {TRAIN_GFLOP_PER_IMAGE:.3f} GFLOP/img (3 x 2 x {MFLOPS_FINAL_EXIT}M multiply-adds); "
+        f"ceiling at that peak {peak / TRAIN_GFLOP_PER_IMAGE:.0f} img/s"
+    )
     for name, r in rates.items():
         mean = sum(r) / len(r)
-        print(f"  {name:<20} {mean * TRAIN_GFLOP_PER_IMAGE:6.1f} GFLOP/s = {100 * mean * TRAIN_GFLOP_PER_IMAGE / peak:4.1f}% "
-              f"of matmul peak; 45k epoch {N_TRAIN / mean:5.0f} s")
+        print(
+            f"  {name:<20} {mean * TRAIN_GFLOP_PER_IMAGE:6.1f} GFLOP/s = "
+            f"{100 * mean * TRAIN_GFLOP_PER_IMAGE / peak:4.1f}% "
+            f"of matmul peak; 45k epoch {N_TRAIN / mean:5.0f} s"
+        )
     print(_bench.load_average())
 
 

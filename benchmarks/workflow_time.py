@@ -101,8 +101,21 @@ def dry_run(configfile: Path, repeats: int) -> tuple[list[float], int]:
     times, jobs = [], 0
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="eebench-dry-") as empty:
-            seconds, proc = timed([SNAKEMAKE, "all_figures", "-n", "--snakefile", str(ROOT / "Snakefile"),
-                                   "--directory", empty, "--configfile", str(configfile), "--quiet", "rules"])
+            seconds, proc = timed(
+                [
+                    SNAKEMAKE,
+                    "all_figures",
+                    "-n",
+                    "--snakefile",
+                    str(ROOT / "Snakefile"),
+                    "--directory",
+                    empty,
+                    "--configfile",
+                    str(configfile),
+                    "--quiet",
+                    "rules",
+                ]
+            )
         if proc.returncode != 0:
             raise SystemExit(f"dry run of {configfile} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         times.append(seconds)
@@ -161,8 +174,9 @@ def _is_number(v: str) -> bool:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--configfile", default=str(ROOT / "config" / "config.yaml"), help="config of the full run")
     p.add_argument("--paper-config", default=str(ROOT / "config" / "paper.yaml"))
     p.add_argument("--target", default="all_figures")
@@ -178,15 +192,20 @@ def main() -> None:
     print(f"workflow timing; {_bench.load_average()}")
 
     print("\n== planning (snakemake -n --quiet rules, empty directory) ==")
-    for name, cfg in () if opts.skip_dry_run or opts.summarise else (("default", opts.configfile),
-                                                                        ("paper", opts.paper_config)):
+    for name, cfg in (
+        () if opts.skip_dry_run or opts.summarise else (("default", opts.configfile), ("paper", opts.paper_config))
+    ):
         times, jobs = dry_run(Path(cfg), opts.dry_repeats)
-        print(f"{name:<8} {jobs:4d} jobs planned in " + ", ".join(f"{t:.1f}" for t in times) + " s"
-              f"  ({_bench.load_average()})")
+        print(
+            f"{name:<8} {jobs:4d} jobs planned in " + ", ".join(f"{t:.1f}" for t in times) + " s"
+            f"  ({_bench.load_average()})"
+        )
     noop, _ = timed([sys.executable, "-c", "pass"])
 
-    print("\n== Python start-up + imports per rule script (median of "
-          f"{opts.import_repeats}; bare interpreter {noop:.2f} s) ==")
+    print(
+        "\n== Python start-up + imports per rule script (median of "
+        f"{opts.import_repeats}; bare interpreter {noop:.2f} s) =="
+    )
     scripts = rule_scripts()
     imports = import_times(scripts, opts.import_repeats)
     for script, seconds in imports.items():
@@ -207,14 +226,27 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         print(f"\n== full run: snakemake --cores {opts.cores} {opts.target} in {workdir} ==", flush=True)
         load_before = _bench.load_average()
-        wall, proc = timed([SNAKEMAKE, "--cores", str(opts.cores), opts.target, "--snakefile",
-                            str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", opts.configfile])
+        wall, proc = timed(
+            [
+                SNAKEMAKE,
+                "--cores",
+                str(opts.cores),
+                opts.target,
+                "--snakefile",
+                str(ROOT / "Snakefile"),
+                "--directory",
+                str(workdir),
+                "--configfile",
+                opts.configfile,
+            ]
+        )
         log = proc.stdout + proc.stderr
         (workdir / "snakemake_run.log").write_text(log)
         (workdir / "snakemake_run.wall").write_text(f"{wall}\n")
         if proc.returncode != 0:
-            raise SystemExit(f"the run failed ({proc.returncode}); log in {workdir}/snakemake_run.log\n"
-                             + proc.stderr[-3000:])
+            raise SystemExit(
+                f"the run failed ({proc.returncode}); log in {workdir}/snakemake_run.log\n" + proc.stderr[-3000:]
+            )
     jobs = job_times(log)
     bench = benchmark_files(workdir / "results")
 
@@ -223,8 +255,10 @@ def main() -> None:
         per_rule[rule].append(seconds)
     print(f"wall {wall:.0f} s, {len(jobs)} jobs; load before: {load_before}, after: {_bench.load_average()}")
     print()
-    head = (f"{'rule':<20} {'jobs':>5} {'job wall s':>11} {'mean s':>7} {'bench s':>8} {'bench cpu s':>11} "
-            f"{'start-up s':>10} {'start-up %':>10}")
+    head = (
+        f"{'rule':<20} {'jobs':>5} {'job wall s':>11} {'mean s':>7} {'bench s':>8} {'bench cpu s':>11} "
+        f"{'start-up s':>10} {'start-up %':>10}"
+    )
     print(head)
     print("-" * len(head))
     total_job = total_start = 0.0
@@ -240,14 +274,18 @@ def main() -> None:
         total_job += sum(ts)
         total_start += min(start, sum(ts))
     print("-" * len(head))
-    print(f"{'all jobs':<20} {len(jobs):5d} {total_job:11.0f} {'':>7} {'':>8} {'':>11} {total_start:10.0f} "
-          f"{100 * total_start / max(total_job, 1e-9):9.0f}%")
+    print(
+        f"{'all jobs':<20} {len(jobs):5d} {total_job:11.0f} {'':>7} {'':>8} {'':>11} {total_start:10.0f} "
+        f"{100 * total_start / max(total_job, 1e-9):9.0f}%"
+    )
     print()
-    print(f"Wall time {wall:.0f} s on {opts.cores} cores. Of the {total_job:.0f} job-seconds, about {total_start:.0f} "
-          f"({100 * total_start / max(total_job, 1e-9):.0f}%) are Python start-up and imports (measured per script, "
-          f"x jobs), the remaining {total_job - total_start:.0f} ({100 * (1 - total_start / max(total_job, 1e-9)):.0f}%) "
-          "computation and I/O. Job wall times have 1 s resolution (Snakemake's log timestamps); "
-          f"jobs overlap on {opts.cores} cores, so job-seconds exceed wall time.")
+    print(
+        f"Wall time {wall:.0f} s on {opts.cores} cores. Of the {total_job:.0f} job-seconds, about {total_start:.0f} "
+        f"({100 * total_start / max(total_job, 1e-9):.0f}%) are Python start-up and imports (measured per script, "
+        f"x jobs), the remaining {total_job - total_start:.0f} ({100 * (1 - total_start / max(total_job, 1e-9)):.0f}%) "
+        "computation and I/O. Job wall times have 1 s resolution (Snakemake's log timestamps); "
+        f"jobs overlap on {opts.cores} cores, so job-seconds exceed wall time."
+    )
     if not opts.keep and not opts.workdir and not opts.summarise:
         shutil.rmtree(workdir, ignore_errors=True)
     else:

@@ -24,8 +24,9 @@ of the population, shared by every seed; the seeds are the training noise.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ class BootstrapSettings:
     level: float = 0.95
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "BootstrapSettings":
+    def from_config(cls, config: dict[str, Any]) -> BootstrapSettings:
         return cls(**config["bootstrap"])
 
 
@@ -84,8 +85,9 @@ def interval(replicates: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarr
     replicates = np.asarray(replicates, dtype=np.float64)
     alpha = (1 - level) / 2
     bad = np.isnan(replicates).any(axis=0)
-    low, high = np.quantile(np.where(np.isnan(replicates), 0.0, replicates), [alpha, 1 - alpha], axis=0,
-                            method="inverted_cdf")
+    low, high = np.quantile(
+        np.where(np.isnan(replicates), 0.0, replicates), [alpha, 1 - alpha], axis=0, method="inverted_cdf"
+    )
     return np.where(bad, np.nan, low), np.where(bad, np.nan, high)
 
 
@@ -152,13 +154,16 @@ def check_samples(samples: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}: per-sample record has no {key!r} entry (keys: {sorted(samples)})")
     k, n = samples["correct"].shape
     if samples["exits"].dim() != 2 or samples["exits"].shape[1] != n or samples["flops"].shape != (k,):
-        raise ValueError(f"{where}: per-sample record has 'correct' {tuple(samples['correct'].shape)}, 'exits' "
-                         f"{tuple(samples['exits'].shape)} and 'flops' {tuple(samples['flops'].shape)}; expected "
-                         "(K, N), (B, N) and (K,)")
+        raise ValueError(
+            f"{where}: per-sample record has 'correct' {tuple(samples['correct'].shape)}, 'exits' "
+            f"{tuple(samples['exits'].shape)} and 'flops' {tuple(samples['flops'].shape)}; expected "
+            "(K, N), (B, N) and (K,)"
+        )
 
 
-def cell_statistics(samples: dict[str, Any], settings: BootstrapSettings,
-                    ece_bins: int = ECE_BINS) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def cell_statistics(
+    samples: dict[str, Any], settings: BootstrapSettings, ece_bins: int = ECE_BINS
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Point values and bootstrap replicates of one cell's curves.
 
     Keys ``anytime_<stat>`` (K,) / (R, K) for accuracy and top-5 (percent), nll (nats) and ece
@@ -178,8 +183,9 @@ def cell_statistics(samples: dict[str, Any], settings: BootstrapSettings,
     real = [flops[exits]]  # (B, N) FLOPs each sample pays
     if has_probs:
         real.append(samples["log_loss"].double())
-        bins = torch.bucketize(samples["confidence"].double(),
-                               torch.arange(1, ece_bins, dtype=torch.float64) / ece_bins, right=True)
+        bins = torch.bucketize(
+            samples["confidence"].double(), torch.arange(1, ece_bins, dtype=torch.float64) / ece_bins, right=True
+        )
         gap = correct.double() - samples["confidence"].double()  # (K, N)
         ece_columns = torch.zeros(k, ece_bins, n, dtype=torch.float64)
         ece_columns.scatter_(1, bins[:, None, :], gap[:, None, :])
@@ -189,8 +195,11 @@ def cell_statistics(samples: dict[str, Any], settings: BootstrapSettings,
     def statistics(counts: torch.Tensor) -> dict[str, np.ndarray]:
         ints = (counts @ integer).double().numpy() / n
         reals = (counts.double() @ real_t).numpy() / n
-        out = {"anytime_accuracy": ints[:, :k] * 100, "budgeted_accuracy": ints[:, k : k + b] * 100,
-               "budgeted_flops": reals[:, :b]}
+        out = {
+            "anytime_accuracy": ints[:, :k] * 100,
+            "budgeted_accuracy": ints[:, k : k + b] * 100,
+            "budgeted_flops": reals[:, :b],
+        }
         if has_probs:
             out["anytime_top5"] = ints[:, k + b :] * 100
             out["anytime_nll"] = reals[:, b : b + k]
@@ -206,12 +215,13 @@ def cell_statistics(samples: dict[str, Any], settings: BootstrapSettings,
     return point, replicates
 
 
-def interval_columns(point: dict[str, np.ndarray], replicates: dict[str, np.ndarray], curve: str,
-                     level: float) -> dict[str, np.ndarray]:
+def interval_columns(
+    point: dict[str, np.ndarray], replicates: dict[str, np.ndarray], curve: str, level: float
+) -> dict[str, np.ndarray]:
     """``<stat>`` (calibration statistics only: accuracy and FLOPs are the curve's own columns),
     ``<stat>_ci_low``, ``<stat>_ci_high`` for one curve (``anytime`` or ``budgeted``)."""
     out: dict[str, np.ndarray] = {}
-    for stat in (ANYTIME_STATS if curve == "anytime" else BUDGETED_STATS):
+    for stat in ANYTIME_STATS if curve == "anytime" else BUDGETED_STATS:
         key = f"{curve}_{stat}"
         if stat not in ("accuracy", "flops"):
             out[stat] = point[key]
@@ -234,7 +244,7 @@ class VariantReplicates:
     flops_per_exit: np.ndarray  # (K,) cumulative FLOPs of each exit
 
     @classmethod
-    def build(cls, records: dict[int, dict[str, Any]], settings: BootstrapSettings) -> "VariantReplicates":
+    def build(cls, records: dict[int, dict[str, Any]], settings: BootstrapSettings) -> VariantReplicates:
         """``records``: seed -> per-sample record; every seed must have the same test set size."""
         seeds = sorted(records)
         sizes = {seed: records[seed]["correct"].shape[1] for seed in seeds}
@@ -242,12 +252,16 @@ class VariantReplicates:
             raise ValueError(f"seeds {sizes} of one variant have test sets of different sizes")
         stats = [cell_statistics(records[seed], settings) for seed in seeds]
         n_test = sizes[seeds[0]]
-        return cls(seeds=seeds, n_test=n_test,
-                   draws=seed_draws(n_test, len(seeds), settings.resamples, settings.seed),
-                   points={key: np.stack([p[key] for p, _ in stats]) for key in stats[0][0]},
-                   replicates={key: np.stack([r[key] for _, r in stats]) for key in stats[0][1]},
-                   level=settings.level, resamples=settings.resamples,
-                   flops_per_exit=records[seeds[0]]["flops"].double().numpy())
+        return cls(
+            seeds=seeds,
+            n_test=n_test,
+            draws=seed_draws(n_test, len(seeds), settings.resamples, settings.seed),
+            points={key: np.stack([p[key] for p, _ in stats]) for key in stats[0][0]},
+            replicates={key: np.stack([r[key] for _, r in stats]) for key in stats[0][1]},
+            level=settings.level,
+            resamples=settings.resamples,
+            flops_per_exit=records[seeds[0]]["flops"].double().numpy(),
+        )
 
     @property
     def interval_kind(self) -> str:
@@ -284,8 +298,13 @@ class VariantReplicates:
 
 
 # --- the per-sample record ---------------------------------------------------------------------
-def per_sample_record(correct: torch.Tensor, exits: torch.Tensor, flops: list[float] | torch.Tensor,
-                      probabilities: torch.Tensor | None, labels: torch.Tensor) -> dict[str, Any]:
+def per_sample_record(
+    correct: torch.Tensor,
+    exits: torch.Tensor,
+    flops: list[float] | torch.Tensor,
+    probabilities: torch.Tensor | None,
+    labels: torch.Tensor,
+) -> dict[str, Any]:
     """What ``samples.pt`` holds (see the module docstring); ``probabilities`` (K, N, C) or None."""
 
     record: dict[str, Any] = {

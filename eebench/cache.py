@@ -43,8 +43,10 @@ def check_meta(path: str | Path, record: dict[str, Any], expect_meta: dict[str, 
     """Raise StaleCacheError when ``record['meta']`` differs from ``expect_meta``."""
     meta = record.get("meta")
     if expect_meta and not isinstance(meta, dict):
-        raise StaleCacheError(f"{path}: stale cache: it has no record of what produced it (no 'meta' entry); "
-                              "delete it and rerun the workflow to rebuild it")
+        raise StaleCacheError(
+            f"{path}: stale cache: it has no record of what produced it (no 'meta' entry); "
+            "delete it and rerun the workflow to rebuild it"
+        )
     for key, want in (expect_meta or {}).items():
         have = meta.get(key)
         if have != want:

@@ -37,9 +37,10 @@ import types
 import warnings
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -60,13 +61,16 @@ class CheckpointFormat:
     whole_model: bool = False  # a pickled model object (read by the restricted unpickler)
 
 
-FORMATS: dict[str, CheckpointFormat] = {f.name: f for f in (
-    CheckpointFormat("msdnet", "kalviny/MSDNet-PyTorch", ("msdnet",)),
-    CheckpointFormat("l2w", "LeapLabTHU/L2W-DEN", ("msdnet",)),
-    CheckpointFormat("ranet", "yangle15/RANet-pytorch", ("ranet",)),
-    CheckpointFormat("boostnet", "SHI-Labs/Boosted-Dynamic-Networks", ("msdnet", "ranet")),
-    CheckpointFormat("eenets", "eksuas/eenets.pytorch", ("ee_resnet",), whole_model=True),
-)}
+FORMATS: dict[str, CheckpointFormat] = {
+    f.name: f
+    for f in (
+        CheckpointFormat("msdnet", "kalviny/MSDNet-PyTorch", ("msdnet",)),
+        CheckpointFormat("l2w", "LeapLabTHU/L2W-DEN", ("msdnet",)),
+        CheckpointFormat("ranet", "yangle15/RANet-pytorch", ("ranet",)),
+        CheckpointFormat("boostnet", "SHI-Labs/Boosted-Dynamic-Networks", ("msdnet", "ranet")),
+        CheckpointFormat("eenets", "eksuas/eenets.pytorch", ("ee_resnet",), whole_model=True),
+    )
+}
 
 
 def checkpoint_format(name: str) -> CheckpointFormat:
@@ -181,8 +185,12 @@ def _allowed() -> dict[tuple[str, str], Any]:
     import torch._utils as tu
 
     allowed: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): OrderedDict, ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
-        ("torch", "Size"): torch.Size, ("torch", "device"): torch.device, ("copyreg", "_reconstructor"): _reconstructor,
+        ("collections", "OrderedDict"): OrderedDict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        ("copyreg", "_reconstructor"): _reconstructor,
     }
     for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"):
         if hasattr(tu, name):
@@ -199,7 +207,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 _RESTRICTED_PICKLE = types.SimpleNamespace(
-    __name__="eebench.checkpoints.restricted_pickle", Unpickler=_RestrictedUnpickler,
+    __name__="eebench.checkpoints.restricted_pickle",
+    Unpickler=_RestrictedUnpickler,
     load=lambda f, **kwargs: _RestrictedUnpickler(f, **kwargs).load(),
 )
 
@@ -218,8 +227,12 @@ def load_restricted(path: str | Path) -> Any:
     try:
         with warnings.catch_warnings():  # the legacy loader warns it cannot check stand-ins' source
             warnings.simplefilter("ignore")
-            return torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu",
-                              weights_only=False, pickle_module=_RESTRICTED_PICKLE)
+            return torch.load(
+                io.BytesIO(data) if data is not None else path,
+                map_location="cpu",
+                weights_only=False,
+                pickle_module=_RESTRICTED_PICKLE,
+            )
     except Exception as err:
         raise _truncated(path, err) from None
 
@@ -252,8 +265,11 @@ def module_tensors(obj: Inert, prefix: str = "") -> dict[str, torch.Tensor]:
 
 # --- a format's state dict -------------------------------------------------------------------
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _strip_parallel(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -270,8 +286,10 @@ def _state_dict_of(obj: Any, fmt: CheckpointFormat, path: Path) -> dict[str, tor
         if _is_state_dict(candidate):
             return _strip_parallel(dict(candidate))
     keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-    raise CheckpointError(f"{path}: no state dict found in this {fmt.name} checkpoint (expected 'state_dict' "
-                          f"as {fmt.repository} saves it; found {keys})")
+    raise CheckpointError(
+        f"{path}: no state dict found in this {fmt.name} checkpoint (expected 'state_dict' "
+        f"as {fmt.repository} saves it; found {keys})"
+    )
 
 
 def read_checkpoint(path: str | Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -282,7 +300,9 @@ def read_checkpoint(path: str | Path, fmt: str) -> tuple[dict[str, torch.Tensor]
         return _state_dict_of(load_weights_only(path), spec, path), {}
     obj = load_restricted(path)
     if _is_module(obj):
-        about = {k: v for k, v in obj.state.items() if isinstance(v, (int, float, str, tuple)) and not k.startswith("_")}
+        about = {
+            k: v for k, v in obj.state.items() if isinstance(v, (int, float, str, tuple)) and not k.startswith("_")
+        }
         return _strip_parallel(module_tensors(obj)), {"class": obj.qualified_name, **about}
     if isinstance(obj, Inert):
         raise CheckpointError(f"{path}: the pickle holds a {obj.qualified_name} object, not a model")
@@ -301,15 +321,26 @@ def _conv_index(layer: str, sub: str) -> int:
 def _msdnet_names(network: MultiExitNetwork) -> Callable[[str], str | None]:
     imagenet = isinstance(network.stem.layers[0][-1], torch.nn.MaxPool2d)
     rules: list[tuple[str, Callable[[re.Match], str]]] = [
-        (r"stem\.layers\.(\d+)\.(\d+)\.(\w+)", lambda m: (
-            f"blocks.0.0.layers.0.{m[2]}.{m[3]}" if m[1] == "0" and imagenet
-            else f"blocks.0.0.layers.{m[1]}.net.{m[2]}.{m[3]}")),
+        (
+            r"stem\.layers\.(\d+)\.(\d+)\.(\w+)",
+            lambda m: (
+                f"blocks.0.0.layers.0.{m[2]}.{m[3]}"
+                if m[1] == "0" and imagenet
+                else f"blocks.0.0.layers.{m[1]}.net.{m[2]}.{m[3]}"
+            ),
+        ),
         # the reference's first block starts with the stem (MSDNFirstLayer)
-        (r"blocks\.(\d+)\.(\d+)\.units\.(\d+)\.(down|regular)\.(\d+)\.(\d+)\.(\w+)", lambda m: (
-            f"blocks.{m[1]}.{int(m[2]) + (m[1] == '0')}.layers.{m[3]}."
-            f"{'conv_down' if m[4] == 'down' else 'conv_normal'}.net.{_conv_index(m[5], m[6])}.{m[7]}")),
-        (r"blocks\.(\d+)\.(\d+)\.convs\.(\d+)\.(\d+)\.(\w+)", lambda m: (
-            f"blocks.{m[1]}.{int(m[2]) + (m[1] == '0')}.m.{m[3]}.net.{m[4]}.{m[5]}")),
+        (
+            r"blocks\.(\d+)\.(\d+)\.units\.(\d+)\.(down|regular)\.(\d+)\.(\d+)\.(\w+)",
+            lambda m: (
+                f"blocks.{m[1]}.{int(m[2]) + (m[1] == '0')}.layers.{m[3]}."
+                f"{'conv_down' if m[4] == 'down' else 'conv_normal'}.net.{_conv_index(m[5], m[6])}.{m[7]}"
+            ),
+        ),
+        (
+            r"blocks\.(\d+)\.(\d+)\.convs\.(\d+)\.(\d+)\.(\w+)",
+            lambda m: f"blocks.{m[1]}.{int(m[2]) + (m[1] == '0')}.m.{m[3]}.net.{m[4]}.{m[5]}",
+        ),
         (r"heads\.(\d+)\.body\.(\d+)\.(\d+)\.(\w+)", lambda m: f"classifier.{m[1]}.m.{m[2]}.net.{m[3]}.{m[4]}"),
         (r"heads\.(\d+)\.linear\.(\w+)", lambda m: f"classifier.{m[1]}.linear.{m[2]}"),
     ]
@@ -319,14 +350,29 @@ def _msdnet_names(network: MultiExitNetwork) -> Callable[[str], str | None]:
 def _ranet_names(network: MultiExitNetwork) -> Callable[[str], str | None]:
     imagenet = isinstance(network.stem.layers[0][-1], torch.nn.MaxPool2d)
     rules: list[tuple[str, Callable[[re.Match], str]]] = [
-        (r"stem\.layers\.(\d+)\.(\d+)\.(\w+)", lambda m: (
-            f"FirstLayer.layers.0.{m[2]}.{m[3]}" if m[1] == "0" and imagenet
-            else f"FirstLayer.layers.{m[1]}.net.{m[2]}.{m[3]}")),
-        (r"flows\.(\d+)\.(\d+)\.layers\.(\d+)\.(conv|conv_low)\.(\d+)\.(\d+)\.(\w+)", lambda m: (
-            f"scale_flows.{m[1]}.{m[2]}.layers.{m[3]}.{'conv_normal' if m[4] == 'conv' else 'conv_up'}"
-            f".net.{_conv_index(m[5], m[6])}.{m[7]}")),
-        (r"flows\.(\d+)\.(\d+)\.from_low\.(\d+)\.(\w+)", lambda m: f"scale_flows.{m[1]}.{m[2]}.conv_last.net.{m[3]}.{m[4]}"),
-        (r"flows\.(\d+)\.(\d+)\.transition\.(\d+)\.(\w+)", lambda m: f"scale_flows.{m[1]}.{m[2]}.trans.net.{m[3]}.{m[4]}"),
+        (
+            r"stem\.layers\.(\d+)\.(\d+)\.(\w+)",
+            lambda m: (
+                f"FirstLayer.layers.0.{m[2]}.{m[3]}"
+                if m[1] == "0" and imagenet
+                else f"FirstLayer.layers.{m[1]}.net.{m[2]}.{m[3]}"
+            ),
+        ),
+        (
+            r"flows\.(\d+)\.(\d+)\.layers\.(\d+)\.(conv|conv_low)\.(\d+)\.(\d+)\.(\w+)",
+            lambda m: (
+                f"scale_flows.{m[1]}.{m[2]}.layers.{m[3]}.{'conv_normal' if m[4] == 'conv' else 'conv_up'}"
+                f".net.{_conv_index(m[5], m[6])}.{m[7]}"
+            ),
+        ),
+        (
+            r"flows\.(\d+)\.(\d+)\.from_low\.(\d+)\.(\w+)",
+            lambda m: f"scale_flows.{m[1]}.{m[2]}.conv_last.net.{m[3]}.{m[4]}",
+        ),
+        (
+            r"flows\.(\d+)\.(\d+)\.transition\.(\d+)\.(\w+)",
+            lambda m: f"scale_flows.{m[1]}.{m[2]}.trans.net.{m[3]}.{m[4]}",
+        ),
         (r"heads\.(\d+)\.body\.(\d+)\.(\d+)\.(\w+)", lambda m: f"classifier.{m[1]}.m.{m[2]}.net.{m[3]}.{m[4]}"),
         (r"heads\.(\d+)\.linear\.(\w+)", lambda m: f"classifier.{m[1]}.linear.{m[2]}"),
     ]
@@ -351,8 +397,10 @@ def _ee_resnet_names(network: MultiExitNetwork) -> Callable[[str], str | None]:
 
     rules: list[tuple[str, Callable[[re.Match], str]]] = [
         (r"stem\.(\d+)\.(\w+)", lambda m: f"stages.0.0.{m[1]}.{m[2]}"),
-        (r"blocks\.(\d+)\.residual\.(\d+)\.(\w+)", lambda m: (
-            f"{stage_position(int(m[1]))}.{_RESIDUAL[int(m[2])]}.{m[3]}")),
+        (
+            r"blocks\.(\d+)\.residual\.(\d+)\.(\w+)",
+            lambda m: f"{stage_position(int(m[1]))}.{_RESIDUAL[int(m[2])]}.{m[3]}",
+        ),
         (r"blocks\.(\d+)\.shortcut\.(\d+)\.(\w+)", lambda m: f"{stage_position(int(m[1]))}.downsample.{m[2]}.{m[3]}"),
         (r"exits\.(\d+)\.pool\.0\.(\w+)", lambda m: f"exits.{m[1]}.layers.0.{m[2]}"),  # bnpool's BatchNorm
         (r"exits\.(\d+)\.(confidence|classifier)\.(\w+)", head),
@@ -376,7 +424,9 @@ def _by_rules(rules: list[tuple[str, Callable[[re.Match], str]]]) -> Callable[[s
 def _ee_resnet_unused(network: MultiExitNetwork, key: str) -> bool:
     """With ``exit_pool: bnpool_batchstats`` the reference's exit BatchNorm (``exits.k.layers.0``,
     a plain-list module that never learns and always normalises by the batch) has no tensors here."""
-    return network.config.exit_pool == "bnpool_batchstats" and re.fullmatch(r"exits\.\d+\.layers\.0\.\w+", key) is not None
+    return (
+        network.config.exit_pool == "bnpool_batchstats" and re.fullmatch(r"exits\.\d+\.layers\.0\.\w+", key) is not None
+    )
 
 
 _UNUSED: dict[str, Callable[[MultiExitNetwork, str], bool]] = {"ee_resnet": _ee_resnet_unused}
@@ -425,16 +475,25 @@ def _msdnet_summary(shapes: Shapes) -> dict[str, tuple[Any, str]]:
     layers = [_count(shapes, rf"blocks\.{b}\.(\d+)\.layers\.\d+\.conv_normal\.") for b in range(n_blocks)]
     transitions = [_count(shapes, rf"blocks\.{b}\.(\d+)\.m\.") for b in range(n_blocks)]
     n_scales = _count(shapes, r"blocks\.0\.0\.layers\.(\d+)\.")
-    stem = [_shape(shapes, f"blocks.0.0.layers.{i}.net.0.weight", f"blocks.0.0.layers.{i}.0.weight")
-            for i in range(n_scales)]
-    first = "blocks.0.0.layers.0.0.weight" if "blocks.0.0.layers.0.0.weight" in shapes else "blocks.0.0.layers.0.net.0.weight"
+    stem = [
+        _shape(shapes, f"blocks.0.0.layers.{i}.net.0.weight", f"blocks.0.0.layers.{i}.0.weight")
+        for i in range(n_scales)
+    ]
+    first = (
+        "blocks.0.0.layers.0.0.weight"
+        if "blocks.0.0.layers.0.0.weight" in shapes
+        else "blocks.0.0.layers.0.net.0.weight"
+    )
     return {
         "exits": (n_blocks, "n_blocks"),
         "MSD layers per block": (layers, "n_blocks, step, base, step_mode"),
         "transition layers per block": (transitions, "prune, reduction, n_scales"),
         "scales": (n_scales, "n_scales, gr_factor, bn_factor"),
         "stem widths per scale": (stem, "n_channels, gr_factor"),
-        "stem kernel": (_shape(shapes, first, dim=3), "dataset: 7x7 stem and ImageNet heads for inputs of 64 pixels and more"),
+        "stem kernel": (
+            _shape(shapes, first, dim=3),
+            "dataset: 7x7 stem and ImageNet heads for inputs of 64 pixels and more",
+        ),
         "bottleneck convs": ("blocks.0.1.layers.0.conv_normal.net.3.weight" in shapes, "bottleneck"),
         "classes": (_shape(shapes, "classifier.0.linear.weight"), "dataset"),
     }
@@ -443,19 +502,32 @@ def _msdnet_summary(shapes: Shapes) -> dict[str, tuple[Any, str]]:
 def _ranet_summary(shapes: Shapes) -> dict[str, tuple[Any, str]]:
     n_flows = _count(shapes, r"scale_flows\.(\d+)\.")
     blocks = [_count(shapes, rf"scale_flows\.{f}\.(\d+)\.") for f in range(n_flows)]
-    layers = [[_count(shapes, rf"scale_flows\.{f}\.{b}\.layers\.(\d+)\.") for b in range(n)] for f, n in enumerate(blocks)]
+    layers = [
+        [_count(shapes, rf"scale_flows\.{f}\.{b}\.layers\.(\d+)\.") for b in range(n)] for f, n in enumerate(blocks)
+    ]
     n_stem = _count(shapes, r"FirstLayer\.layers\.(\d+)\.")
-    stem = [_shape(shapes, f"FirstLayer.layers.{i}.net.0.weight", f"FirstLayer.layers.{i}.0.weight") for i in range(n_stem)]
-    first = "FirstLayer.layers.0.0.weight" if "FirstLayer.layers.0.0.weight" in shapes else "FirstLayer.layers.0.net.0.weight"
+    stem = [
+        _shape(shapes, f"FirstLayer.layers.{i}.net.0.weight", f"FirstLayer.layers.{i}.0.weight") for i in range(n_stem)
+    ]
+    first = (
+        "FirstLayer.layers.0.0.weight"
+        if "FirstLayer.layers.0.0.weight" in shapes
+        else "FirstLayer.layers.0.net.0.weight"
+    )
     return {
         "exits": (_count(shapes, r"classifier\.(\d+)\."), "n_blocks, block_step, scale_list"),
         "scale flows": (n_flows, "scale_list, gr_factor, bn_factor"),
         "blocks per flow": (blocks, "n_blocks, block_step"),
         "layers per block": (layers, "step, step_mode"),
-        "transitions per flow": ([_count(shapes, rf"scale_flows\.{f}\.(\d+)\.trans\.") for f in range(n_flows)],
-                                 "scale_list, reduction"),
+        "transitions per flow": (
+            [_count(shapes, rf"scale_flows\.{f}\.(\d+)\.trans\.") for f in range(n_flows)],
+            "scale_list, reduction",
+        ),
         "stem widths": (stem, "n_channels, gr_factor, scale_list"),
-        "stem kernel": (_shape(shapes, first, dim=3), "dataset: 7x7 stem and ImageNet heads for inputs of 64 pixels and more"),
+        "stem kernel": (
+            _shape(shapes, first, dim=3),
+            "dataset: 7x7 stem and ImageNet heads for inputs of 64 pixels and more",
+        ),
         "classes": (_shape(shapes, "classifier.0.linear.weight"), "dataset"),
     }
 
@@ -468,24 +540,32 @@ def _ee_resnet_summary(shapes: Shapes) -> dict[str, tuple[Any, str]]:
         "bottleneck blocks": (any(k.endswith("conv3.weight") for k in shapes), "depth, style"),
         "early exits": (_count(shapes, r"exits\.(\d+)\."), "num_exits"),
         "residual blocks before each exit": (per_stage, "num_exits, distribution"),
-        "stem kernel and width": ((_shape(shapes, "stages.0.0.0.weight", dim=3), _shape(shapes, "stages.0.0.0.weight")),
-                                  "style, width"),
+        "stem kernel and width": (
+            (_shape(shapes, "stages.0.0.0.weight", dim=3), _shape(shapes, "stages.0.0.0.weight")),
+            "style, width",
+        ),
         "early exit features": (_shape(shapes, "exits.0.classifier.0.weight", dim=1), "exit_pool"),
         "classes": (_shape(shapes, "classifier.0.weight"), "dataset"),
     }
 
 
 SUMMARIES: dict[str, Callable[[Shapes], dict[str, tuple[Any, str]]]] = {
-    "msdnet": _msdnet_summary, "ranet": _ranet_summary, "ee_resnet": _ee_resnet_summary,
+    "msdnet": _msdnet_summary,
+    "ranet": _ranet_summary,
+    "ee_resnet": _ee_resnet_summary,
 }
 # parameters that set widths without changing the structure the summaries count
-WIDTH_PARAMS = {"msdnet": "growth_rate, gr_factor, bn_factor, reduction, n_channels",
-                "ranet": "growth_rate, gr_factor, bn_factor, compress_factor, reduction, n_channels",
-                "ee_resnet": "width, exit_pool"}
+WIDTH_PARAMS = {
+    "msdnet": "growth_rate, gr_factor, bn_factor, reduction, n_channels",
+    "ranet": "growth_rate, gr_factor, bn_factor, compress_factor, reduction, n_channels",
+    "ee_resnet": "width, exit_pool",
+}
 # names only a checkpoint of each family has
-SIGNATURES = {"msdnet": ("blocks.0.0.layers.", "classifier.0.linear."),
-              "ranet": ("scale_flows.", "FirstLayer."),
-              "ee_resnet": ("stages.0.", "exits.")}
+SIGNATURES = {
+    "msdnet": ("blocks.0.0.layers.", "classifier.0.linear."),
+    "ranet": ("scale_flows.", "FirstLayer."),
+    "ee_resnet": ("stages.0.", "exits."),
+}
 
 
 def _family_of(names: list[str]) -> str | None:
@@ -516,8 +596,9 @@ def _differences(family: str, checkpoint: Shapes, expected: Shapes, arch_config:
             lines.append(f"{key}: {value} in the checkpoint, {mine} as configured")
             params.append(_with_values(hint, arch_config))
     if not lines:
-        return (f"The structure is the same; check the width parameters "
-                f"({_with_values(WIDTH_PARAMS[family], arch_config)})")
+        return (
+            f"The structure is the same; check the width parameters ({_with_values(WIDTH_PARAMS[family], arch_config)})"
+        )
     return "; ".join(lines) + f". Check {'; '.join(dict.fromkeys(params))}"
 
 
@@ -528,8 +609,14 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
 
 
-def convert_state(source: dict[str, torch.Tensor], network: MultiExitNetwork, family: str, fmt: str,
-                  path: str | Path, described: str = "") -> dict[str, torch.Tensor]:
+def convert_state(
+    source: dict[str, torch.Tensor],
+    network: MultiExitNetwork,
+    family: str,
+    fmt: str,
+    path: str | Path,
+    described: str = "",
+) -> dict[str, torch.Tensor]:
     """The harness state dict of ``network`` from a checkpoint's reference-named tensors, checked
     tensor by tensor on name and shape."""
     spec = checkpoint_format(fmt)
@@ -547,13 +634,15 @@ def convert_state(source: dict[str, torch.Tensor], network: MultiExitNetwork, fa
     # that the network as configured computes without (EENets' untracked exit BatchNorm)
     extra = [k for k in have if k not in expected and _storage_key(source[k]) not in used and not unused(network, k)]
     if missing or wrong or extra:
-        raise CheckpointError(_mismatch_message(path, spec, family, network, have, expected, missing, wrong,
-                                                extra, described))
+        raise CheckpointError(
+            _mismatch_message(path, spec, family, network, have, expected, missing, wrong, extra, described)
+        )
     out = {}
     for name, ref in names.items():
         tensor = source.get(ref)
-        out[name] = (tensor.to(ours[name].dtype).clone() if tensor is not None
-                     else torch.zeros_like(ours[name]))  # a missing num_batches_tracked: unused in eval
+        out[name] = (
+            tensor.to(ours[name].dtype).clone() if tensor is not None else torch.zeros_like(ours[name])
+        )  # a missing num_batches_tracked: unused in eval
     return out
 
 
@@ -561,18 +650,27 @@ def _mismatch_message(path, spec, family, network, have, expected, missing, wron
     where = f"{path}: this {spec.name} checkpoint"
     found = _family_of(list(have))
     if found is not None and found != family:
-        return (f"{where} holds a {found} network (tensors {', '.join(SIGNATURES[found])}...), not {family}; "
-                f"convert it with --arch {found} and a format of that family ({_formats_for(found)})")
+        return (
+            f"{where} holds a {found} network (tensors {', '.join(SIGNATURES[found])}...), not {family}; "
+            f"convert it with --arch {found} and a format of that family ({_formats_for(found)})"
+        )
     if found is None:
-        return (f"{where} has none of the tensors a {family} network of {spec.repository} has (first names: "
-                f"{', '.join(sorted(have)[:4]) or 'none'}); is it a checkpoint of this repository?")
-    parts = [f"{len(wrong)} of different shape" if wrong else "", f"{len(missing)} missing" if missing else "",
-             f"{len(extra)} not in the {family} network as configured" if extra else ""]
+        return (
+            f"{where} has none of the tensors a {family} network of {spec.repository} has (first names: "
+            f"{', '.join(sorted(have)[:4]) or 'none'}); is it a checkpoint of this repository?"
+        )
+    parts = [
+        f"{len(wrong)} of different shape" if wrong else "",
+        f"{len(missing)} missing" if missing else "",
+        f"{len(extra)} not in the {family} network as configured" if extra else "",
+    ]
     first = [f"{k} {list(have[k])} in the checkpoint, {list(expected[k])} expected" for k in wrong[:3]]
     first += [f"{k} missing" for k in missing[:3]] + [f"{k} unexpected" for k in extra[:3]]
     about = f" ({described})" if described else ""
-    return (f"{where}{about} does not fit {family} as configured: tensors {', '.join(p for p in parts if p)}; "
-            f"first: {'; '.join(first[:6])}. {_differences(family, have, expected, network.config)}")
+    return (
+        f"{where}{about} does not fit {family} as configured: tensors {', '.join(p for p in parts if p)}; "
+        f"first: {'; '.join(first[:6])}. {_differences(family, have, expected, network.config)}"
+    )
 
 
 def _describe(about: dict[str, Any]) -> str:
@@ -581,14 +679,17 @@ def _describe(about: dict[str, Any]) -> str:
     return f"{about.get('class', 'model')}: {', '.join(shown)}" if shown else ""
 
 
-def convert_checkpoint(path: str | Path, fmt: str, family: str, input_spec: InputSpec,
-                       params: dict[str, Any] | None = None) -> tuple[MultiExitNetwork, dict[str, torch.Tensor]]:
+def convert_checkpoint(
+    path: str | Path, fmt: str, family: str, input_spec: InputSpec, params: dict[str, Any] | None = None
+) -> tuple[MultiExitNetwork, dict[str, torch.Tensor]]:
     """Build the harness network ``family(params)`` for ``input_spec`` and its state dict from a
     reference checkpoint; raises CheckpointError naming what does not fit."""
     spec = checkpoint_format(fmt)
     if family not in spec.families:
-        raise CheckpointError(f"{path}: format {fmt!r} ({spec.repository}) holds {' or '.join(spec.families)} "
-                              f"checkpoints, not {family!r}; allowed formats for {family}: {_formats_for(family) or 'none'}")
+        raise CheckpointError(
+            f"{path}: format {fmt!r} ({spec.repository}) holds {' or '.join(spec.families)} "
+            f"checkpoints, not {family!r}; allowed formats for {family}: {_formats_for(family) or 'none'}"
+        )
     network = build_model(family, input_spec, **(params or {}))
     source, about = read_checkpoint(path, fmt)
     state = convert_state(source, network, family, fmt, path, _describe(about))

@@ -17,13 +17,34 @@ from .bootstrap import VariantReplicates, holm, interval, p_value
 from .summary import VariantKey
 
 DEFAULT_SPREAD = (0.2, 0.4, 0.6, 0.8)  # default budgets: these fractions of the range both curves cover
-COLUMNS = ["figures", "curve", "dataset", "architecture", "variant", "reference", "exit", "budget", "accuracy",
-           "reference_accuracy", "difference", "ci_low", "ci_high", "p_value", "p_holm", "n_test", "seeds",
-           "reference_seeds", "interval", "resamples", "level"]
+COLUMNS = [
+    "figures",
+    "curve",
+    "dataset",
+    "architecture",
+    "variant",
+    "reference",
+    "exit",
+    "budget",
+    "accuracy",
+    "reference_accuracy",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_holm",
+    "n_test",
+    "seeds",
+    "reference_seeds",
+    "interval",
+    "resamples",
+    "level",
+]
 
 
-def budgets_for(settings: dict[str, Any], dataset: str, arch: str, a: VariantReplicates,
-                b: VariantReplicates) -> np.ndarray:
+def budgets_for(
+    settings: dict[str, Any], dataset: str, arch: str, a: VariantReplicates, b: VariantReplicates
+) -> np.ndarray:
     """``report.comparison_budgets`` for this dataset and architecture; else Table 1's budgets
     where Table 1 is on them; else 4 budgets spread over the FLOPs range both curves cover."""
     for entry in settings["budgets"]:
@@ -38,16 +59,21 @@ def budgets_for(settings: dict[str, Any], dataset: str, arch: str, a: VariantRep
 
 
 def _selected(spec: dict[str, Any], key: VariantKey) -> bool:
-    return all(spec.get(name) is None or value in spec[name]
-               for name, value in zip(("datasets", "architectures", "variants"), key))
+    return all(
+        spec.get(name) is None or value in spec[name]
+        for name, value in zip(("datasets", "architectures", "variants"), key)
+    )
 
 
-def _pair_rows(curve: str, key: VariantKey, reference: str, a: VariantReplicates, b: VariantReplicates,
-               settings: dict[str, Any]) -> list[dict[str, Any]]:
+def _pair_rows(
+    curve: str, key: VariantKey, reference: str, a: VariantReplicates, b: VariantReplicates, settings: dict[str, Any]
+) -> list[dict[str, Any]]:
     dataset, arch, variant = key
     if a.n_test != b.n_test:
-        raise ValueError(f"{dataset}/{arch}: {variant} has {a.n_test} test samples and {reference} {b.n_test}; "
-                         "a paired comparison needs the same test set")
+        raise ValueError(
+            f"{dataset}/{arch}: {variant} has {a.n_test} test samples and {reference} {b.n_test}; "
+            "a paired comparison needs the same test set"
+        )
     if curve == "anytime":
         point_a, reps_a = a.mean("anytime_accuracy")
         point_b, reps_b = b.mean("anytime_accuracy")
@@ -63,12 +89,30 @@ def _pair_rows(curve: str, key: VariantKey, reference: str, a: VariantReplicates
     diff = reps_a - reps_b
     low, high = interval(diff, a.level)
     p = p_value(diff)
-    return [{"curve": curve, "dataset": dataset, "architecture": arch, "variant": variant, "reference": reference,
-             "exit": exits[i], "budget": float(budgets[i]), "accuracy": point_a[i], "reference_accuracy": point_b[i],
-             "difference": point_a[i] - point_b[i], "ci_low": low[i], "ci_high": high[i], "p_value": p[i],
-             "n_test": a.n_test, "seeds": len(a.seeds), "reference_seeds": len(b.seeds),
-             "interval": a.interval_kind if len(a.seeds) >= len(b.seeds) else b.interval_kind,
-             "resamples": a.resamples, "level": a.level} for i in range(len(budgets))]
+    return [
+        {
+            "curve": curve,
+            "dataset": dataset,
+            "architecture": arch,
+            "variant": variant,
+            "reference": reference,
+            "exit": exits[i],
+            "budget": float(budgets[i]),
+            "accuracy": point_a[i],
+            "reference_accuracy": point_b[i],
+            "difference": point_a[i] - point_b[i],
+            "ci_low": low[i],
+            "ci_high": high[i],
+            "p_value": p[i],
+            "n_test": a.n_test,
+            "seeds": len(a.seeds),
+            "reference_seeds": len(b.seeds),
+            "interval": a.interval_kind if len(a.seeds) >= len(b.seeds) else b.interval_kind,
+            "resamples": a.resamples,
+            "level": a.level,
+        }
+        for i in range(len(budgets))
+    ]
 
 
 def comparisons(variants: dict[VariantKey, VariantReplicates], settings: dict[str, Any]) -> pd.DataFrame:
@@ -79,8 +123,9 @@ def comparisons(variants: dict[VariantKey, VariantReplicates], settings: dict[st
         curves = ["anytime", "budgeted"] if spec["kind"] == "both" else [spec["kind"]]
         reference = spec["reference"]
         known = list(settings["labels"])
-        order = spec.get("variants") or sorted({v for _, _, v in variants},
-                                               key=lambda v: (known.index(v) if v in known else len(known), v))
+        order = spec.get("variants") or sorted(
+            {v for _, _, v in variants}, key=lambda v: (known.index(v) if v in known else len(known), v)
+        )
         pairs = sorted({(d, a) for d, a, _ in variants if (d, a, reference) in variants})
         for curve in curves:
             for dataset, arch in pairs:
@@ -88,8 +133,9 @@ def comparisons(variants: dict[VariantKey, VariantReplicates], settings: dict[st
                     key = (dataset, arch, variant)
                     if variant == reference or key not in variants or not _selected(spec, key):
                         continue
-                    for row in _pair_rows(curve, key, reference, variants[key], variants[(dataset, arch, reference)],
-                                          settings):
+                    for row in _pair_rows(
+                        curve, key, reference, variants[key], variants[(dataset, arch, reference)], settings
+                    ):
                         ident = (curve, dataset, arch, variant, reference, row["budget"])
                         rows.setdefault(ident, {**row, "figures": []})["figures"].append(figure)
     table = pd.DataFrame(list(rows.values()), columns=COLUMNS)
@@ -117,7 +163,8 @@ def comparisons_markdown(table: pd.DataFrame, labels: dict[str, str]) -> str:
     excluding = finite[(finite["ci_low"] > 0) | (finite["ci_high"] < 0)]
     after_holm = excluding[excluding["p_holm"] < 1 - excluding["level"]]
     lines = [
-        "# Paired comparisons", "",
+        "# Paired comparisons",
+        "",
         "Each variant of a figure against the figure's reference variant (`report.figures.<f>.reference`),",
         "on the same test set: differences in accuracy points (variant minus reference) with their",
         f"{level} percentile interval from a paired bootstrap (the same resampled test indices for both",
@@ -125,27 +172,40 @@ def comparisons_markdown(table: pd.DataFrame, labels: dict[str, str]) -> str:
         "Budgeted curves are compared at fixed FLOPs budgets (each curve interpolated within each",
         "resample), anytime curves at each exit. p: two-sided, 2 min(P(d <= 0), P(d >= 0)) over the",
         "resamples with the +1 correction; p (Holm): adjusted over every row of this page. With many",
-        "rows some intervals exclude 0 by chance alone; the Holm column controls that.", "",
+        "rows some intervals exclude 0 by chance alone; the Holm column controls that.",
+        "",
         f"{len(excluding)} of {len(finite)} differences exclude 0 at {level}; {len(after_holm)} remain after "
-        "Holm's correction.", "",
+        "Holm's correction.",
+        "",
     ]
     for (curve, dataset, arch, reference), group in table.groupby(
-            ["curve", "dataset", "architecture", "reference"], sort=False):
+        ["curve", "dataset", "architecture", "reference"], sort=False
+    ):
         n_test = int(group["n_test"].iloc[0])
-        lines += [f"## {curve}: {dataset} / {arch}, against {labels.get(reference, reference)} "
-                  f"({n_test} test samples)", "",
-                  f"| variant | {'exit' if curve == 'anytime' else 'budget'} (MFLOPs) | accuracy | reference | "
-                  "difference [interval] | p | p (Holm) | seeds | |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {curve}: {dataset} / {arch}, against {labels.get(reference, reference)} ({n_test} test samples)",
+            "",
+            f"| variant | {'exit' if curve == 'anytime' else 'budget'} (MFLOPs) | accuracy | reference | "
+            "difference [interval] | p | p (Holm) | seeds | |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for _, row in group.iterrows():
-            where = (f"{int(row['exit'])} ({row['budget'] / 1e6:.3g})" if curve == "anytime"
-                     else f"{row['budget'] / 1e6:.3g}")
-            diff = ("n/a" if np.isnan(row["difference"]) else
-                    f"{row['difference']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]")
+            where = (
+                f"{int(row['exit'])} ({row['budget'] / 1e6:.3g})"
+                if curve == "anytime"
+                else f"{row['budget'] / 1e6:.3g}"
+            )
+            diff = (
+                "n/a"
+                if np.isnan(row["difference"])
+                else f"{row['difference']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+            )
             p_text = "n/a" if np.isnan(row["p_value"]) else f"{row['p_value']:.3g}"
             holm_text = "n/a" if np.isnan(row["p_holm"]) else f"{row['p_holm']:.3g}"
-            lines.append(f"| {labels.get(row['variant'], row['variant'])} | {where} | {row['accuracy']:.2f} | "
-                         f"{row['reference_accuracy']:.2f} | {diff} | {p_text} | {holm_text} | "
-                         f"{row['seeds']} vs {row['reference_seeds']} | {_verdict(row)} |")
+            lines.append(
+                f"| {labels.get(row['variant'], row['variant'])} | {where} | {row['accuracy']:.2f} | "
+                f"{row['reference_accuracy']:.2f} | {diff} | {p_text} | {holm_text} | "
+                f"{row['seeds']} vs {row['reference_seeds']} | {_verdict(row)} |"
+            )
         lines.append("")
     return "\n".join(lines)

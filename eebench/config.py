@@ -30,10 +30,14 @@ from .posthoc import POSTHOC
 from .recipe import Recipe
 from .style import all_variants, variant_label, variant_names
 
-
 CELL_PATTERN = "{dataset}/{arch}/{variant}/seed{seed}"  # a cell's place under every results/ folder
 # figure name -> the curves it draws (the schema's report.figures keys are these names)
-FIGURE_KINDS = {"fig2_anytime": "anytime", "fig3_budgeted": "budgeted", "fig4_posthoc": "budgeted", "fig5_imagenet": "both"}
+FIGURE_KINDS = {
+    "fig2_anytime": "anytime",
+    "fig3_budgeted": "budgeted",
+    "fig4_posthoc": "budgeted",
+    "fig5_imagenet": "both",
+}
 
 
 class ConfigError(ValueError):
@@ -92,8 +96,15 @@ def _key_path(parts: Any) -> str:
     return out
 
 
-_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
-               "array": "a list", "object": "a mapping of keys to values", "null": "null"}
+_TYPE_NAMES = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "boolean": "true or false",
+    "array": "a list",
+    "object": "a mapping of keys to values",
+    "null": "null",
+}
 
 
 def _schema_message(err: Any) -> str:
@@ -115,8 +126,10 @@ def _schema_message(err: Any) -> str:
         known = sorted(err.schema.get("properties", {}))
         unknown = sorted(set(value) - set(known))
         names = ", ".join(map(repr, unknown))
-        return (f"config {where}: unknown key{'s' if len(unknown) > 1 else ''} {names}; "
-                f"allowed: {', '.join(known) if known else 'none'}")
+        return (
+            f"config {where}: unknown key{'s' if len(unknown) > 1 else ''} {names}; "
+            f"allowed: {', '.join(known) if known else 'none'}"
+        )
     elif kind == "required":
         missing = [k for k in rule if k not in value]
         return f"config {where}: required key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} missing"
@@ -208,8 +221,13 @@ def latency_cells(config: dict[str, Any]) -> list[Cell]:
     if not spec:
         return []
     archs, datasets = spec.get("architectures"), spec.get("datasets")
-    return [c for c in cells(config) if c.variant in spec["variants"]
-            and (archs is None or c.arch in archs) and (datasets is None or c.dataset in datasets)]
+    return [
+        c
+        for c in cells(config)
+        if c.variant in spec["variants"]
+        and (archs is None or c.arch in archs)
+        and (datasets is None or c.dataset in datasets)
+    ]
 
 
 def table1_latency_cells(config: dict[str, Any]) -> list[Cell]:
@@ -280,14 +298,27 @@ def split_identity(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     return out
 
 
-def pretrained_fingerprint(dataset: str, family: str, arch_params: dict[str, Any], fmt: str, checkpoint_hash: str,
-                           method: str = "standard", method_params: dict[str, Any] | None = None) -> str:
+def pretrained_fingerprint(
+    dataset: str,
+    family: str,
+    arch_params: dict[str, Any],
+    fmt: str,
+    checkpoint_hash: str,
+    method: str = "standard",
+    method_params: dict[str, Any] | None = None,
+) -> str:
     """What determines converted weights: the network, the checkpoint's content and format, and
     the method whose evaluation they get (``convert-checkpoint`` writes the same for ``standard``)."""
-    return stable_hash({
-        "pretrained": {"format": fmt, "checkpoint": checkpoint_hash}, "dataset": dataset, "family": family,
-        "arch": arch_params, "method": method, "params": method_params or {},
-    })
+    return stable_hash(
+        {
+            "pretrained": {"format": fmt, "checkpoint": checkpoint_hash},
+            "dataset": dataset,
+            "family": family,
+            "arch": arch_params,
+            "method": method,
+            "params": method_params or {},
+        }
+    )
 
 
 def dataset_declared(config: dict[str, Any], dataset: str) -> dict[str, Any]:
@@ -304,22 +335,36 @@ def cell_fingerprint(config: dict[str, Any], cell: Cell) -> str:
     family, params = architecture(config, cell.arch)
     if is_pretrained(config, cell.variant):
         spec = pretrained_variant(config, cell.variant)
-        return pretrained_fingerprint(cell.dataset, family, params, spec["format"],
-                                      content_hash(spec["checkpoints"][cell.arch]), spec["method"], spec["params"])
+        return pretrained_fingerprint(
+            cell.dataset,
+            family,
+            params,
+            spec["format"],
+            content_hash(spec["checkpoints"][cell.arch]),
+            spec["method"],
+            spec["params"],
+        )
     variant = training_variant(config, cell.variant)
     parent = dependencies(config, cell)[0] if variant["init_from"] else None
     split = split_identity(config, cell.dataset)
-    return stable_hash({
-        "dataset": cell.dataset, "split_seed": config["split_seed"], "family": family, "arch": params,
-        "method": variant["method"], "params": variant["params"], "seed": cell.seed,
-        "recipe": dataclasses.asdict(recipe_for(config, cell.dataset, cell.variant)),
-        "parent": cell_fingerprint(config, parent) if parent else None,
-        # a changed held-out size makes another split (only present when set, so that older
-        # configs keep their fingerprints)
-        **({"val_size": held_out} if (held_out := val_size(config, cell.dataset)) is not None else {}),
-        **({"split": split} if split else {}),
-        **({"dataset_declaration": declared} if (declared := dataset_declared(config, cell.dataset)) else {}),
-    })
+    return stable_hash(
+        {
+            "dataset": cell.dataset,
+            "split_seed": config["split_seed"],
+            "family": family,
+            "arch": params,
+            "method": variant["method"],
+            "params": variant["params"],
+            "seed": cell.seed,
+            "recipe": dataclasses.asdict(recipe_for(config, cell.dataset, cell.variant)),
+            "parent": cell_fingerprint(config, parent) if parent else None,
+            # a changed held-out size makes another split (only present when set, so that older
+            # configs keep their fingerprints)
+            **({"val_size": held_out} if (held_out := val_size(config, cell.dataset)) is not None else {}),
+            **({"split": split} if split else {}),
+            **({"dataset_declaration": declared} if (declared := dataset_declared(config, cell.dataset)) else {}),
+        }
+    )
 
 
 def _fail(where: str, value: Any, allowed: Any) -> None:
@@ -345,14 +390,14 @@ def _check_datasets(config: dict[str, Any]) -> None:
             dataset_info(name, config)
         except DeclarationError as err:
             raise ConfigError(f"config {err}") from None
-        _wrap(lambda: registry.build_params(Recipe, spec.get("recipe", {}), f"config datasets.{name}.recipe"))
+        _wrap("", registry.build_params, Recipe, spec.get("recipe", {}), f"config datasets.{name}.recipe")
 
 
 def _check_architectures(config: dict[str, Any]) -> None:
     for name, arch in config["architectures"].items():
         if arch["family"] not in list_architectures():
             _fail(f"architectures.{name}.family", arch["family"], list_architectures())
-        _wrap(lambda: make_config(arch["family"], arch.get("params", {})), f"architectures.{name}.params")
+        _wrap(f"architectures.{name}.params", make_config, arch["family"], arch.get("params", {}))
 
 
 def _check_methods(config: dict[str, Any]) -> None:
@@ -362,16 +407,18 @@ def _check_methods(config: dict[str, Any]) -> None:
         variant = training_variant(config, name)
         if variant["method"] not in METHODS.names():
             _fail(f"methods.{name}.method", variant["method"], METHODS.names())
-        _wrap(lambda: METHODS.make_params(variant["method"], variant["params"]), f"methods.{name}.params")
-        _wrap(lambda: registry.build_params(Recipe, variant["recipe"], f"config methods.{name}.recipe"))
+        _wrap(f"methods.{name}.params", METHODS.make_params, variant["method"], variant["params"])
+        _wrap("", registry.build_params, Recipe, variant["recipe"], f"config methods.{name}.recipe")
         if variant["init_from"] is not None and variant["init_from"] not in parents:
             _fail(f"methods.{name}.init_from", variant["init_from"], parents)
     for name in config["methods"]:
         chain = [name]
         while (parent := training_variant(config, chain[-1])["init_from"]) is not None:
             if parent in chain:
-                raise ConfigError(f"config methods.{name}.init_from: {' -> '.join(chain + [parent])} is a cycle; "
-                                  "allowed: a chain that ends at a variant trained from scratch")
+                raise ConfigError(
+                    f"config methods.{name}.init_from: {' -> '.join(chain + [parent])} is a cycle; "
+                    "allowed: a chain that ends at a variant trained from scratch"
+                )
             chain.append(parent)
 
 
@@ -381,7 +428,7 @@ def _check_posthoc(config: dict[str, Any]) -> None:
         variant = posthoc_variant(config, name)
         if variant["method"] not in POSTHOC.names():
             _fail(f"posthoc.{name}.method", variant["method"], POSTHOC.names())
-        _wrap(lambda: POSTHOC.make_params(variant["method"], variant["params"]), f"posthoc.{name}.params")
+        _wrap(f"posthoc.{name}.params", POSTHOC.make_params, variant["method"], variant["params"])
         if variant["base"] not in bases:
             _fail(f"posthoc.{name}.base", variant["base"], bases)
 
@@ -400,7 +447,7 @@ def _check_experiments(config: dict[str, Any]) -> None:
                 _check_capabilities(config, variant, arch, f"experiments[{i}]")
             for dataset in exp["datasets"]:
                 for variant in exp.get("methods", []):
-                    _wrap(lambda: recipe_for(config, dataset, variant), f"recipe for {dataset}/{variant}")
+                    _wrap(f"recipe for {dataset}/{variant}", recipe_for, config, dataset, variant)
                 if (arch, dataset) not in built:
                     _check_buildable(config, arch, dataset)
                     built.add((arch, dataset))
@@ -413,29 +460,37 @@ def _check_latency(config: dict[str, Any], fail) -> None:
     table = config["report"].get("table1")
     if spec is None:
         if table is not None and table.get("budget_unit", "flops") == "ms":
-            raise ConfigError("config report.table1.budget_unit: 'ms' needs a latency section measuring "
-                              f"{table['dataset']}/{table['architecture']}; allowed without one: flops")
+            raise ConfigError(
+                "config report.table1.budget_unit: 'ms' needs a latency section measuring "
+                f"{table['dataset']}/{table['architecture']}; allowed without one: flops"
+            )
         return
     variants = list(config["methods"]) + list(config["posthoc"])
-    for key, allowed in (("variants", variants), ("architectures", list(config["architectures"])),
-                         ("datasets", list(config["datasets"]))):
+    for key, allowed in (
+        ("variants", variants),
+        ("architectures", list(config["architectures"])),
+        ("datasets", list(config["datasets"])),
+    ):
         for value in spec.get(key) or []:
             if value not in allowed:
                 fail(f"latency.{key}", value, allowed)
     if not latency_cells(config):
-        raise ConfigError("config latency: selects no cell of the experiments; allowed: variants, architectures "
-                          "and datasets that some experiment combines")
+        raise ConfigError(
+            "config latency: selects no cell of the experiments; allowed: variants, architectures "
+            "and datasets that some experiment combines"
+        )
     measured = set(latency_cells(config))
     for cell in table1_latency_cells(config):
         if cell not in measured:
-            raise ConfigError(f"config report.table1.latency_variant: {cell.path} is not measured by the latency "
-                              "section; allowed: a latency variant run on Table 1's dataset and architecture")
+            raise ConfigError(
+                f"config report.table1.latency_variant: {cell.path} is not measured by the latency "
+                "section; allowed: a latency variant run on Table 1's dataset and architecture"
+            )
 
 
 def _check_capabilities(config: dict[str, Any], variant: str, arch: str, where: str) -> None:
     """A method that needs what an architecture does not offer (EENets' confidence branches) is
     refused here, naming both, instead of failing in its first training step."""
-
 
     method = training_variant(config, variant)["method"]
     family = config["architectures"][arch]["family"]
@@ -459,13 +514,18 @@ def _check_pretrained(config: dict[str, Any], fail) -> None:
 
     for dataset, spec in config["datasets"].items():
         if spec.get("val_from") == "test" and dataset_info(dataset, config).test_fraction is not None:
-            fail(f"datasets.{dataset}.val_from", "test",
-                 f"train ({dataset} has no test set of its own: its test split is carved from the same pool)")
+            fail(
+                f"datasets.{dataset}.val_from",
+                "test",
+                f"train ({dataset} has no test set of its own: its test split is carved from the same pool)",
+            )
     for name in config["pretrained"]:
         where = f"pretrained.{name}"
         if name in config["methods"] or name in config["posthoc"]:
-            raise ConfigError(f"config {where}: {name!r} also names a training or post-hoc variant; "
-                              "allowed: a name used once across methods, pretrained and posthoc")
+            raise ConfigError(
+                f"config {where}: {name!r} also names a training or post-hoc variant; "
+                "allowed: a name used once across methods, pretrained and posthoc"
+            )
         spec = pretrained_variant(config, name)
         if spec["dataset"] not in config["datasets"]:
             fail(f"{where}.dataset", spec["dataset"], list(config["datasets"]))
@@ -477,29 +537,36 @@ def _check_pretrained(config: dict[str, Any], fail) -> None:
                 fail(f"{where}.checkpoints", arch, list(config["architectures"]))
             family = config["architectures"][arch]["family"]
             if family not in fmt.families:
-                raise ConfigError(f"config {where}.checkpoints.{arch}: {arch!r} is a {family} architecture, but "
-                                  f"format {fmt.name!r} ({fmt.repository}) holds {' or '.join(fmt.families)} "
-                                  "checkpoints; allowed: an architecture of that family")
+                raise ConfigError(
+                    f"config {where}.checkpoints.{arch}: {arch!r} is a {family} architecture, but "
+                    f"format {fmt.name!r} ({fmt.repository}) holds {' or '.join(fmt.families)} "
+                    "checkpoints; allowed: an architecture of that family"
+                )
         if spec["method"] not in METHODS.names():
             fail(f"{where}.method", spec["method"], METHODS.names())
-        _wrap(lambda: METHODS.make_params(spec["method"], spec["params"]), f"{where}.params")
+        _wrap(f"{where}.params", METHODS.make_params, spec["method"], spec["params"])
     used = [c for c in cells(config) if is_pretrained(config, c.variant)]
     for cell in used:
         spec = pretrained_variant(config, cell.variant)
         if cell.dataset != spec["dataset"]:
-            raise ConfigError(f"config experiments: pretrained variant {cell.variant!r} holds checkpoints for dataset "
-                              f"{spec['dataset']!r}; it is not allowed on dataset {cell.dataset!r}")
+            raise ConfigError(
+                f"config experiments: pretrained variant {cell.variant!r} holds checkpoints for dataset "
+                f"{spec['dataset']!r}; it is not allowed on dataset {cell.dataset!r}"
+            )
         if cell.arch not in spec["checkpoints"]:
-            raise ConfigError(f"config pretrained.{cell.variant}.checkpoints: no checkpoint for architecture "
-                              f"{cell.arch!r}, which the experiments run it on (or a variant initialised from it); "
-                              f"allowed architectures: {', '.join(spec['checkpoints'])}")
+            raise ConfigError(
+                f"config pretrained.{cell.variant}.checkpoints: no checkpoint for architecture "
+                f"{cell.arch!r}, which the experiments run it on (or a variant initialised from it); "
+                f"allowed architectures: {', '.join(spec['checkpoints'])}"
+            )
     for dataset in sorted({c.dataset for c in used}):
         _check_held_out(config, dataset, sorted({c.variant for c in used if c.dataset == dataset}))
     for dataset, spec in config["datasets"].items():
         if "val_indices" in spec and val_from(config, dataset) == "test":
             raise ConfigError(
                 f"config datasets.{dataset}.val_indices: not used, since datasets.{dataset}.val_from is 'test' "
-                f"(val is drawn from the test set); allowed: no val_indices, or datasets.{dataset}.val_from: train")
+                f"(val is drawn from the test set); allowed: no val_indices, or datasets.{dataset}.val_from: train"
+            )
 
 
 def _check_held_out(config: dict[str, Any], dataset: str, names: list[str]) -> None:
@@ -513,7 +580,8 @@ def _check_held_out(config: dict[str, Any], dataset: str, names: list[str]) -> N
         f"pool, from which the harness draws its val split, and calibrating exit thresholds on images a "
         "network was trained on biases every threshold. Give the indices of the images its training held "
         f"out (datasets.{dataset}.val_indices: the index.pth the reference code writes with --use-valid), or draw "
-        f"val from the test set (datasets.{dataset}.val_from: test, with a val_size below the test set's size)")
+        f"val from the test set (datasets.{dataset}.val_from: test, with a val_size below the test set's size)"
+    )
 
 
 def check_pretrained_files(config: dict[str, Any]) -> None:
@@ -528,20 +596,23 @@ def check_pretrained_files(config: dict[str, Any]) -> None:
         fetch = f"; download it from {spec['source']}" if spec.get("source") else ""
         path = spec["checkpoints"][cell.arch]
         if not Path(path).is_file():
-            raise ConfigError(f"config pretrained.{cell.variant}.checkpoints.{cell.arch}: {path!r} "
-                              f"({Path(path).resolve()}) is not a file{fetch}, or set the path to where it is")
+            raise ConfigError(
+                f"config pretrained.{cell.variant}.checkpoints.{cell.arch}: {path!r} "
+                f"({Path(path).resolve()}) is not a file{fetch}, or set the path to where it is"
+            )
     for dataset in sorted({c.dataset for c in cells(config)}):
         path = held_out_file(config, dataset)
         if path is not None and not Path(path).is_file():
-            raise ConfigError(f"config datasets.{dataset}.val_indices: {path!r} ({Path(path).resolve()}) is not a "
-                              "file, or set the path to where it is")
+            raise ConfigError(
+                f"config datasets.{dataset}.val_indices: {path!r} ({Path(path).resolve()}) is not a "
+                "file, or set the path to where it is"
+            )
 
 
 def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:
     """The checks a network runs on its config and the dataset's input size before it allocates
     anything (a scale list that does not fit the input, early exits that do not fit the depth),
     without building it: milliseconds, where building even on the meta device takes seconds."""
-
 
     family, params = architecture(config, arch)
     spec = dataset_info(dataset, config).input  # what the network is built for: compatibility is its own checks
@@ -551,20 +622,20 @@ def _check_buildable(config: dict[str, Any], arch: str, dataset: str) -> None:
         if validate is not None and "input_size" in inspect.signature(validate).parameters:
             validate(spec.size)  # msdnet, ranet: scales that fit the input size
         if family == "ee_resnet":
-
             exit_positions(arch_config, resnet_plan(arch_config, spec))  # early exits that fit the depth
     except (ValueError, TypeError, KeyError) as err:
         message = err.args[0] if err.args else str(err)
-        raise ConfigError(f"config architectures.{arch}.params (on dataset {dataset!r}, {spec.channels}x{spec.size}x"
-                          f"{spec.size} images, datasets.{dataset}): {message}") from None
+        raise ConfigError(
+            f"config architectures.{arch}.params (on dataset {dataset!r}, {spec.channels}x{spec.size}x"
+            f"{spec.size} images, datasets.{dataset}): {message}"
+        ) from None
 
 
 def _check_report(config: dict[str, Any], fail) -> None:
     """Names in the report section must be configured datasets, architectures and variants."""
     report = config["report"]
     variants = list(config["methods"]) + list(config["pretrained"]) + list(config["posthoc"])
-    known = {"datasets": list(config["datasets"]), "architectures": list(config["architectures"]),
-             "variants": variants}
+    known = {"datasets": list(config["datasets"]), "architectures": list(config["architectures"]), "variants": variants}
     for name, spec in report.get("figures", {}).items():
         for key, allowed in known.items():
             for value in spec.get(key, []):
@@ -593,8 +664,11 @@ def _check_report(config: dict[str, Any], fail) -> None:
         for i, row in enumerate(eenets["rows"]):
             if row.get("variant", eenets["variant"]) not in config["methods"]:
                 fail(f"report.eenets_table.rows[{i}].variant", row.get("variant"), list(config["methods"]))
-            for key, allowed in (("dataset", known["datasets"]), ("architecture", known["architectures"]),
-                                 ("plain", known["architectures"])):
+            for key, allowed in (
+                ("dataset", known["datasets"]),
+                ("architecture", known["architectures"]),
+                ("plain", known["architectures"]),
+            ):
                 if row[key] not in allowed:
                     fail(f"report.eenets_table.rows[{i}].{key}", row[key], allowed)
 
@@ -612,8 +686,9 @@ def check_data(config: dict[str, Any]) -> None:
         try:
             check_files(spec, config["data_dir"])
         except DatasetError as err:
-            raise ConfigError(f"config {err}" if str(err).startswith("datasets.") else
-                              f"config data_dir / datasets.{dataset}: {err}") from None
+            raise ConfigError(
+                f"config {err}" if str(err).startswith("datasets.") else f"config data_dir / datasets.{dataset}: {err}"
+            ) from None
 
 
 def check_budgets(config: dict[str, Any], exit_flops: list[float]) -> None:
@@ -633,9 +708,10 @@ def check_budgets(config: dict[str, Any], exit_flops: list[float]) -> None:
         )
 
 
-def _wrap(fn, where: str = "") -> Any:
+def _wrap(where: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, its ValueError, TypeError or KeyError as a ConfigError at ``where``."""
     try:
-        return fn()
+        return fn(*args)
     except (ValueError, TypeError, KeyError) as err:
         message = err.args[0] if err.args else str(err)
         raise ConfigError(f"config {where}: {message}" if where else str(message)) from None
@@ -645,8 +721,13 @@ def resolved_cell_config(config: dict[str, Any], cell: Cell) -> dict[str, Any]:
     """Everything that defines a cell, for its provenance record."""
     family, params = architecture(config, cell.arch)
     out: dict[str, Any] = {
-        "dataset": cell.dataset, "architecture": cell.arch, "family": family, "arch_params": params,
-        "variant": cell.variant, "seed": cell.seed, "split_seed": config["split_seed"],
+        "dataset": cell.dataset,
+        "architecture": cell.arch,
+        "family": family,
+        "arch_params": params,
+        "variant": cell.variant,
+        "seed": cell.seed,
+        "split_seed": config["split_seed"],
         "flops_convention": config["flops_convention"],
         "dataset_declaration": declaration(cell.dataset, config),  # format, files, size, augmentation, ...
     }
@@ -678,8 +759,10 @@ def figure_spec(config: dict[str, Any], figure: str) -> dict[str, Any]:
 def figure_selects(config: dict[str, Any], figure: str, cell: Cell) -> bool:
     """Is ``cell`` drawn in ``figure`` (its datasets, architectures and variants; none listed = all)?"""
     spec = figure_spec(config, figure)
-    return all(spec.get(key) is None or value in spec[key] for key, value in
-               (("datasets", cell.dataset), ("architectures", cell.arch), ("variants", cell.variant)))
+    return all(
+        spec.get(key) is None or value in spec[key]
+        for key, value in (("datasets", cell.dataset), ("architectures", cell.arch), ("variants", cell.variant))
+    )
 
 
 def comparison_settings(config: dict[str, Any], figure_kinds: dict[str, str]) -> dict[str, Any]:

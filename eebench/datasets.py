@@ -29,14 +29,40 @@ import yaml
 
 from models import InputSpec
 
-from .formats import (FORMATS, DatasetError, DatasetFileError, DatasetFormat, DatasetMissingError, ImagePool,
-                      Probe, digits_arrays, read_any, torchvision_download)
+from .formats import (
+    FORMATS,
+    DatasetError,
+    DatasetFileError,
+    DatasetFormat,
+    DatasetMissingError,
+    ImagePool,
+    Probe,
+    digits_arrays,
+    read_any,
+    torchvision_download,
+)
 from .imagefolder import FolderImages, eval_batches
 from .tv import import_torchvision
 
-__all__ = ["BUILTIN_PATH", "DatasetError", "DatasetFileError", "DatasetMissingError", "DatasetSpec",
-           "DeclarationError", "ImagePool", "builtin_datasets", "channel_stats", "check_files", "dataset_info",
-           "declaration", "digits_arrays", "load_pool", "locate", "make_split", "split_images"]
+__all__ = [
+    "BUILTIN_PATH",
+    "DatasetError",
+    "DatasetFileError",
+    "DatasetMissingError",
+    "DatasetSpec",
+    "DeclarationError",
+    "ImagePool",
+    "builtin_datasets",
+    "channel_stats",
+    "check_files",
+    "dataset_info",
+    "declaration",
+    "digits_arrays",
+    "load_pool",
+    "locate",
+    "make_split",
+    "split_images",
+]
 
 BUILTIN_PATH = Path(__file__).resolve().parents[1] / "config" / "builtin_datasets.yaml"
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
@@ -111,7 +137,8 @@ def declaration(name: str, config: dict[str, Any] | None = None) -> dict[str, An
     if name not in builtins:
         raise DeclarationError(
             f"datasets.{name}: {name!r} is not a built-in dataset and declares no format; allowed: a built-in "
-            f"dataset ({', '.join(builtins)}) or an entry with its own format ({', '.join(FORMATS)})")
+            f"dataset ({', '.join(builtins)}) or an entry with its own format ({', '.join(FORMATS)})"
+        )
     merged = copy.deepcopy(builtins[name])
     for key, value in own.items():
         merged[key] = {**merged.get(key, {}), **value} if key in MERGED_KEYS else value
@@ -128,8 +155,9 @@ def dataset_info(name: str, config: dict[str, Any] | None = None) -> DatasetSpec
 
     missing = [k for k in ("format", "image_size", "channels", "classes", "val_size") if k not in decl]
     if missing:
-        raise DeclarationError(f"{key}: required key{'s' if len(missing) > 1 else ''} "
-                               f"{', '.join(map(repr, missing))} missing")
+        raise DeclarationError(
+            f"{key}: required key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} missing"
+        )
     if decl["format"] not in FORMATS:
         raise fail("format", decl["format"], ", ".join(FORMATS))
     reader = FORMATS[decl["format"]]
@@ -139,30 +167,47 @@ def dataset_info(name: str, config: dict[str, Any] | None = None) -> DatasetSpec
             raise fail(sub, value, f"{fixed} (format {reader.name!r} always holds {fixed})")
     mean, std = decl.get("mean"), decl.get("std")
     if (mean is None) != (std is None):
-        raise fail("mean" if mean is None else "std", mean if std is None else std,
-                   "mean and std both given, or both left out (then computed from the training split)")
+        raise fail(
+            "mean" if mean is None else "std",
+            mean if std is None else std,
+            "mean and std both given, or both left out (then computed from the training split)",
+        )
     for sub, values in (("mean", mean), ("std", std)):
         if values is not None and len(values) != channels:
             raise fail(sub, values, f"a list of {channels} value{'s' if channels > 1 else ''}, one per channel")
     augment = decl.get("augment", {})
     if augment.get("resized_crop", False) and reader.in_memory:
-        raise fail("augment.resized_crop", True, f"false for format {reader.name!r} (a random resized crop "
-                   "needs images decoded per batch: format imagefolder)")
+        raise fail(
+            "augment.resized_crop",
+            True,
+            f"false for format {reader.name!r} (a random resized crop "
+            "needs images decoded per batch: format imagefolder)",
+        )
     files = {**reader.roles, **decl.get("files", {})}
     unknown = sorted(set(files) - set(reader.roles))
     if unknown:
-        raise fail(f"files.{unknown[0]}", files[unknown[0]], f"the roles of format {reader.name!r}: "
-                   + (", ".join(reader.roles) or "none (it reads no files)"))
+        raise fail(
+            f"files.{unknown[0]}",
+            files[unknown[0]],
+            f"the roles of format {reader.name!r}: " + (", ".join(reader.roles) or "none (it reads no files)"),
+        )
     val_size = decl["val_size"]
     return DatasetSpec(
-        name=name, format=reader.name, input=InputSpec(channels, size, classes),
-        mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
+        name=name,
+        format=reader.name,
+        input=InputSpec(channels, size, classes),
+        mean=tuple(mean) if mean is not None else None,
+        std=tuple(std) if std is not None else None,
         val_size=int(val_size) if isinstance(val_size, float) and val_size >= 1 else val_size,
         test_fraction=decl.get("test_fraction"),
-        crop_padding=int(augment.get("crop_padding", 0)), hflip=bool(augment.get("hflip", False)),
+        crop_padding=int(augment.get("crop_padding", 0)),
+        hflip=bool(augment.get("hflip", False)),
         augment="resized_crop" if augment.get("resized_crop", False) else "crop",
-        paths=tuple(decl.get("paths", [name])), files=files, archive=decl.get("archive"),
-        torchvision_download=decl.get("torchvision_download"), hint=decl.get("hint", ""),
+        paths=tuple(decl.get("paths", [name])),
+        files=files,
+        archive=decl.get("archive"),
+        torchvision_download=decl.get("torchvision_download"),
+        hint=decl.get("hint", ""),
     )
 
 
@@ -176,15 +221,19 @@ def candidate_dirs(spec: DatasetSpec, data_dir: str | Path) -> list[Path]:
     return [Path(p) if Path(p).is_absolute() else Path(data_dir) / p for p in spec.paths]
 
 
-def _missing_error(spec: DatasetSpec, data_dir: str | Path,
-                   looked: list[tuple[Path, list[str]]]) -> DatasetMissingError:
-    where = "; ".join(f"{path} ({'does not exist' if absent == ['the directory'] else 'no ' + ', '.join(absent)})"
-                      for path, absent in looked)
+def _missing_error(
+    spec: DatasetSpec, data_dir: str | Path, looked: list[tuple[Path, list[str]]]
+) -> DatasetMissingError:
+    where = "; ".join(
+        f"{path} ({'does not exist' if absent == ['the directory'] else 'no ' + ', '.join(absent)})"
+        for path, absent in looked
+    )
     hint = f": {spec.hint}" if spec.hint else ""
     return DatasetMissingError(
         f"dataset {spec.name!r} not found (format {spec.format}: {spec.reader.layout}); looked in {where}{hint}. "
         f"Set data_dir in the config (now {str(data_dir)!r}) to the directory that holds it, or {spec.key}.paths "
-        "to where its files are.")
+        "to where its files are."
+    )
 
 
 def locate(spec: DatasetSpec, data_dir: str | Path, download: bool = False) -> Path:
@@ -202,8 +251,9 @@ def locate(spec: DatasetSpec, data_dir: str | Path, download: bool = False) -> P
         try:
             torchvision_download(spec.torchvision_download, Path(data_dir))
         except (RuntimeError, OSError) as err:
-            raise DatasetMissingError(f"dataset {spec.name!r}: download into {data_dir} failed: "
-                                      f"{str(err).splitlines()[0]}") from None
+            raise DatasetMissingError(
+                f"dataset {spec.name!r}: download into {data_dir} failed: {str(err).splitlines()[0]}"
+            ) from None
     else:
         raise _missing_error(spec, data_dir, looked)
     looked = [(path, spec.reader.missing(spec, path)) for path in candidate_dirs(spec, data_dir)]
@@ -213,8 +263,7 @@ def locate(spec: DatasetSpec, data_dir: str | Path, download: bool = False) -> P
     raise _missing_error(spec, data_dir, looked)
 
 
-def load_pool(dataset: DatasetSpec | str, data_dir: str | Path, download: bool = False,
-              workers: int = 4) -> ImagePool:
+def load_pool(dataset: DatasetSpec | str, data_dir: str | Path, download: bool = False, workers: int = 4) -> ImagePool:
     """A dataset's training pool and test set: in memory, or (ImageFolder trees) as image files
     that ``workers`` DataLoader processes decode."""
     spec = _as_spec(dataset)
@@ -229,23 +278,29 @@ def check_files(spec: DatasetSpec, data_dir: str | Path) -> Probe:
     if probe.image_shape is not None:
         c, h, w = probe.image_shape
         if (h, w) != (spec.input.size, spec.input.size):
-            raise DatasetFileError(f"{spec.key}.image_size: {spec.input.size} declared, but {probe.source} holds "
-                                   f"{h}x{w} images")
+            raise DatasetFileError(
+                f"{spec.key}.image_size: {spec.input.size} declared, but {probe.source} holds {h}x{w} images"
+            )
         if c != spec.input.channels:
-            raise DatasetFileError(f"{spec.key}.channels: {spec.input.channels} declared, but {probe.source} holds "
-                                   f"images of {c} channel{'s' if c > 1 else ''}")
+            raise DatasetFileError(
+                f"{spec.key}.channels: {spec.input.channels} declared, but {probe.source} holds "
+                f"images of {c} channel{'s' if c > 1 else ''}"
+            )
     found = probe.classes_found
     if found != list(range(spec.input.num_classes)):
         shown = f"{len(found)} classes" + (f" (labels {found[0]}..{found[-1]})" if found else "")
-        raise DatasetFileError(f"{spec.key}.classes: {spec.input.num_classes} declared, but the training part of "
-                               f"{probe.source} has {shown}; expected labels 0..{spec.input.num_classes - 1}, "
-                               "each present")
+        raise DatasetFileError(
+            f"{spec.key}.classes: {spec.input.num_classes} declared, but the training part of "
+            f"{probe.source} has {shown}; expected labels 0..{spec.input.num_classes - 1}, "
+            "each present"
+        )
     return probe
 
 
 # --- splits and normalisation ----------------------------------------------------------------
-def make_split(dataset: DatasetSpec | str, pool_sizes: tuple[int, int], seed: int,
-               val_size: int | float | None = None) -> dict[str, np.ndarray]:
+def make_split(
+    dataset: DatasetSpec | str, pool_sizes: tuple[int, int], seed: int, val_size: int | float | None = None
+) -> dict[str, np.ndarray]:
     """Index arrays for train / val / test, a function of the declaration and seed only.
 
     ``pool_sizes`` = (size of the training pool, size of the official test set). Datasets without
@@ -259,8 +314,10 @@ def make_split(dataset: DatasetSpec | str, pool_sizes: tuple[int, int], seed: in
     order = rng.permutation(n_pool)
     if spec.test_fraction is not None or n_test == 0:
         if spec.test_fraction is None:
-            raise DeclarationError(f"{spec.key}.test_fraction: the files have no test set, so the test set must be "
-                                   "carved out of the training pool; allowed: a fraction in (0, 1)")
+            raise DeclarationError(
+                f"{spec.key}.test_fraction: the files have no test set, so the test set must be "
+                "carved out of the training pool; allowed: a fraction in (0, 1)"
+            )
         n_carved = int(round(n_pool * spec.test_fraction))
         test, order = np.sort(order[:n_carved]), order[n_carved:]
     else:
@@ -287,7 +344,7 @@ def channel_stats(images: torch.Tensor | FolderImages, batch_size: int = 4096) -
     if isinstance(images, FolderImages):
         batches = eval_batches(images, 256, torch.device("cpu"))
     else:
-        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+        batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
     total = square = None
     count = 0
     for batch in batches:

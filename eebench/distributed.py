@@ -30,8 +30,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -72,8 +73,10 @@ class Distributed:
 
     def check_batch_size(self, batch_size: int) -> None:
         if self.enabled and batch_size % self.world_size:
-            raise ValueError(f"recipe.batch_size {batch_size} is not divisible by the {self.world_size} "
-                             f"training processes; choose a multiple of {self.world_size}")
+            raise ValueError(
+                f"recipe.batch_size {batch_size} is not divisible by the {self.world_size} "
+                f"training processes; choose a multiple of {self.world_size}"
+            )
 
     # --- collectives (no-ops in one process) ---------------------------------------------------
     def should_stop(self, received: bool, batch: int, device: torch.device) -> bool:
@@ -123,12 +126,14 @@ class Distributed:
         count = torch.tensor([float(mismatched)], device=device)
         dist.all_reduce(count)
         if count.item():
-            raise RuntimeError(f"the {self.world_size} training processes ended with different weights "
-                               f"({int(count.item())} tensors differ from process 0's)")
+            raise RuntimeError(
+                f"the {self.world_size} training processes ended with different weights "
+                f"({int(count.item())} tensors differ from process 0's)"
+            )
         log.info("all %d processes hold the same weights", self.world_size)
 
     # --- gradient averaging --------------------------------------------------------------------
-    def attach(self, method: Any, optimizer: torch.optim.Optimizer | None, device: torch.device) -> "_Attached":
+    def attach(self, method: Any, optimizer: torch.optim.Optimizer | None, device: torch.device) -> _Attached:
         """Make ``method``'s optimisation steps average gradients over the processes.
 
         Call after the checkpoint is loaded and before training; ``detach()`` the result after.
@@ -170,8 +175,7 @@ class _DDPNetwork:
 
 
 class _Attached:
-    def __init__(self, ctx: Distributed, method: Any, optimizer: torch.optim.Optimizer | None,
-                 device: torch.device):
+    def __init__(self, ctx: Distributed, method: Any, optimizer: torch.optim.Optimizer | None, device: torch.device):
         self.method = method
         self.network = method.model
         self.handles: list[Any] = []
@@ -180,8 +184,9 @@ class _Attached:
         self.world_size = ctx.world_size
         default_step = type(method).train_step is TrainingMethod.train_step and not method.extra_modules()
         if default_step:
-            ddp = DistributedDataParallel(_ForwardAll(self.network),
-                                          device_ids=[device.index] if device.type == "cuda" else None)
+            ddp = DistributedDataParallel(
+                _ForwardAll(self.network), device_ids=[device.index] if device.type == "cuda" else None
+            )
             method.model = _DDPNetwork(self.network, ddp)
             log.info("DDP over %d processes (%s)", ctx.world_size, dist.get_backend())
             return
@@ -194,8 +199,12 @@ class _Attached:
             optimizers.append(optimizer)
         for opt in optimizers:
             self.handles.append(opt.register_step_pre_hook(self._average_gradients))
-        log.info("gradients averaged over %d processes at %d optimizer(s) (%s)", ctx.world_size,
-                 len(optimizers), dist.get_backend())
+        log.info(
+            "gradients averaged over %d processes at %d optimizer(s) (%s)",
+            ctx.world_size,
+            len(optimizers),
+            dist.get_backend(),
+        )
 
     def _average_gradients(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
@@ -218,8 +227,11 @@ class _Attached:
 
 def current() -> Distributed:
     """This process's place, from the environment torchrun sets."""
-    return Distributed(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
-                       local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    return Distributed(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def setup(device: torch.device) -> tuple[Distributed, torch.device]:

@@ -26,8 +26,9 @@ probabilities within ``tolerance`` of each other), which is counted as a tie.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -77,8 +78,7 @@ class MethodScorer(ExitScorer):
         self.method = method
         self.exit_score = exit_score
         # the default eval_outputs is the identity: nothing of the earlier exits is needed
-        self.reads_earlier_exits = (method is not None
-                                    and type(method).eval_outputs is not TrainingMethod.eval_outputs)
+        self.reads_earlier_exits = method is not None and type(method).eval_outputs is not TrainingMethod.eval_outputs
         self.transform = method.eval_outputs if self.reads_earlier_exits else None
 
     def evaluate(self, k: int, head: ExitHead, carry: Any) -> tuple[ExitHead, Any]:
@@ -156,18 +156,20 @@ class DynamicResult:
 def check_thresholds(thresholds: Any, num_exits: int, what: str = "thresholds") -> list[float]:
     """(K,) thresholds as floats, or a ValueError saying what is wrong (plain Python: this runs once
     per batch, and at batch 1 torch's per-call overhead would show in the latency)."""
-    values = [float(t) for t in (thresholds.flatten().tolist() if isinstance(thresholds, torch.Tensor)
-                                 else thresholds)]
+    values = [float(t) for t in (thresholds.flatten().tolist() if isinstance(thresholds, torch.Tensor) else thresholds)]
     has_nan = any(math.isnan(v) for v in values)
     if len(values) != num_exits or has_nan:
-        raise ValueError(f"{what}: expected {num_exits} thresholds (one per exit of the network), got "
-                         f"{len(values)}{' with nan' if has_nan else ''}")
+        raise ValueError(
+            f"{what}: expected {num_exits} thresholds (one per exit of the network), got "
+            f"{len(values)}{' with nan' if has_nan else ''}"
+        )
     return values
 
 
 @torch.inference_mode()
-def run_dynamic(network: MultiExitNetwork, x: torch.Tensor, thresholds: Any, scorer: ExitScorer,
-                record_scores: bool = False) -> DynamicResult:
+def run_dynamic(
+    network: MultiExitNetwork, x: torch.Tensor, thresholds: Any, scorer: ExitScorer, record_scores: bool = False
+) -> DynamicResult:
     """Exit-by-exit inference of the batch ``x`` (prepared as the network expects it, on its
     device) with per-exit ``thresholds`` (K,) of one budget. The network must be in eval mode."""
     if not network.segmented:
@@ -208,15 +210,25 @@ def run_dynamic(network: MultiExitNetwork, x: torch.Tensor, thresholds: Any, sco
     return DynamicResult(exits, predictions, ran, scores)
 
 
-def run_dynamic_batches(network: MultiExitNetwork, images: torch.Tensor, thresholds: Any, scorer: ExitScorer,
-                        batch_size: int, record_scores: bool = False) -> DynamicResult:
+def run_dynamic_batches(
+    network: MultiExitNetwork,
+    images: torch.Tensor,
+    thresholds: Any,
+    scorer: ExitScorer,
+    batch_size: int,
+    record_scores: bool = False,
+) -> DynamicResult:
     """``run_dynamic`` over prepared ``images`` in consecutive batches; results concatenated."""
-    parts = [run_dynamic(network, images[i : i + batch_size], thresholds, scorer, record_scores)
-             for i in range(0, len(images), batch_size)]
+    parts = [
+        run_dynamic(network, images[i : i + batch_size], thresholds, scorer, record_scores)
+        for i in range(0, len(images), batch_size)
+    ]
     return DynamicResult(
-        exits=torch.cat([p.exits for p in parts]), predictions=torch.cat([p.predictions for p in parts]),
+        exits=torch.cat([p.exits for p in parts]),
+        predictions=torch.cat([p.predictions for p in parts]),
         samples_per_segment=[sum(c) for c in zip(*(p.samples_per_segment for p in parts))],
-        scores=torch.cat([p.scores for p in parts], dim=1) if record_scores else None)
+        scores=torch.cat([p.scores for p in parts], dim=1) if record_scores else None,
+    )
 
 
 @torch.inference_mode()
@@ -252,8 +264,10 @@ class Agreement:
         return not self.mismatches
 
     def describe(self) -> str:
-        return (f"{self.samples} samples: {len(self.mismatches)} mismatches, {self.exit_ties} exit ties, "
-                f"{self.prediction_ties} prediction ties, largest score difference {self.max_score_difference:.3g}")
+        return (
+            f"{self.samples} samples: {len(self.mismatches)} mismatches, {self.exit_ties} exit ties, "
+            f"{self.prediction_ties} prediction ties, largest score difference {self.max_score_difference:.3g}"
+        )
 
 
 def simulated_exits(scored: ScoredOutputs, thresholds: Any, budget: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,8 +278,9 @@ def simulated_exits(scored: ScoredOutputs, thresholds: Any, budget: int = 0) -> 
     return exits, scored.predictions.gather(0, exits[None])[0]
 
 
-def compare_with_simulation(dynamic: DynamicResult, scored: ScoredOutputs, thresholds: Any, budget: int = 0,
-                            tolerance: float = TIE_TOLERANCE) -> Agreement:
+def compare_with_simulation(
+    dynamic: DynamicResult, scored: ScoredOutputs, thresholds: Any, budget: int = 0, tolerance: float = TIE_TOLERANCE
+) -> Agreement:
     """Sample by sample, ``dynamic`` against the simulated protocol on ``scored`` (the same
     samples, every exit computed)."""
     scores = (scored.scores if scored.scores.dim() == 2 else scored.scores[budget]).double()

@@ -192,8 +192,9 @@ def _params_of(network: MultiExitNetwork, calls: dict[int, int]) -> int:
     return sum(p.numel() for p in params.values())
 
 
-def _flops_from_one_trace(network: MultiExitNetwork, example: torch.Tensor, convention: str,
-                          prefix_calls: list[dict[int, int]]) -> list[int] | None:
+def _flops_from_one_trace(
+    network: MultiExitNetwork, example: torch.Tensor, convention: str, prefix_calls: list[dict[int, int]]
+) -> list[int] | None:
     """Per-exit FLOPs from a single trace of the whole network, attributing each module's own
     operations to the exits whose prefix runs it. Returns None when that attribution is not exact:
     operations outside any submodule, or a module that runs a different number of times in a
@@ -230,9 +231,7 @@ def exit_flops(
     always traces the network truncated after each exit.
     """
     if convention not in CONVENTIONS:
-        raise ValueError(
-            f"unknown FLOPs convention {convention!r}; allowed: {', '.join(CONVENTIONS)}"
-        )
+        raise ValueError(f"unknown FLOPs convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
     was_training = network.training
     network.eval()
     example = torch.zeros(1, *input_shape)
@@ -247,7 +246,9 @@ def exit_flops(
     return {"flops": flops, "params": params}
 
 
-def baseline_cost(network: MultiExitNetwork, input_shape: tuple[int, int, int], convention: str = "reference") -> int | None:
+def baseline_cost(
+    network: MultiExitNetwork, input_shape: tuple[int, int, int], convention: str = "reference"
+) -> int | None:
     """FLOPs of the network's plain counterpart (no early exits), if it defines one.
 
     Architectures with the ``plain_counterpart`` capability (the EENets ResNets) return the

@@ -122,7 +122,8 @@ class DatasetFormat:
 
     def has_test(self, spec: DatasetSpec, root: Path) -> bool:
         return any(role.startswith("test") for role in spec.files) and all(
-            self.path(spec, root, role) for role in spec.files if role.startswith("test"))
+            self.path(spec, root, role) for role in spec.files if role.startswith("test")
+        )
 
     def read(self, spec: DatasetSpec, root: Path, workers: int) -> ImagePool:
         raise NotImplementedError
@@ -150,8 +151,10 @@ def _empty_test(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 def _hwc_to_chw(images: np.ndarray, source: Path, key: str) -> torch.Tensor:
     """uint8 (N, H, W) or (N, H, W, C), as numpy and PIL hold images, to (N, C, H, W)."""
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise DatasetFileError(f"{source}: {key!r} must be uint8 images of shape (N, H, W) or (N, H, W, C), "
-                               f"got {images.dtype} of shape {images.shape}")
+        raise DatasetFileError(
+            f"{source}: {key!r} must be uint8 images of shape (N, H, W) or (N, H, W, C), "
+            f"got {images.dtype} of shape {images.shape}"
+        )
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     return tensor[:, None] if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2).contiguous()
 
@@ -159,8 +162,10 @@ def _hwc_to_chw(images: np.ndarray, source: Path, key: str) -> torch.Tensor:
 def _labels(values: np.ndarray, source: Path, key: str, count: int) -> torch.Tensor:
     values = np.asarray(values).reshape(-1)
     if not np.issubdtype(values.dtype, np.integer) or len(values) != count:
-        raise DatasetFileError(f"{source}: {key!r} must hold {count} integer labels (one per image), got "
-                               f"{values.dtype} of shape {values.shape}")
+        raise DatasetFileError(
+            f"{source}: {key!r} must hold {count} integer labels (one per image), got "
+            f"{values.dtype} of shape {values.shape}"
+        )
     return torch.from_numpy(values.astype(np.int64))
 
 
@@ -176,8 +181,12 @@ class IdxFiles(DatasetFormat):
     decompressed to a temporary file first)."""
 
     name = "idx"
-    roles = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+    roles = {
+        "train_images": "train-images-idx3-ubyte",
+        "train_labels": "train-labels-idx1-ubyte",
+        "test_images": "t10k-images-idx3-ubyte",
+        "test_labels": "t10k-labels-idx1-ubyte",
+    }
     channels = 1
     layout = "idx files (uint8 images N x H x W, labels N), plain or .gz"
 
@@ -223,7 +232,7 @@ class IdxFiles(DatasetFormat):
             raise DatasetFileError(f"{images}: not an idx file of images (idx3, uint8): {err}") from None
         if len(header) < 16 or header[2] != 0x08 or header[3] != 3:
             raise DatasetFileError(f"{images}: not an idx file of uint8 images (N x H x W)")
-        h, w = (int.from_bytes(header[i:i + 4], "big") for i in (8, 12))
+        h, w = (int.from_bytes(header[i : i + 4], "big") for i in (8, 12))
         return Probe((1, h, w), sorted(labels.unique().tolist()), str(root))
 
 
@@ -234,8 +243,10 @@ class CifarBatches(DatasetFormat):
     torchvision's ``CIFAR10`` reads them."""
 
     name = "cifar_batches"
-    roles = {"train": ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"],
-             "test": ["test_batch"]}
+    roles = {
+        "train": ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"],
+        "test": ["test_batch"],
+    }
     channels, image_size = 3, 32
     layout = "pickled batches (dicts with 'data' N x 3072 uint8 and 'labels' or 'fine_labels')"
 
@@ -249,8 +260,10 @@ class CifarBatches(DatasetFormat):
                 data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
                 targets = entry["labels"] if "labels" in entry else entry["fine_labels"]
             except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as err:
-                raise DatasetFileError(f"{path}: not a CIFAR batch (a pickled dict with 'data' N x 3072 uint8 and "
-                                       f"'labels' or 'fine_labels'): {err!r}") from None
+                raise DatasetFileError(
+                    f"{path}: not a CIFAR batch (a pickled dict with 'data' N x 3072 uint8 and "
+                    f"'labels' or 'fine_labels'): {err!r}"
+                ) from None
             images.append(torch.from_numpy(data))
             labels.append(_labels(np.asarray(targets), path, "labels", len(data)))
         return torch.cat(images), torch.cat(labels)
@@ -282,9 +295,14 @@ class NpzArrays(DatasetFormat):
             if f"{part}_images" not in arrays:
                 if part == "test" and spec.test_fraction is not None:
                     continue
-                raise DatasetFileError(f"{path}: no array {part}_images (arrays: {', '.join(sorted(arrays))}); "
-                                       + ("declare test_fraction to carve a test set out of train" if part == "test"
-                                          else "expected train_images and train_labels"))
+                raise DatasetFileError(
+                    f"{path}: no array {part}_images (arrays: {', '.join(sorted(arrays))}); "
+                    + (
+                        "declare test_fraction to carve a test set out of train"
+                        if part == "test"
+                        else "expected train_images and train_labels"
+                    )
+                )
             images = _hwc_to_chw(arrays[f"{part}_images"], path, f"{part}_images")
             if f"{part}_labels" not in arrays:
                 raise DatasetFileError(f"{path}: no array {part}_labels beside {part}_images")
@@ -409,8 +427,10 @@ def read_any(fmt: DatasetFormat, spec: DatasetSpec, root: Path, workers: int) ->
         pool = ImagePool(pool.train_images, pool.train_labels, pool.train_images[:0], pool.train_labels[:0])
     for part, labels in (("train", pool.train_labels), ("test", pool.test_labels)):
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= spec.input.num_classes):
-            raise DatasetFileError(f"{spec.key}.classes: {spec.input.num_classes} declared, but the {part} labels "
-                                   f"in {root} run from {int(labels.min())} to {int(labels.max())}")
+            raise DatasetFileError(
+                f"{spec.key}.classes: {spec.input.num_classes} declared, but the {part} labels "
+                f"in {root} run from {int(labels.min())} to {int(labels.max())}"
+            )
     return pool
 
 

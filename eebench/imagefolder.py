@@ -12,9 +12,9 @@ same for any number of workers, for any number of DDP processes, and when a run 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class FolderImages:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: torch.Tensor | np.ndarray) -> "FolderImages":
+    def __getitem__(self, index: torch.Tensor | np.ndarray) -> FolderImages:
         return replace(self, paths=self.paths[np.asarray(index)])
 
     def train_transform(self):
@@ -92,14 +92,20 @@ class _Decoded(torch.utils.data.Dataset):
 def _loader(dataset: _Decoded, batch_sampler, workers: int, pin: bool) -> torch.utils.data.DataLoader:
     # its own generator: the loader's base seed must not be drawn from the global one, which
     # methods use (a resumed run would otherwise continue with another random stream)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
-                                       pin_memory=pin, persistent_workers=False,
-                                       prefetch_factor=4 if workers else None,
-                                       generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
-def train_batches(images: FolderImages, batches: list[torch.Tensor], seed: int, epoch: int,
-                  device: torch.device) -> Iterator[torch.Tensor]:
+def train_batches(
+    images: FolderImages, batches: list[torch.Tensor], seed: int, epoch: int, device: torch.device
+) -> Iterator[torch.Tensor]:
     """The augmented uint8 batches of one epoch, ``batches`` being each batch's image indices."""
     dataset = _Decoded(images, images.train_transform(), seed=epoch_seed(seed, epoch))
     sampler = [b.tolist() for b in batches]
@@ -111,6 +117,7 @@ def eval_batches(images: FolderImages, batch_size: int, device: torch.device) ->
     """uint8 batches of every image in order, resized and centre-cropped."""
     order = torch.arange(len(images))
     sampler = [b.tolist() for b in order.split(batch_size)]
-    for x in _loader(_Decoded(images, images.eval_transform(), seed=None), sampler, images.workers,
-                     device.type == "cuda"):
+    for x in _loader(
+        _Decoded(images, images.eval_transform(), seed=None), sampler, images.workers, device.type == "cuda"
+    ):
         yield x.to(device, non_blocking=True)

@@ -4,7 +4,8 @@ images (the cache the evaluation reads; the training loop's per-epoch val pass).
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 

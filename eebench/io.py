@@ -14,8 +14,9 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,7 +110,9 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
             with np.load(path, allow_pickle=False) as data:
                 return {key: torch.from_numpy(data[key]) for key in data.files}
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-            raise CorruptFileError(f"{path}: corrupt or truncated {what} ({err}); delete it to have it rebuilt") from None
+            raise CorruptFileError(
+                f"{path}: corrupt or truncated {what} ({err}); delete it to have it rebuilt"
+            ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
@@ -127,8 +130,7 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
             lines = [line for line in lines if "Unsupported" in line] or ["not a file written by torch.save"]
         first = lines[0].strip().split(". ")[0] if lines else type(err).__name__
         raise CorruptFileError(
-            f"{path}: corrupt, truncated or not a tensor file ({what}): {first[:200]}; "
-            "delete it to have it rebuilt"
+            f"{path}: corrupt, truncated or not a tensor file ({what}): {first[:200]}; delete it to have it rebuilt"
         ) from None
     if not isinstance(obj, dict):
         raise CorruptFileError(f"{path}: expected a dict of tensors in this {what}, got {type(obj).__name__}")

@@ -25,8 +25,9 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,8 +36,15 @@ import torch
 from models import MultiExitNetwork
 
 from .calibration import accuracy_at_budget
-from .dynamic import (Agreement, DynamicResult, ExitScorer, compare_with_simulation, exit_by_exit,
-                      run_dynamic, run_simulated)
+from .dynamic import (
+    Agreement,
+    DynamicResult,
+    ExitScorer,
+    compare_with_simulation,
+    exit_by_exit,
+    run_dynamic,
+    run_simulated,
+)
 from .scored import ScoredOutputs
 
 CI_LEVEL = 0.95
@@ -85,9 +93,14 @@ def _synchronize(device: torch.device) -> None:
 Run = Callable[[torch.Tensor], DynamicResult]
 
 
-def time_interleaved(runs: dict[str, Run], batches: list[torch.Tensor], repeats: int, warmup: int,
-                     device: torch.device, before_round: Callable[[int], None] | None = None
-                     ) -> tuple[dict[str, list[float]], dict[str, list[DynamicResult]]]:
+def time_interleaved(
+    runs: dict[str, Run],
+    batches: list[torch.Tensor],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    before_round: Callable[[int], None] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, list[DynamicResult]]]:
     """Seconds per pass over ``batches`` of every run, ``repeats`` interleaved rounds after
     ``warmup`` untimed passes; and each run's results of its last pass, batch by batch.
     ``before_round(r)`` is called before round r (a benchmark waits for a quiet machine there)."""
@@ -111,8 +124,11 @@ def time_interleaved(runs: dict[str, Run], batches: list[torch.Tensor], repeats:
 
 
 def _joined(parts: list[DynamicResult]) -> DynamicResult:
-    return DynamicResult(torch.cat([p.exits for p in parts]), torch.cat([p.predictions for p in parts]),
-                         [sum(c) for c in zip(*(p.samples_per_segment for p in parts))])
+    return DynamicResult(
+        torch.cat([p.exits for p in parts]),
+        torch.cat([p.predictions for p in parts]),
+        [sum(c) for c in zip(*(p.samples_per_segment for p in parts))],
+    )
 
 
 # --- what is measured ------------------------------------------------------------------------
@@ -139,8 +155,11 @@ def forced_exit(k: int, num_exits: int) -> list[float]:
 
 
 def _first(scored: ScoredOutputs, n: int) -> ScoredOutputs:
-    return ScoredOutputs(scores=scored.scores[..., :n], predictions=scored.predictions[:, :n],
-                         probabilities=None if scored.probabilities is None else scored.probabilities[:, :n])
+    return ScoredOutputs(
+        scores=scored.scores[..., :n],
+        predictions=scored.predictions[:, :n],
+        probabilities=None if scored.probabilities is None else scored.probabilities[:, :n],
+    )
 
 
 def _runs(task: LatencyTask) -> tuple[dict[str, Run], str]:
@@ -157,25 +176,36 @@ def _runs(task: LatencyTask) -> tuple[dict[str, Run], str]:
                 network.forward_all(batch, upto=k + 1)
             n = batch.shape[0]
             return DynamicResult(torch.full((n,), k), torch.zeros(n, dtype=torch.long), [n] * (k + 1))
+
         return run
 
-    runs = {f"exit{k + 1}": runner(forced_exit(k, num_exits), task.scorer_for(0)) if dynamic else prefix(k)
-            for k in range(num_exits)}
+    runs = {
+        f"exit{k + 1}": runner(forced_exit(k, num_exits), task.scorer_for(0)) if dynamic else prefix(k)
+        for k in range(num_exits)
+    }
     runs.update({f"budget{b}": runner(t, task.scorer_for(b - 1)) for b, t in task.thresholds.items()})
     return runs, "dynamic" if dynamic else "simulated"
 
 
 def _check(agreement: Agreement, what: str) -> Agreement:
     if not agreement.exact:
-        raise ExactnessError(f"{what}: dynamic execution disagrees with the simulated protocol: "
-                             f"{agreement.describe()}; first samples: {agreement.mismatches[:10]}")
+        raise ExactnessError(
+            f"{what}: dynamic execution disagrees with the simulated protocol: "
+            f"{agreement.describe()}; first samples: {agreement.mismatches[:10]}"
+        )
     return agreement
 
 
-def measure_latency(task: LatencyTask, batch_sizes: Sequence[int], repeats: int, warmup: int = 1,
-                    images: int | None = None, threads: int | None = None,
-                    log: Callable[[str], None] = lambda _: None,
-                    before_round: Callable[[int], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def measure_latency(
+    task: LatencyTask,
+    batch_sizes: Sequence[int],
+    repeats: int,
+    warmup: int = 1,
+    images: int | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] = lambda _: None,
+    before_round: Callable[[int], None] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(budget rows, per-exit rows); see the module docstring. ``images``: test images timed per
     pass (at least one batch; None: all)."""
     num_exits = task.network.num_exits
@@ -187,15 +217,24 @@ def measure_latency(task: LatencyTask, batch_sizes: Sequence[int], repeats: int,
     with pinned_threads(threads) as used_threads:
         runs, execution = _runs(task)
         if execution == "simulated":
-            _log.warning("%s or its scorer cannot run exit by exit: timing the simulated protocol (every exit "
-                         "of every sample) instead", type(task.network).__name__)
+            _log.warning(
+                "%s or its scorer cannot run exit by exit: timing the simulated protocol (every exit "
+                "of every sample) instead",
+                type(task.network).__name__,
+            )
         whole = _whole_test(task, runs, max(batch_sizes), execution)
         for batch_size in batch_sizes:
             n = min(n_test, max(batch_size, images or n_test))
             batches = [task.images[i : min(n, i + batch_size)] for i in range(0, n, batch_size)]
             times, results = time_interleaved(runs, batches, repeats, warmup, task.device, before_round)
-            common = {"batch_size": batch_size, "images": n, "repeats": repeats, "device": _device_name(task.device),
-                      "threads": used_threads, "execution": execution}
+            common = {
+                "batch_size": batch_size,
+                "images": n,
+                "repeats": repeats,
+                "device": _device_name(task.device),
+                "threads": used_threads,
+                "execution": execution,
+            }
             exit_ms = []
             for k in range(num_exits):
                 row = {"exit": k + 1, "flops": flops[k], **_ms(times[f"exit{k + 1}"], n), **common}
@@ -206,21 +245,36 @@ def measure_latency(task: LatencyTask, batch_sizes: Sequence[int], repeats: int,
                 result = _joined(results[f"budget{b}"])
                 ties = 0
                 if execution == "dynamic":
-                    ties = _check(compare_with_simulation(result, _first(task.simulated, n), task.thresholds[b], b - 1),
-                                  f"budget {b}, batch size {batch_size}, {n} timed images").ties
+                    ties = _check(
+                        compare_with_simulation(result, _first(task.simulated, n), task.thresholds[b], b - 1),
+                        f"budget {b}, batch size {batch_size}, {n} timed images",
+                    ).ties
                 timed_flops = float(flops[result.exits.numpy()].mean())
                 per_round = [f / t for f, t in zip(full, times[f"budget{b}"])]
-                budget_rows.append({
-                    "budget_id": b, "flops": whole[b]["flops"], "accuracy": whole[b]["accuracy"],
-                    **_ms(times[f"budget{b}"], n),
-                    "speedup_measured": statistics.median(per_round), "speedup_flops": flops[-1] / timed_flops,
-                    "flops_timed": timed_flops,
-                    "ms_exit_model": float(np.asarray(exit_ms)[result.exits.numpy()].mean()),
-                    "ties": ties + whole[b]["ties"], "checked_images": n + n_test, **common})
-            log(f"batch {batch_size}: full network {exit_ms[-1]:.3f} ms/image; "
-                + ", ".join(f"budget {r['budget_id']} {r['ms_per_image']:.3f} ms ({r['speedup_measured']:.2f}x "
-                            f"measured, {r['speedup_flops']:.2f}x FLOPs)"
-                            for r in budget_rows if r["batch_size"] == batch_size))
+                budget_rows.append(
+                    {
+                        "budget_id": b,
+                        "flops": whole[b]["flops"],
+                        "accuracy": whole[b]["accuracy"],
+                        **_ms(times[f"budget{b}"], n),
+                        "speedup_measured": statistics.median(per_round),
+                        "speedup_flops": flops[-1] / timed_flops,
+                        "flops_timed": timed_flops,
+                        "ms_exit_model": float(np.asarray(exit_ms)[result.exits.numpy()].mean()),
+                        "ties": ties + whole[b]["ties"],
+                        "checked_images": n + n_test,
+                        **common,
+                    }
+                )
+            log(
+                f"batch {batch_size}: full network {exit_ms[-1]:.3f} ms/image; "
+                + ", ".join(
+                    f"budget {r['budget_id']} {r['ms_per_image']:.3f} ms ({r['speedup_measured']:.2f}x "
+                    f"measured, {r['speedup_flops']:.2f}x FLOPs)"
+                    for r in budget_rows
+                    if r["batch_size"] == batch_size
+                )
+            )
     return pd.DataFrame(budget_rows), pd.DataFrame(exit_rows)
 
 
@@ -233,10 +287,15 @@ def _whole_test(task: LatencyTask, runs: dict[str, Run], batch_size: int, execut
         result = _joined([run(task.images[i : i + batch_size]) for i in range(0, len(task.labels), batch_size)])
         ties = 0
         if execution == "dynamic":
-            ties = _check(compare_with_simulation(result, task.simulated, thresholds, b - 1),
-                          f"budget {b}, batch size {batch_size}, every test image").ties
-        out[b] = {"flops": float(flops[result.exits.numpy()].mean()), "ties": ties,
-                  "accuracy": float((result.predictions == task.labels.cpu()).double().mean() * 100)}
+            ties = _check(
+                compare_with_simulation(result, task.simulated, thresholds, b - 1),
+                f"budget {b}, batch size {batch_size}, every test image",
+            ).ties
+        out[b] = {
+            "flops": float(flops[result.exits.numpy()].mean()),
+            "ties": ties,
+            "accuracy": float((result.predictions == task.labels.cpu()).double().mean() * 100),
+        }
     return out
 
 
@@ -251,11 +310,41 @@ def _device_name(device: torch.device) -> str:
     return str(device)
 
 
-BUDGET_COLUMNS = ["budget_id", "flops", "accuracy", "batch_size", "ms_per_image", "ms_ci_low", "ms_ci_high",
-                  "speedup_measured", "speedup_flops", "device", "threads", "ci_level", "images", "repeats",
-                  "flops_timed", "ms_exit_model", "execution", "ties", "checked_images"]
-EXIT_COLUMNS = ["exit", "flops", "batch_size", "ms_per_image", "ms_ci_low", "ms_ci_high", "device", "threads",
-                "ci_level", "images", "repeats", "execution"]
+BUDGET_COLUMNS = [
+    "budget_id",
+    "flops",
+    "accuracy",
+    "batch_size",
+    "ms_per_image",
+    "ms_ci_low",
+    "ms_ci_high",
+    "speedup_measured",
+    "speedup_flops",
+    "device",
+    "threads",
+    "ci_level",
+    "images",
+    "repeats",
+    "flops_timed",
+    "ms_exit_model",
+    "execution",
+    "ties",
+    "checked_images",
+]
+EXIT_COLUMNS = [
+    "exit",
+    "flops",
+    "batch_size",
+    "ms_per_image",
+    "ms_ci_low",
+    "ms_ci_high",
+    "device",
+    "threads",
+    "ci_level",
+    "images",
+    "repeats",
+    "execution",
+]
 
 
 def select_budgets(budgeted: pd.DataFrame, count: int) -> list[int]:
@@ -271,8 +360,10 @@ def thresholds_of(budgeted: pd.DataFrame, num_exits: int, path: str = "budgeted 
     columns = [c for c in budgeted.columns if c.startswith("threshold_")]
     wanted = [f"threshold_{k}" for k in range(1, num_exits + 1)]
     if columns != wanted or "budget_id" not in budgeted:
-        raise ValueError(f"{path}: expected columns budget_id and threshold_1..threshold_{num_exits} (one per exit "
-                         f"of the network), got {', '.join(columns) or 'no threshold column'}")
+        raise ValueError(
+            f"{path}: expected columns budget_id and threshold_1..threshold_{num_exits} (one per exit "
+            f"of the network), got {', '.join(columns) or 'no threshold column'}"
+        )
     return {int(row["budget_id"]): [float(row[c]) for c in wanted] for _, row in budgeted.iterrows()}
 
 
@@ -281,8 +372,10 @@ def exit_latency(exits: pd.DataFrame, batch_size: int) -> list[float]:
     """Per-exit cumulative ms per image at ``batch_size`` from a per-exit latency table."""
     rows = exits[exits["batch_size"] == batch_size].sort_values("exit")
     if rows.empty:
-        raise ValueError(f"no per-exit latency measured at batch size {batch_size}; measured: "
-                         f"{sorted(exits['batch_size'].unique().tolist())}")
+        raise ValueError(
+            f"no per-exit latency measured at batch size {batch_size}; measured: "
+            f"{sorted(exits['batch_size'].unique().tolist())}"
+        )
     return rows["ms_per_image"].tolist()
 
 

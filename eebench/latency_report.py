@@ -3,7 +3,8 @@ latency tables (``results/latency/``) and the aggregates."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import matplotlib
 
@@ -62,16 +63,26 @@ def latency_figure(style: dict[str, Any], frame: pd.DataFrame, out_pdf: str, out
 
     def look(arch: str, variant: str) -> dict[str, Any]:
         label = styles[variant].label + (f" ({arch})" if show_arch else "")
-        return {**styles[variant].plot_kwargs(), "fillstyle": fills[arch] if show_arch else "full",
-                "markersize": 4, "linewidth": 1.2, "label": label}
+        return {
+            **styles[variant].plot_kwargs(),
+            "fillstyle": fills[arch] if show_arch else "full",
+            "markersize": 4,
+            "linewidth": 1.2,
+            "label": label,
+        }
 
     for ax, batch_size in zip(axes[0], batch_sizes):
-        for (arch, variant), curve in stats[stats["batch_size"] == batch_size].groupby(["architecture", "variant"],
-                                                                                      sort=False):
+        for (arch, variant), curve in stats[stats["batch_size"] == batch_size].groupby(
+            ["architecture", "variant"], sort=False
+        ):
             curve = curve.sort_values("ms_per_image")
-            ax.errorbar(curve["ms_per_image"], curve["accuracy"],
-                        xerr=[curve["ms_per_image"] - curve["ms_ci_low"], curve["ms_ci_high"] - curve["ms_per_image"]],
-                        capsize=2, **look(arch, variant))
+            ax.errorbar(
+                curve["ms_per_image"],
+                curve["accuracy"],
+                xerr=[curve["ms_per_image"] - curve["ms_ci_low"], curve["ms_ci_high"] - curve["ms_per_image"]],
+                capsize=2,
+                **look(arch, variant),
+            )
         ax.set_xlabel(f"measured ms per image, batch {batch_size}")
         ax.set_title(f"dynamic early exit, batch {batch_size}")
     ax = axes[0][-1]
@@ -85,11 +96,13 @@ def latency_figure(style: dict[str, Any], frame: pd.DataFrame, out_pdf: str, out
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3)
     devices = ", ".join(dict.fromkeys(frame["device"].astype(str)))
-    note = (f"{devices}, {int(frame['threads'].iloc[0])} thread(s); median of {int(frame['repeats'].max())} "
-            f"interleaved rounds of {', '.join(str(i) for i in sorted(frame['images'].unique()))} test images "
-            f"per pass, bars: order-statistic interval of the median ({frame['ci_level'].min():.0%}); "
-            "budgets from the cells' budgeted curves (thresholds from val); each cell is timed in its own job, "
-            "so milliseconds compare best within a cell (speedups: results/latency/).")
+    note = (
+        f"{devices}, {int(frame['threads'].iloc[0])} thread(s); median of {int(frame['repeats'].max())} "
+        f"interleaved rounds of {', '.join(str(i) for i in sorted(frame['images'].unique()))} test images "
+        f"per pass, bars: order-statistic interval of the median ({frame['ci_level'].min():.0%}); "
+        "budgets from the cells' budgeted curves (thresholds from val); each cell is timed in its own job, "
+        "so milliseconds compare best within a cell (speedups: results/latency/)."
+    )
     fig.suptitle("Accuracy against measured latency and against FLOPs", fontsize=11)
     lay_out(fig, axes[0], note, panel_width=5.0, height=4.2)
     save_figure(fig, out_pdf, out_png)
@@ -98,11 +111,16 @@ def latency_figure(style: dict[str, Any], frame: pd.DataFrame, out_pdf: str, out
 def cell_exit_ms(exits: pd.DataFrame, batch_size: int) -> Callable[[Any], list[float]]:
     """A cell -> its per-exit cumulative ms at ``batch_size``, from an aggregate of per-exit latency
     tables of the same dataset, architecture and seed (the cells of one network share it)."""
+
     def of(cell: Any) -> list[float]:
-        rows = exits[(exits["dataset"] == cell.dataset) & (exits["architecture"] == cell.arch)
-                     & (exits["seed"] == cell.seed)]
+        rows = exits[
+            (exits["dataset"] == cell.dataset) & (exits["architecture"] == cell.arch) & (exits["seed"] == cell.seed)
+        ]
         if rows.empty:
-            raise ValueError(f"no per-exit latency of {cell.dataset}/{cell.arch}/seed{cell.seed}: Table 1 in ms "
-                             "needs report.table1.latency_variant measured on every seed")
+            raise ValueError(
+                f"no per-exit latency of {cell.dataset}/{cell.arch}/seed{cell.seed}: Table 1 in ms "
+                "needs report.table1.latency_variant measured on every seed"
+            )
         return exit_latency(rows, batch_size)
+
     return of

@@ -41,8 +41,16 @@ def launch_training(nproc: int, **train_cell_args: Any) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     if "OMP_NUM_THREADS" not in env:  # torchrun would set 1; share the job's CPUs instead
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "eebench.launcher", str(args_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "eebench.launcher",
+        str(args_path),
+    ]
     log.info("launching %d training processes: %s", nproc, " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     received: list[int] = []
@@ -73,8 +81,11 @@ def _worker(args_path: str) -> None:
     """One torchrun worker: train the cell described in ``args_path`` (see ``launch_training``)."""
     args = json.loads(Path(args_path).read_text())
     ctx = distributed.current()
-    logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
-                        format=f"[rank {ctx.rank}] %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if ctx.is_main else logging.WARNING,
+        format=f"[rank {ctx.rank}] %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     args["cell"] = Cell(*args["cell"])
     try:
         train_cell(**args)

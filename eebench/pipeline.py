@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,20 +22,31 @@ from .augment import normalize
 from .cache import check_meta, correctness, load_cache, scored_outputs
 from .calibration import anytime_curve, budgeted_curve, confidence_exit
 from .checkpoints import convert_checkpoint
-from .config import (Cell, architecture, cell_fingerprint, check_budgets, content_hash, dependencies, is_posthoc,
-                     is_pretrained, posthoc_variant, pretrained_variant, recipe_for, resolved_cell_config,
-                     training_variant)
+from .config import (
+    Cell,
+    architecture,
+    cell_fingerprint,
+    check_budgets,
+    content_hash,
+    dependencies,
+    is_posthoc,
+    is_pretrained,
+    posthoc_variant,
+    pretrained_variant,
+    recipe_for,
+    resolved_cell_config,
+    training_variant,
+)
 from .datasets import DatasetSpec, channel_stats, dataset_info, load_pool, split_images
 from .dynamic import ExitScorer, MethodScorer, PosthocScorer
 from .flops import baseline_cost, exit_flops
 from .heldout import dataset_split, val_is_from_test
-from .latency import (BUDGET_COLUMNS, EXIT_COLUMNS, LatencyTask, measure_latency, select_budgets,
-                      thresholds_of)
+from .inference import keep_freed_memory, pick_device, prepare_for_inference, run_network
+from .latency import BUDGET_COLUMNS, EXIT_COLUMNS, LatencyTask, measure_latency, select_budgets, thresholds_of
 from .methods import METHODS, TrainContext, TrainingMethod
 from .posthoc import POSTHOC
-from .scored import ScoredOutputs
 from .provenance import provenance
-from .inference import keep_freed_memory, pick_device, prepare_for_inference, run_network
+from .scored import ScoredOutputs
 from .training import TrainData, load_weights, train
 
 log = logging.getLogger("eebench")
@@ -60,8 +72,13 @@ def write_split(config: dict[str, Any], dataset: str, out: str) -> None:
     if spec.mean is None:
         mean, std = channel_stats(split_images(pool, split, "train")[0])
         split["mean"], split["std"] = np.array(mean), np.array(std)
-        log.info("%s normalisation from the %d training images: mean %s, std %s", dataset, len(split["train"]),
-                 [round(m, 4) for m in mean], [round(s, 4) for s in std])
+        log.info(
+            "%s normalisation from the %d training images: mean %s, std %s",
+            dataset,
+            len(split["train"]),
+            [round(m, 4) for m in mean],
+            [round(s, 4) for s in std],
+        )
     with io.atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **split)
@@ -73,8 +90,10 @@ def normalisation(spec: DatasetSpec, split: dict[str, np.ndarray], path: str) ->
     if spec.mean is not None:
         return spec.mean, spec.std
     if "mean" not in split or "std" not in split or len(split["mean"]) != spec.input.channels:
-        raise io.CorruptFileError(f"{path}: split file of {spec.key} (declared without mean/std) has no normalisation "
-                                  f"for {spec.input.channels} channel(s); delete it to have it rebuilt")
+        raise io.CorruptFileError(
+            f"{path}: split file of {spec.key} (declared without mean/std) has no normalisation "
+            f"for {spec.input.channels} channel(s); delete it to have it rebuilt"
+        )
     return tuple(float(v) for v in split["mean"]), tuple(float(v) for v in split["std"])
 
 
@@ -85,10 +104,16 @@ def read_split(path: str) -> dict[str, np.ndarray]:
         raise io.CorruptFileError(f"{path}: split index file lacks {sorted(missing)}; delete it to have it rebuilt")
     for key in ("train", "val", "test"):
         index = data[key]
-        if index.dim() != 1 or index.is_floating_point() or index.dtype == torch.bool or \
-                (len(index) and int(index.min()) < 0):
-            raise io.CorruptFileError(f"{path}: '{key}' must be a list of non-negative integer indices, got "
-                                      f"{index.dtype} of shape {tuple(index.shape)}; delete it to have it rebuilt")
+        if (
+            index.dim() != 1
+            or index.is_floating_point()
+            or index.dtype == torch.bool
+            or (len(index) and int(index.min()) < 0)
+        ):
+            raise io.CorruptFileError(
+                f"{path}: '{key}' must be a list of non-negative integer indices, got "
+                f"{index.dtype} of shape {tuple(index.shape)}; delete it to have it rebuilt"
+            )
     if not val_is_from_test(data) and np.intersect1d(data["train"].numpy(), data["val"].numpy()).size:
         raise io.CorruptFileError(f"{path}: train and val share images; delete it to have it rebuilt")
     return {k: v.numpy() for k, v in data.items()}
@@ -96,12 +121,17 @@ def read_split(path: str) -> dict[str, np.ndarray]:
 
 def _check_split_fits(split: dict[str, np.ndarray], pool: Any, path: str) -> None:
     test_size = len(pool.test_labels) or len(pool.train_labels)
-    sizes = {"train": len(pool.train_labels), "val": test_size if val_is_from_test(split) else len(pool.train_labels),
-             "test": test_size}
+    sizes = {
+        "train": len(pool.train_labels),
+        "val": test_size if val_is_from_test(split) else len(pool.train_labels),
+        "test": test_size,
+    }
     for key, size in sizes.items():
         if len(split[key]) and int(split[key].max()) >= size:
-            raise io.CorruptFileError(f"{path}: '{key}' index {int(split[key].max())} is out of range for a pool "
-                                      f"of {size} images (a split of another dataset?); delete it to have it rebuilt")
+            raise io.CorruptFileError(
+                f"{path}: '{key}' index {int(split[key].max())} is out of range for a pool "
+                f"of {size} images (a split of another dataset?); delete it to have it rebuilt"
+            )
 
 
 def build_network(config: dict[str, Any], dataset: str, arch: str) -> MultiExitNetwork:
@@ -134,11 +164,16 @@ def read_flops(path: str) -> dict[str, Any]:
     if not isinstance(record, dict) or "flops" not in record:
         raise io.CorruptFileError(f"{path}: expected a JSON object with a 'flops' list; delete it to have it rebuilt")
     flops = record["flops"]
-    if (not isinstance(flops, list) or not flops
-            or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in flops)
-            or any(b < a for a, b in zip(flops, flops[1:]))):
-        raise io.CorruptFileError(f"{path}: 'flops' must be a non-empty, non-decreasing list of positive numbers "
-                                  f"(cumulative FLOPs per exit), got {flops!r:.200}; delete it to have it rebuilt")
+    if (
+        not isinstance(flops, list)
+        or not flops
+        or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in flops)
+        or any(b < a for a, b in zip(flops, flops[1:]))
+    ):
+        raise io.CorruptFileError(
+            f"{path}: 'flops' must be a non-empty, non-decreasing list of positive numbers "
+            f"(cumulative FLOPs per exit), got {flops!r:.200}; delete it to have it rebuilt"
+        )
     return record
 
 
@@ -148,8 +183,10 @@ def _load_state(network: torch.nn.Module, state: dict[str, Any], path: str) -> N
         network.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, AttributeError) as err:
         first = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])[:300] or type(err).__name__
-        raise io.CorruptFileError(f"{path}: these weights do not fit {type(network).__name__} as configured "
-                                  f"({first}); retrain or use the weights of this architecture") from None
+        raise io.CorruptFileError(
+            f"{path}: these weights do not fit {type(network).__name__} as configured "
+            f"({first}); retrain or use the weights of this architecture"
+        ) from None
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -176,9 +213,17 @@ def _relative_exit_costs(flops: dict[str, Any]) -> torch.Tensor:
     return f / f[-1]
 
 
-def train_cell(config: dict[str, Any], cell: Cell, split_path: str, flops_path: str,
-               weights_out: str, history_out: str, state_dir: str, init_weights: str | None = None,
-               stop_after_batches: int | None = None) -> None:
+def train_cell(
+    config: dict[str, Any],
+    cell: Cell,
+    split_path: str,
+    flops_path: str,
+    weights_out: str,
+    history_out: str,
+    state_dir: str,
+    init_weights: str | None = None,
+    stop_after_batches: int | None = None,
+) -> None:
     keep_freed_memory()  # also helps training on CPU
     torch.manual_seed(cell.seed)
     network = build_network(config, cell.dataset, cell.arch)
@@ -194,18 +239,39 @@ def train_cell(config: dict[str, Any], cell: Cell, split_path: str, flops_path: 
 
     def report(row: dict[str, Any]) -> None:
         accs = " ".join(f"{v:.1f}" for k, v in row.items() if k.startswith("val_acc"))
-        log.info("epoch %d/%d loss %.4f lr %.4g val acc per exit: %s",
-                 row["epoch"], recipe.epochs, row["loss"], row["lr"], accs)
+        log.info(
+            "epoch %d/%d loss %.4f lr %.4g val acc per exit: %s",
+            row["epoch"],
+            recipe.epochs,
+            row["loss"],
+            row["lr"],
+            accs,
+        )
 
-    result = train(network, _method_factory(config, cell.variant), data, recipe, _relative_exit_costs(flops),
-                   dataset_info(cell.dataset, config).input.num_classes, cell.seed, state_dir, fingerprint,
-                   device, on_epoch=report, stop_after_batches=stop_after_batches)
+    result = train(
+        network,
+        _method_factory(config, cell.variant),
+        data,
+        recipe,
+        _relative_exit_costs(flops),
+        dataset_info(cell.dataset, config).input.num_classes,
+        cell.seed,
+        state_dir,
+        fingerprint,
+        device,
+        on_epoch=report,
+        stop_after_batches=stop_after_batches,
+    )
     if not distributed.current().is_main:  # [ddp] under torchrun process 0 writes the outputs
         return
-    io.save_tensors(weights_out, {
-        "model": {k: v.cpu() for k, v in result.model.state_dict().items()},
-        "method": result.method.state_dict(), "fingerprint": fingerprint,
-    })
+    io.save_tensors(
+        weights_out,
+        {
+            "model": {k: v.cpu() for k, v in result.model.state_dict().items()},
+            "method": result.method.state_dict(),
+            "fingerprint": fingerprint,
+        },
+    )
     io.write_csv(history_out, pd.DataFrame(result.history))
 
 
@@ -217,24 +283,35 @@ def convert_cell(config: dict[str, Any], cell: Cell, flops_path: str, weights_ou
     checkpoint = spec["checkpoints"][cell.arch]
     info = dataset_info(cell.dataset, config)
     network, state = convert_checkpoint(checkpoint, spec["format"], family, info.input, params)
-    ctx = TrainContext(exit_costs=_relative_exit_costs(read_flops(flops_path)), num_classes=info.input.num_classes,
-                       epochs=recipe_for(config, cell.dataset, cell.variant).epochs, steps_per_epoch=1)
+    ctx = TrainContext(
+        exit_costs=_relative_exit_costs(read_flops(flops_path)),
+        num_classes=info.input.num_classes,
+        epochs=recipe_for(config, cell.dataset, cell.variant).epochs,
+        steps_per_epoch=1,
+    )
     method = _method_factory(config, cell.variant)(network, ctx)
     if method.extra_modules():
         raise io.CorruptFileError(
             f"config pretrained.{cell.variant}.method: {spec['method']!r} adds networks of its own "
             f"({', '.join(method.extra_modules())}) that no reference checkpoint holds; allowed: a method whose "
-            "evaluation needs only the network (standard; boostnet for BoostNet's ensemble)")
-    io.save_tensors(weights_out, {
-        "model": state, "method": method.state_dict(), "fingerprint": cell_fingerprint(config, cell),
-        "source": {"checkpoint": str(checkpoint), "hash": content_hash(checkpoint), "format": spec["format"]},
-    })
+            "evaluation needs only the network (standard; boostnet for BoostNet's ensemble)"
+        )
+    io.save_tensors(
+        weights_out,
+        {
+            "model": state,
+            "method": method.state_dict(),
+            "fingerprint": cell_fingerprint(config, cell),
+            "source": {"checkpoint": str(checkpoint), "hash": content_hash(checkpoint), "format": spec["format"]},
+        },
+    )
     log.info("%s: converted %s (%s format, %d tensors)", cell.path, checkpoint, spec["format"], len(state))
 
 
 # --- infer -----------------------------------------------------------------------------------
-def inference_network(config: dict[str, Any], cell: Cell, weights: str, flops_path: str,
-                      device: torch.device) -> tuple[MultiExitNetwork, TrainingMethod]:
+def inference_network(
+    config: dict[str, Any], cell: Cell, weights: str, flops_path: str, device: torch.device
+) -> tuple[MultiExitNetwork, TrainingMethod]:
     """A training cell's network prepared for inference (eval mode, BatchNorm folded,
     channels_last, on ``device``) and its method (for ``eval_outputs`` and the exit score)."""
     state = load_weights(weights, expect_fingerprint=cell_fingerprint(config, cell))
@@ -243,17 +320,21 @@ def inference_network(config: dict[str, Any], cell: Cell, weights: str, flops_pa
     prepare_for_inference(network, device)
     # the method is rebuilt only for eval_outputs, but with the run's real length: some methods
     # check their schedule against it (JEI-DNN's warm-up must be shorter than the run)
-    ctx = TrainContext(exit_costs=_relative_exit_costs(read_flops(flops_path)),
-                       num_classes=dataset_info(cell.dataset, config).input.num_classes,
-                       epochs=recipe_for(config, cell.dataset, cell.variant).epochs, steps_per_epoch=1,
-                       device=device)
+    ctx = TrainContext(
+        exit_costs=_relative_exit_costs(read_flops(flops_path)),
+        num_classes=dataset_info(cell.dataset, config).input.num_classes,
+        epochs=recipe_for(config, cell.dataset, cell.variant).epochs,
+        steps_per_epoch=1,
+        device=device,
+    )
     method = _method_factory(config, cell.variant)(network, ctx)
     method.load_state_dict(state["method"])
     return network, method
 
 
-def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str, flops_path: str,
-               outs: dict[str, str]) -> None:
+def infer_cell(
+    config: dict[str, Any], cell: Cell, weights: str, split_path: str, flops_path: str, outs: dict[str, str]
+) -> None:
     """Run the trained network once over each requested part into a cache."""
     keep_freed_memory()
     fingerprint = cell_fingerprint(config, cell)
@@ -271,8 +352,17 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
         if limit is not None and len(labels) > limit:
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit].sort().values
             images, labels = images[keep], labels[keep]
-        cache = run_network(network, images, mean, std, batch, device, channels_last=True,
-                            with_features=True, transform=method.eval_outputs)
+        cache = run_network(
+            network,
+            images,
+            mean,
+            std,
+            batch,
+            device,
+            channels_last=True,
+            with_features=True,
+            transform=method.eval_outputs,
+        )
         cache["labels"] = labels
         cache["split_size"] = split_size  # the whole part's size, also when the cache holds a subsample
         cache["meta"] = {"fingerprint": fingerprint, "part": part, "split": io.file_hash(split_path)}
@@ -281,8 +371,15 @@ def infer_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str
 
 
 # --- post-hoc --------------------------------------------------------------------------------
-def posthoc_cell(config: dict[str, Any], cell: Cell, flops_path: str, val_cache: str,
-                 test_cache: str, outs: dict[str, str], train_cache: str | None = None) -> None:
+def posthoc_cell(
+    config: dict[str, Any],
+    cell: Cell,
+    flops_path: str,
+    val_cache: str,
+    test_cache: str,
+    outs: dict[str, str],
+    train_cache: str | None = None,
+) -> None:
     spec = posthoc_variant(config, cell.variant)
     cls = POSTHOC.get(spec["method"])
     params = POSTHOC.make_params(spec["method"], spec["params"], f"posthoc.{cell.variant}.params")
@@ -317,11 +414,14 @@ def _scored(config: dict[str, Any], cell: Cell, path: str, part: str) -> tuple[S
         data = io.load_tensors(path, what=f"{part} post-hoc scores")
         for key in ("scores", "predictions", "labels"):
             if key not in data:
-                raise io.CorruptFileError(f"{path}: post-hoc scores have no {key!r} entry (keys: {sorted(data)}); "
-                                          "delete it to have it rebuilt")
+                raise io.CorruptFileError(
+                    f"{path}: post-hoc scores have no {key!r} entry (keys: {sorted(data)}); "
+                    "delete it to have it rebuilt"
+                )
         check_meta(path, data, _expected_meta(config, cell, part))
-        fields = {k: data.get(k) for k in ("scores", "predictions", "probabilities",
-                                          "exit_distributions", "budget_targets")}
+        fields = {
+            k: data.get(k) for k in ("scores", "predictions", "probabilities", "exit_distributions", "budget_targets")
+        }
         return ScoredOutputs(**fields), data["labels"].long()
     cache = load_cache(path, _expected_meta(config, cell, part))
     exit_score = METHODS.get(training_variant(config, cell.variant)["method"]).exit_score
@@ -340,11 +440,13 @@ def calibration_metrics(probabilities: torch.Tensor | None, labels: torch.Tensor
     if probabilities is None:
         return pd.DataFrame({"top5": [np.nan] * num_exits, "nll": np.nan, "ece": np.nan})
     probs = probabilities.float()
-    return pd.DataFrame({
-        "top5": [metrics.top5(probs[k], labels) * 100 for k in range(num_exits)],
-        "nll": [metrics.nll(probs[k], labels) for k in range(num_exits)],
-        "ece": [metrics.ece(probs[k], labels, n_bins=bootstrap.ECE_BINS) for k in range(num_exits)],
-    })
+    return pd.DataFrame(
+        {
+            "top5": [metrics.top5(probs[k], labels) * 100 for k in range(num_exits)],
+            "nll": [metrics.nll(probs[k], labels) for k in range(num_exits)],
+            "ece": [metrics.ece(probs[k], labels, n_bins=bootstrap.ECE_BINS) for k in range(num_exits)],
+        }
+    )
 
 
 def _add_intervals(frame: pd.DataFrame, columns: dict[str, np.ndarray]) -> None:
@@ -353,8 +455,17 @@ def _add_intervals(frame: pd.DataFrame, columns: dict[str, np.ndarray]) -> None:
             frame[name] = values
 
 
-def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: str, flops_path: str,
-                  anytime_out: str, budgeted_out: str, provenance_out: str, samples_out: str | None = None) -> None:
+def evaluate_cell(
+    config: dict[str, Any],
+    cell: Cell,
+    val_path: str,
+    test_path: str,
+    flops_path: str,
+    anytime_out: str,
+    budgeted_out: str,
+    provenance_out: str,
+    samples_out: str | None = None,
+) -> None:
     """The cell's curves with bootstrap intervals (``config['bootstrap']``), and its per-sample
     record (``samples_out``) from which seeds are aggregated and variants compared."""
     flops = read_flops(flops_path)
@@ -363,8 +474,10 @@ def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: 
     for path, scored in ((val_path, val), (test_path, test)):
         exits = scored.predictions.shape[0]  # scores may carry a leading budget axis
         if exits != len(flops["flops"]):
-            raise io.CorruptFileError(f"{path} has {exits} exits but {flops_path} has "
-                                      f"{len(flops['flops'])}; delete the stale one to have it rebuilt")
+            raise io.CorruptFileError(
+                f"{path} has {exits} exits but {flops_path} has "
+                f"{len(flops['flops'])}; delete the stale one to have it rebuilt"
+            )
     correct = correctness(test, labels)
     curve = budgeted_curve(val.scores, test.scores, correct, flops["flops"], val.exit_distributions)
     budgeted = pd.DataFrame(curve.rows())
@@ -394,8 +507,16 @@ def evaluate_cell(config: dict[str, Any], cell: Cell, val_path: str, test_path: 
 
 
 # --- latency ---------------------------------------------------------------------------------
-def latency_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: str, flops_path: str,
-                 budgeted_path: str, outs: dict[str, str], posthoc_path: str | None = None) -> None:
+def latency_cell(
+    config: dict[str, Any],
+    cell: Cell,
+    weights: str,
+    split_path: str,
+    flops_path: str,
+    budgeted_path: str,
+    outs: dict[str, str],
+    posthoc_path: str | None = None,
+) -> None:
     """Time dynamic early exit of one cell at some of its budgets (``eebench.latency``), checking it
     against the simulated protocol; ``outs``: ``budgets`` and ``exits`` CSV paths. ``weights``
     are the training cell's (a post-hoc cell's base), ``posthoc_path`` a post-hoc cell's test scores."""
@@ -411,59 +532,96 @@ def latency_cell(config: dict[str, Any], cell: Cell, weights: str, split_path: s
     scorer_for = _latency_scorers(config, cell, method, flops, posthoc_path)
     images, labels = _latency_images(config, cell, split_path, spec["test_images"])
     normalised_by = normalisation(dataset_info(cell.dataset, config), read_split(split_path), split_path)
-    budgets, exits = network_latency(network, scorer_for, normalised_by, images, labels, flops,
-                                     {b: thresholds[b] for b in chosen}, spec, device,
-                                     config["infer_batch_size"],
-                                     log=lambda line: log.info("%s %s", cell.path, line))
-    log.info("%s: %s execution, %d ties at the threshold in %d checks", cell.path, budgets["execution"].iloc[0],
-             int(budgets["ties"].sum()), int(budgets["checked_images"].sum()))
+    budgets, exits = network_latency(
+        network,
+        scorer_for,
+        normalised_by,
+        images,
+        labels,
+        flops,
+        {b: thresholds[b] for b in chosen},
+        spec,
+        device,
+        config["infer_batch_size"],
+        log=lambda line: log.info("%s %s", cell.path, line),
+    )
+    log.info(
+        "%s: %s execution, %d ties at the threshold in %d checks",
+        cell.path,
+        budgets["execution"].iloc[0],
+        int(budgets["ties"].sum()),
+        int(budgets["checked_images"].sum()),
+    )
     io.write_csv(outs["budgets"], budgets)
     io.write_csv(outs["exits"], exits)
 
 
-def network_latency(network: MultiExitNetwork, scorer_for: Callable[[int], ExitScorer],
-                    normalised_by: tuple[tuple[float, ...], tuple[float, ...]], images: torch.Tensor, labels: torch.Tensor, flops: list[float], thresholds: dict[int, list[float]],
-                    spec: dict[str, Any], device: torch.device, infer_batch_size: int = 512,
-                    log: Callable[[str], None] = lambda _: None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def network_latency(
+    network: MultiExitNetwork,
+    scorer_for: Callable[[int], ExitScorer],
+    normalised_by: tuple[tuple[float, ...], tuple[float, ...]],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    flops: list[float],
+    thresholds: dict[int, list[float]],
+    spec: dict[str, Any],
+    device: torch.device,
+    infer_batch_size: int = 512,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(budget rows, per-exit rows) of a prepared network (``prepare_for_inference``) on uint8
     test ``images`` (normalised by ``(mean, std)``): the simulated protocol's scores as the cache gets
     them (``run_network``), then
     ``latency.measure_latency`` with the settings ``spec`` (the config's ``latency`` keys)."""
     probe = scorer_for(0)
-    cache = run_network(network, images, *normalised_by, infer_batch_size, device,
-                        channels_last=True, with_features=probe.needs_features, transform=probe.transform)
+    cache = run_network(
+        network,
+        images,
+        *normalised_by,
+        infer_batch_size,
+        device,
+        channels_last=True,
+        with_features=probe.needs_features,
+        transform=probe.transform,
+    )
     mean, std = (torch.tensor(values, device=device) for values in normalised_by)
     prepared = normalize(images.to(device), mean, std).contiguous(memory_format=torch.channels_last)
     task = LatencyTask(network, scorer_for, prepared, labels, flops, probe.score_cache(cache), thresholds, device)
-    budgets, exits = measure_latency(task, spec["batch_sizes"], spec["repeats"], spec["warmup"], spec["images"],
-                                     spec["threads"], log=log)
+    budgets, exits = measure_latency(
+        task, spec["batch_sizes"], spec["repeats"], spec["warmup"], spec["images"], spec["threads"], log=log
+    )
     return budgets[BUDGET_COLUMNS], exits[EXIT_COLUMNS]
 
 
-def _latency_scorers(config: dict[str, Any], cell: Cell, method: TrainingMethod, flops: list[float],
-                     posthoc_path: str | None):
+def _latency_scorers(
+    config: dict[str, Any], cell: Cell, method: TrainingMethod, flops: list[float], posthoc_path: str | None
+):
     """budget row -> the cell's exit scorer: its method's, or its post-hoc method's (fitted state
     read from the post-hoc scores) on the base method's outputs."""
     base = MethodScorer(method)
     if not is_posthoc(config, cell.variant):
         return lambda _row: base
     spec = posthoc_variant(config, cell.variant)
-    posthoc = POSTHOC.get(spec["method"])(POSTHOC.make_params(spec["method"], spec["params"],
-                                                              f"posthoc.{cell.variant}.params"), flops, seed=cell.seed)
+    posthoc = POSTHOC.get(spec["method"])(
+        POSTHOC.make_params(spec["method"], spec["params"], f"posthoc.{cell.variant}.params"), flops, seed=cell.seed
+    )
     data = io.load_tensors(posthoc_path, what="test post-hoc scores")
     check_meta(posthoc_path, data, _expected_meta(config, cell, "test"))
     if "fitted" not in data:
-        raise io.CorruptFileError(f"{posthoc_path}: post-hoc scores have no 'fitted' state; "
-                                  "delete it to have it rebuilt")
+        raise io.CorruptFileError(
+            f"{posthoc_path}: post-hoc scores have no 'fitted' state; delete it to have it rebuilt"
+        )
     posthoc.load_state_dict(data["fitted"])
 
     def scorer(row: int) -> ExitScorer:
         return PosthocScorer(posthoc, row, base)
+
     return scorer
 
 
-def _latency_images(config: dict[str, Any], cell: Cell, split_path: str,
-                    limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _latency_images(
+    config: dict[str, Any], cell: Cell, split_path: str, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` test images (all: None) as uint8 (N, C, H, W), and their labels."""
     split = read_split(split_path)
     pool = _pool(config, cell.dataset)
@@ -477,21 +635,35 @@ def _latency_images(config: dict[str, Any], cell: Cell, split_path: str,
 
 
 # --- aggregate -------------------------------------------------------------------------------
-def aggregate(config: dict[str, Any], cells: list[Cell], curve_files: list[str], provenance_files: list[str],
-              out: str) -> None:
+def aggregate(
+    config: dict[str, Any], cells: list[Cell], curve_files: list[str], provenance_files: list[str], out: str
+) -> None:
     """One tidy table: identity columns, curve kind, budget, FLOPs, accuracy, provenance."""
     frames = []
     for cell, curve_path, prov_path in zip(cells, curve_files, provenance_files):
         frame = pd.read_csv(curve_path)
         prov = io.read_json(prov_path)
-        kind = ("posthoc" if is_posthoc(config, cell.variant)
-                else "pretrained" if is_pretrained(config, cell.variant) else "training")
-        method = (posthoc_variant(config, cell.variant) if kind == "posthoc"
-                  else training_variant(config, cell.variant))["method"]
+        kind = (
+            "posthoc"
+            if is_posthoc(config, cell.variant)
+            else "pretrained"
+            if is_pretrained(config, cell.variant)
+            else "training"
+        )
+        method = (
+            posthoc_variant(config, cell.variant) if kind == "posthoc" else training_variant(config, cell.variant)
+        )["method"]
         frame.insert(0, "curve", Path(curve_path).stem)
-        for i, (key, value) in enumerate((("dataset", cell.dataset), ("architecture", cell.arch),
-                                          ("variant", cell.variant), ("method", method),
-                                          ("kind", kind), ("seed", cell.seed))):
+        for i, (key, value) in enumerate(
+            (
+                ("dataset", cell.dataset),
+                ("architecture", cell.arch),
+                ("variant", cell.variant),
+                ("method", method),
+                ("kind", kind),
+                ("seed", cell.seed),
+            )
+        ):
             frame.insert(i, key, value)
         frame["git_commit"] = prov["git_commit"]
         frame["device"] = prov["device"]
@@ -501,8 +673,13 @@ def aggregate(config: dict[str, Any], cells: list[Cell], curve_files: list[str],
     io.write_csv(out, pd.concat(frames, ignore_index=True))
 
 
-def aggregate_summary(bootstrap_spec: dict[str, Any], cells: list[Cell], samples_files: list[str],
-                      aggregates: dict[str, str], outs: dict[str, str]) -> None:
+def aggregate_summary(
+    bootstrap_spec: dict[str, Any],
+    cells: list[Cell],
+    samples_files: list[str],
+    aggregates: dict[str, str],
+    outs: dict[str, str],
+) -> None:
     """Seed means with two-level bootstrap intervals, per variant and exit or budget, from the
     cells' per-sample records; ``aggregates`` are the per-cell tables (identity columns)."""
     settings = bootstrap.BootstrapSettings(**bootstrap_spec)
@@ -510,5 +687,9 @@ def aggregate_summary(bootstrap_spec: dict[str, Any], cells: list[Cell], samples
     frames = summary.summary_tables(variants, pd.read_csv(aggregates["anytime"]), pd.read_csv(aggregates["budgeted"]))
     for kind, frame in zip(("anytime", "budgeted"), frames):
         io.write_csv(outs[kind], frame)
-    log.info("summaries of %d variants over %s seed(s), %d resamples", len(variants),
-             sorted({len(v.seeds) for v in variants.values()}), settings.resamples)
+    log.info(
+        "summaries of %d variants over %s seed(s), %d resamples",
+        len(variants),
+        sorted({len(v.seeds) for v in variants.values()}),
+        settings.resamples,
+    )

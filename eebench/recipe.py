@@ -35,8 +35,12 @@ class Recipe:
     compile: bool | str = False  # false | default | reduce-overhead (torch.compile mode of the forward)
 
     def validate(self) -> None:
-        allowed = {"optimizer": ("sgd", "adam", "adamw"), "schedule": ("multistep", "cosine", "constant"),
-                   "channels_last": ("auto", "on", "off"), "precision": PRECISIONS}
+        allowed = {
+            "optimizer": ("sgd", "adam", "adamw"),
+            "schedule": ("multistep", "cosine", "constant"),
+            "channels_last": ("auto", "on", "off"),
+            "precision": PRECISIONS,
+        }
         for key, values in allowed.items():
             if getattr(self, key) not in values:
                 raise ValueError(f"recipe.{key} = {getattr(self, key)!r}; allowed: {', '.join(values)}")

@@ -93,9 +93,7 @@ def build_params(params_class: type, values: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(params_class)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(
-            f"{where}: unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(fields)}"
-        )
+        raise ValueError(f"{where}: unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
     for key, value in values.items():
         if not _type_ok(value, hints[key]):
             raise ValueError(

@@ -38,22 +38,30 @@ def interval_note(rows: list[pd.DataFrame], budgeted: bool = True) -> str:
     if frame.empty or "accuracy_ci_low" not in frame:
         return ""
     seeds = sorted(frame["seeds"].unique())
-    seed_text = (f"{seeds[0]} seed" + ("s, seeds resampled too" if seeds[0] > 1 else "") if len(seeds) == 1
-                 else f"{seeds[0]}-{seeds[-1]} seeds, resampled too where there are several")
-    return (f"Bands: {frame['level'].iloc[0]:.0%} percentile bootstrap intervals of accuracy "
-            f"({int(frame['resamples'].iloc[0])} resamples of the {int(frame['n_test'].max())} test samples; "
-            f"{seed_text})" + ("; budgeted bands at each budget's mean FLOPs." if budgeted else "."))
+    seed_text = (
+        f"{seeds[0]} seed" + ("s, seeds resampled too" if seeds[0] > 1 else "")
+        if len(seeds) == 1
+        else f"{seeds[0]}-{seeds[-1]} seeds, resampled too where there are several"
+    )
+    return (
+        f"Bands: {frame['level'].iloc[0]:.0%} percentile bootstrap intervals of accuracy "
+        f"({int(frame['resamples'].iloc[0])} resamples of the {int(frame['n_test'].max())} test samples; "
+        f"{seed_text})" + ("; budgeted bands at each budget's mean FLOPs." if budgeted else ".")
+    )
 
 
 def _coincides(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     if len(a) != len(b):
         return False
-    return bool(np.allclose(a["flops"].to_numpy(), b["flops"].to_numpy(), rtol=COINCIDE_ATOL, atol=0)
-                and np.allclose(a["accuracy"].to_numpy(), b["accuracy"].to_numpy(), rtol=0, atol=COINCIDE_ATOL))
+    return bool(
+        np.allclose(a["flops"].to_numpy(), b["flops"].to_numpy(), rtol=COINCIDE_ATOL, atol=0)
+        and np.allclose(a["accuracy"].to_numpy(), b["accuracy"].to_numpy(), rtol=0, atol=COINCIDE_ATOL)
+    )
 
 
-def _draw(ax: Any, rows: pd.DataFrame, styles: dict[str, VariantStyle], fills: dict[str, str], anytime: bool,
-          show_arch: bool) -> list[str]:
+def _draw(
+    ax: Any, rows: pd.DataFrame, styles: dict[str, VariantStyle], fills: dict[str, str], anytime: bool, show_arch: bool
+) -> list[str]:
     """One line with markers and one band per (architecture, variant); a curve that coincides with
     one drawn before it is drawn on top with open, larger markers. Returns the coincidence notes."""
     drawn: list[tuple[str, pd.DataFrame]] = []
@@ -63,8 +71,10 @@ def _draw(ax: Any, rows: pd.DataFrame, styles: dict[str, VariantStyle], fills: d
     def rank(names: list[str], name: str) -> int:
         return names.index(name) if name in names else len(names)
 
-    groups = sorted(rows.groupby(["architecture", "variant"], sort=False),
-                    key=lambda item: (rank(arch_order, item[0][0]), rank(variant_order, item[0][1])))
+    groups = sorted(
+        rows.groupby(["architecture", "variant"], sort=False),
+        key=lambda item: (rank(arch_order, item[0][0]), rank(variant_order, item[0][1])),
+    )
     for (arch, variant), curve in groups:
         curve = curve.sort_values("flops")
         style = styles.get(variant, VariantStyle("0.3", "o", "solid", variant))
@@ -80,8 +90,15 @@ def _draw(ax: Any, rows: pd.DataFrame, styles: dict[str, VariantStyle], fills: d
         mflops = curve["flops"].to_numpy() / 1e6
         ax.plot(mflops, curve["accuracy"], label=label, linewidth=1.2, **style.plot_kwargs(), **kwargs)
         if "accuracy_ci_low" in curve and curve["accuracy_ci_low"].notna().all():
-            ax.fill_between(mflops, curve["accuracy_ci_low"], curve["accuracy_ci_high"], color=style.colour,
-                            alpha=0.12, linewidth=0, zorder=1)
+            ax.fill_between(
+                mflops,
+                curve["accuracy_ci_low"],
+                curve["accuracy_ci_high"],
+                color=style.colour,
+                alpha=0.12,
+                linewidth=0,
+                zorder=1,
+            )
         drawn.append((name, curve))
     ax.set_xlabel("FLOPs per image (M)")
     ax.set_ylabel("top-1 accuracy (%)")
@@ -99,21 +116,27 @@ def draw_figure(panels: list[Panel], title: str, style: dict[str, Any]) -> Any:
     width = max(1, len(panels))
     fig, axes = plt.subplots(1, width, figsize=(5.2 * width, 4.6), squeeze=False)
     styles, fills = styles_from(style), style["architectures"]
-    convention = next((rows["flops_convention"].iloc[0] for _, rows, _ in panels
-                       if not rows.empty and "flops_convention" in rows), style["flops_convention"])
+    convention = next(
+        (rows["flops_convention"].iloc[0] for _, rows, _ in panels if not rows.empty and "flops_convention" in rows),
+        style["flops_convention"],
+    )
     notes: list[str] = []
     for ax, (panel_title, rows, kind) in zip(axes[0], panels):
         ax.set_title(panel_title)
         if rows.empty:
-            ax.text(0.5, 0.5, "no cells configured for this panel", ha="center", va="center",
-                    transform=ax.transAxes)
+            ax.text(0.5, 0.5, "no cells configured for this panel", ha="center", va="center", transform=ax.transAxes)
             continue
         several = rows["architecture"].nunique() > 1  # then architectures differ by marker fill
         notes += _draw(ax, rows, styles, fills if several else {}, kind == "anytime", show_arch=several)
     fig.suptitle(title, fontsize=11)
     budgeted = any(kind != "anytime" for _, _, kind in panels)
-    text = " ".join([PROTOCOL_NOTE.format(convention=convention) + ".", interval_note([r for _, r, _ in panels],
-                     budgeted), *dict.fromkeys(notes)])
+    text = " ".join(
+        [
+            PROTOCOL_NOTE.format(convention=convention) + ".",
+            interval_note([r for _, r, _ in panels], budgeted),
+            *dict.fromkeys(notes),
+        ]
+    )
     lay_out(fig, axes[0], text, panel_width=5.2, height=4.6)
     return fig
 
@@ -129,8 +152,15 @@ def lay_out(fig: Any, axes: Any, caption_text: str, panel_width: float, height: 
     fig.canvas.draw()
     legend_width = legend.get_window_extent().width / fig.dpi + 0.15  # inches
     fig.set_size_inches(panel_width * len(axes) + legend_width, height)
-    caption = fig.text(0.5, 0.01, textwrap.fill(caption_text, width=int(95 * len(axes) + 14 * legend_width)),
-                       ha="center", va="bottom", fontsize=6.5, color="0.3")
+    caption = fig.text(
+        0.5,
+        0.01,
+        textwrap.fill(caption_text, width=int(95 * len(axes) + 14 * legend_width)),
+        ha="center",
+        va="bottom",
+        fontsize=6.5,
+        color="0.3",
+    )
     fig.canvas.draw()  # measure the caption, then fit the panels (and the suptitle) above it, left of the legend
     to_figure = fig.transFigure.inverted()
     bottom = to_figure.transform(caption.get_window_extent().p1)[1] + 0.01
@@ -165,8 +195,12 @@ def figure_panels(frames: dict[str, pd.DataFrame], spec: dict[str, Any], kind: s
     kinds = ["anytime", "budgeted"] if kind == "both" else [kind]
     panels: list[Panel] = []
     for curve in kinds:
-        rows = _select(frames[curve], dataset=spec.get("datasets"), architecture=spec.get("architectures"),
-                       variant=spec.get("variants"))
+        rows = _select(
+            frames[curve],
+            dataset=spec.get("datasets"),
+            architecture=spec.get("architectures"),
+            variant=spec.get("variants"),
+        )
         if by == "curve":
             panels.append((f"{curve} ({', '.join(dict.fromkeys(rows['dataset']))})", rows, curve))
             continue
@@ -175,8 +209,9 @@ def figure_panels(frames: dict[str, pd.DataFrame], spec: dict[str, Any], kind: s
     return panels
 
 
-def table1(budgeted: pd.DataFrame, spec: dict[str, Any],
-           variants: dict[tuple[str, str, str], VariantReplicates] | None = None) -> pd.DataFrame:
+def table1(
+    budgeted: pd.DataFrame, spec: dict[str, Any], variants: dict[tuple[str, str, str], VariantReplicates] | None = None
+) -> pd.DataFrame:
     """Paper 002's Table 1: budgeted accuracy per feature set (rows) at fixed budgets (columns).
 
     Each seed's curve is interpolated linearly at each budget, then seeds are averaged; with
@@ -195,8 +230,10 @@ def table1(budgeted: pd.DataFrame, spec: dict[str, Any],
             _, at = replicates.at_budgets(spec["budgets"])
             low, high = interval(at, replicates.level)
         for i, budget in enumerate(spec["budgets"]):
-            values = [accuracy_at_budget(seed_rows["ms" if in_ms else "flops"], seed_rows["accuracy"], budget)
-                      for _, seed_rows in rows.groupby("seed")]
+            values = [
+                accuracy_at_budget(seed_rows["ms" if in_ms else "flops"], seed_rows["accuracy"], budget)
+                for _, seed_rows in rows.groupby("seed")
+            ]
             column = f"{budget:g}ms" if in_ms else f"{budget / 1e6:g}M"
             record[column] = float(np.mean(values)) if values else float("nan")
             record[f"{column}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
@@ -219,8 +256,7 @@ def table_markdown(table: pd.DataFrame, title: str, note: str) -> str:
     else ``76.84 ± 0.31`` (standard deviation over seeds, when there are several)."""
     suffixes = ("_std", "_ci_low", "_ci_high")
     columns = [c for c in table.columns if not c.endswith(suffixes) and c not in ("variant", "seeds")]
-    lines = [f"# {title}", "", note, "", "| " + " | ".join(columns) + " |",
-             "|" + "---|" * len(columns)]
+    lines = [f"# {title}", "", note, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in table.iterrows():
         cells = []
         for c in columns:
@@ -252,8 +288,12 @@ def eenets_table(anytime: pd.DataFrame, flops_by_arch: dict[str, dict[str, Any]]
         variant = row.get("variant", spec["variant"])
         ee = _select(anytime, dataset=row["dataset"], architecture=row["architecture"], variant=variant)
         plain = _select(anytime, dataset=row["dataset"], architecture=row["plain"], variant=spec["plain_variant"])
-        record: dict[str, Any] = {"dataset": row["dataset"], "architecture": row["architecture"], "variant": variant,
-                                  "plain_architecture": row["plain"]}
+        record: dict[str, Any] = {
+            "dataset": row["dataset"],
+            "architecture": row["architecture"],
+            "variant": variant,
+            "plain_architecture": row["plain"],
+        }
         if not ee.empty and "confidence_exit_accuracy" in ee:
             per_seed = ee.groupby("seed")[["confidence_exit_accuracy", "confidence_exit_cost_ratio"]].first()
             record["eenets_accuracy"] = per_seed["confidence_exit_accuracy"].mean()
@@ -276,8 +316,20 @@ def eenets_table(anytime: pd.DataFrame, flops_by_arch: dict[str, dict[str, Any]]
             record["plain_mflops"] = plain["flops"].max() / 1e6
         record["seeds"] = int(ee["seed"].nunique()) if not ee.empty else 0
         records.append(record)
-    columns = ["dataset", "architecture", "variant", "plain_architecture", "eenets_accuracy", "eenets_accuracy_std",
-               "eenets_cost_ratio", "eenets_mflops", "plain_accuracy", "plain_accuracy_std", "plain_mflops", "seeds"]
+    columns = [
+        "dataset",
+        "architecture",
+        "variant",
+        "plain_architecture",
+        "eenets_accuracy",
+        "eenets_accuracy_std",
+        "eenets_cost_ratio",
+        "eenets_mflops",
+        "plain_accuracy",
+        "plain_accuracy_std",
+        "plain_mflops",
+        "seeds",
+    ]
     columns += [f"exit{k}_{what}" for k in range(1, most_exits + 1) for what in ("accuracy", "leaving")]
     return pd.DataFrame(records).reindex(columns=columns)
 
@@ -295,8 +347,9 @@ def _peak_flops(flops: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
     return np.take_along_axis(flops, best[..., None], axis=-1)[..., 0]
 
 
-def published_estimate(entry: dict[str, Any],
-                       variants: dict[tuple[str, str, str], VariantReplicates]) -> Estimate | None:
+def published_estimate(
+    entry: dict[str, Any], variants: dict[tuple[str, str, str], VariantReplicates]
+) -> Estimate | None:
     """Our number for one published claim and its bootstrap replicates, or None when the config
     has no such cell.
 
@@ -341,13 +394,15 @@ def _number(value: float) -> str:
     return "not reached" if np.isinf(value) else ("n/a" if np.isnan(value) else f"{value:.2f}")
 
 
-def reproduction_report(published: list[dict[str, Any]], variants: dict[tuple[str, str, str], VariantReplicates],
-                        config_name: str) -> str:
+def reproduction_report(
+    published: list[dict[str, Any]], variants: dict[tuple[str, str, str], VariantReplicates], config_name: str
+) -> str:
     levels = {v.level for v in variants.values()} or {0.95}
     level = f"{next(iter(levels)):.0%}"
     resamples = next(iter({v.resamples for v in variants.values()}), 0)
     lines = [
-        "# Reproduction report", "",
+        "# Reproduction report",
+        "",
         f"Each number the papers state, beside ours from this run's per-sample records (config: `{config_name}`).",
         f"Budgeted numbers use the MSDNet protocol ({N_BUDGETS} budgets, thresholds from val without train",
         "augmentation); accuracy at a budget is each seed's curve linearly interpolated, then averaged",
@@ -357,8 +412,10 @@ def reproduction_report(published: list[dict[str, Any]], variants: dict[tuple[st
         "`inside` says whether the published number lies in it. The interval is our uncertainty only:",
         "the paper's own number has sampling and seed noise of its own.",
         "`no data` means this config has no cell for that claim (e.g. the embedded digits default",
-        "has no CIFAR cells): such rows are never filled in.", "",
-        "| id | claim | source | published | ours [interval] | difference | inside |", "|---|---|---|---|---|---|---|",
+        "has no CIFAR cells): such rows are never filled in.",
+        "",
+        "| id | claim | source | published | ours [interval] | difference | inside |",
+        "|---|---|---|---|---|---|---|",
     ]
     covered = inside_count = 0
     for entry in published:
@@ -379,8 +436,13 @@ def reproduction_report(published: list[dict[str, Any]], variants: dict[tuple[st
             else:
                 inside_text = "yes" if low <= value <= high else "no"
                 inside_count += inside_text == "yes"
-        lines.append(f"| {entry['id']} | {entry['claim']} | {entry['source']} | {value:g} | {ours_text} | "
-                     f"{diff_text} | {inside_text} |")
-    lines += ["", f"{covered} of {len(published)} published numbers have a matching cell in this config; "
-              f"{inside_count} of them lie inside our interval."]
+        lines.append(
+            f"| {entry['id']} | {entry['claim']} | {entry['source']} | {value:g} | {ours_text} | "
+            f"{diff_text} | {inside_text} |"
+        )
+    lines += [
+        "",
+        f"{covered} of {len(published)} published numbers have a matching cell in this config; "
+        f"{inside_count} of them lie inside our interval.",
+    ]
     return "\n".join(lines) + "\n"

@@ -6,8 +6,9 @@ import logging
 import re
 import sys
 import traceback
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .config import Cell, ConfigError
 from .datasets import DatasetError, DeclarationError
@@ -36,8 +37,9 @@ def logged(snakemake: Any, append: bool = False) -> Iterator[None]:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if snakemake.log:
         handlers.append(logging.FileHandler(snakemake.log[0], mode="a" if append else "w"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True
+    )
     if append:
         logging.getLogger("eebench").info("--- %s job started (earlier attempts above) ---", snakemake.rule)
     try:

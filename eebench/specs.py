@@ -51,8 +51,13 @@ def _chain(config: dict[str, Any], cell: Cell) -> list[str]:
     return [cell.variant, *(c.variant for c in dependencies(config, cell))]
 
 
-def job_spec(config: dict[str, Any], rule: str, cells: list[Cell] | None = None, dataset: str | None = None,
-             arch: str | None = None) -> dict[str, Any]:
+def job_spec(
+    config: dict[str, Any],
+    rule: str,
+    cells: list[Cell] | None = None,
+    dataset: str | None = None,
+    arch: str | None = None,
+) -> dict[str, Any]:
     """What a job of ``rule`` reads: the global keys of ``RULE_KEYS``, the entries of its
     dataset(s), architecture(s) and variants (with their chains), for one cell, several
     (aggregates) or a dataset and architecture (split, FLOPs)."""
@@ -66,7 +71,9 @@ def job_spec(config: dict[str, Any], rule: str, cells: list[Cell] | None = None,
         spec["architectures"] = {a: copy.deepcopy(config["architectures"][a]) for a in archs}
     spec.update(copy.deepcopy(_variant_entries(config, variants)))
     if rule == "latency":  # which cells are timed is the workflow's business, not the job's
-        spec["latency"] = {k: v for k, v in spec["latency"].items() if k not in ("variants", "architectures", "datasets")}
+        spec["latency"] = {
+            k: v for k, v in spec["latency"].items() if k not in ("variants", "architectures", "datasets")
+        }
     if rule == "flops":  # the FLOPs job checks Table 1's budgets when it counts Table 1's network
         table = config["report"].get("table1")
         if table is not None and (table["dataset"], table["architecture"]) == (dataset, arch):
@@ -81,4 +88,3 @@ def cell_spec(config: dict[str, Any], rule: str, cell: Cell) -> dict[str, Any]:
 def with_runtime(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """The config a job works with: its spec and the runtime keys of the config it runs under."""
     return {**spec, **{key: config[key] for key in RUNTIME_KEYS if key in config}}
-

@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf")
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
 LINESTYLES = ("solid", "dashed", "dashdot", "dotted")
 FILLS = ("full", "none", "left", "bottom", "right", "top")
@@ -53,9 +52,15 @@ def variant_label(config: dict[str, Any], variant: str) -> str:
 
 
 def variant_styles(config: dict[str, Any]) -> dict[str, VariantStyle]:
-    return {name: VariantStyle(COLOURS[i % len(COLOURS)], MARKERS[i % len(MARKERS)],
-                               LINESTYLES[i % len(LINESTYLES)], variant_label(config, name))
-            for i, name in enumerate(variant_names(config))}
+    return {
+        name: VariantStyle(
+            COLOURS[i % len(COLOURS)],
+            MARKERS[i % len(MARKERS)],
+            LINESTYLES[i % len(LINESTYLES)],
+            variant_label(config, name),
+        )
+        for i, name in enumerate(variant_names(config))
+    }
 
 
 def architecture_fills(config: dict[str, Any]) -> dict[str, str]:
@@ -66,8 +71,11 @@ def architecture_fills(config: dict[str, Any]) -> dict[str, str]:
 def styles_for(config: dict[str, Any]) -> dict[str, Any]:
     """Plain-data form of the styles (a rule parameter): ``variants`` name -> style fields,
     ``architectures`` name -> fill, ``flops_convention``."""
-    return {"variants": {name: asdict(style) for name, style in variant_styles(config).items()},
-            "architectures": architecture_fills(config), "flops_convention": config["flops_convention"]}
+    return {
+        "variants": {name: asdict(style) for name, style in variant_styles(config).items()},
+        "architectures": architecture_fills(config),
+        "flops_convention": config["flops_convention"],
+    }
 
 
 def styles_from(plain: dict[str, Any]) -> dict[str, VariantStyle]:

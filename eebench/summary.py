@@ -7,7 +7,8 @@ of each variant: the seed mean, the standard deviation over seeds and the percen
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,8 +21,12 @@ VariantKey = tuple[str, str, str]  # dataset, architecture, variant
 IDENTITY = ["dataset", "architecture", "variant"]
 
 
-def load_variants(cells: Iterable[Any], paths: Iterable[str], settings: BootstrapSettings,
-                  per_exit_costs: Callable[[Any], Sequence[float]] | None = None) -> dict[VariantKey, VariantReplicates]:
+def load_variants(
+    cells: Iterable[Any],
+    paths: Iterable[str],
+    settings: BootstrapSettings,
+    per_exit_costs: Callable[[Any], Sequence[float]] | None = None,
+) -> dict[VariantKey, VariantReplicates]:
     """``cells`` (objects with dataset, arch, variant, seed) and their ``samples.pt`` paths, in order.
     ``per_exit_costs(cell)`` replaces the records' per-exit FLOPs by other per-exit costs (measured ms:
     the budgets' costs and their intervals are then in that unit)."""
@@ -58,12 +63,18 @@ def _stat_columns(variant: VariantReplicates, key: str, name: str) -> dict[str, 
 
 
 def _common(variant: VariantReplicates) -> dict[str, Any]:
-    return {"seeds": len(variant.seeds), "n_test": variant.n_test, "interval": variant.interval_kind,
-            "resamples": variant.resamples, "level": variant.level}
+    return {
+        "seeds": len(variant.seeds),
+        "n_test": variant.n_test,
+        "interval": variant.interval_kind,
+        "resamples": variant.resamples,
+        "level": variant.level,
+    }
 
 
-def summary_tables(variants: dict[VariantKey, VariantReplicates], anytime: pd.DataFrame,
-                   budgeted: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def summary_tables(
+    variants: dict[VariantKey, VariantReplicates], anytime: pd.DataFrame, budgeted: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per variant: anytime rows per exit, budgeted rows per budget index. ``anytime`` and
     ``budgeted`` are the per-cell aggregates, for the identity columns (method, kind, FLOPs convention)."""
     extra = ["method", "kind", "flops_convention"]
@@ -71,18 +82,28 @@ def summary_tables(variants: dict[VariantKey, VariantReplicates], anytime: pd.Da
     for key, variant in variants.items():
         ident = dict(zip(IDENTITY, key))
         k = len(variant.flops_per_exit)
-        frame = pd.DataFrame({**ident, **_identity(anytime, key, extra), "exit": np.arange(1, k + 1),
-                              "flops": variant.flops_per_exit, **_common(variant)})
+        frame = pd.DataFrame(
+            {
+                **ident,
+                **_identity(anytime, key, extra),
+                "exit": np.arange(1, k + 1),
+                "flops": variant.flops_per_exit,
+                **_common(variant),
+            }
+        )
         for stat in ANYTIME_STATS:
             for column, values in _stat_columns(variant, f"anytime_{stat}", stat).items():
                 frame[column] = values
         any_frames.append(frame)
         b = variant.points["budgeted_accuracy"].shape[1]
-        frame = pd.DataFrame({**ident, **_identity(budgeted, key, extra), "budget_id": np.arange(1, b + 1),
-                              **_common(variant)})
+        frame = pd.DataFrame(
+            {**ident, **_identity(budgeted, key, extra), "budget_id": np.arange(1, b + 1), **_common(variant)}
+        )
         for stat in ("flops", "accuracy"):
             for column, values in _stat_columns(variant, f"budgeted_{stat}", stat).items():
                 frame[column] = values
         bud_frames.append(frame)
-    return (pd.concat(any_frames, ignore_index=True) if any_frames else pd.DataFrame(),
-            pd.concat(bud_frames, ignore_index=True) if bud_frames else pd.DataFrame())
+    return (
+        pd.concat(any_frames, ignore_index=True) if any_frames else pd.DataFrame(),
+        pd.concat(bud_frames, ignore_index=True) if bud_frames else pd.DataFrame(),
+    )

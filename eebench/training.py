@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -26,8 +27,8 @@ from .augment import EpochPlan, crop_flip, epoch_plan, normalize
 from .imagefolder import FolderImages
 from .inference import pick_device, run_network
 from .io import CorruptFileError, load_tensors, save_tensors
-from .recipe import Recipe
 from .methods import TrainContext, TrainingMethod
+from .recipe import Recipe
 
 log = logging.getLogger("eebench.train")
 
@@ -40,8 +41,9 @@ def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.op
     if not params:
         return None
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
-                               nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(
+            params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay
+        )
     cls = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
@@ -53,7 +55,7 @@ class _StopSignal:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopSignal":
+    def __enter__(self) -> _StopSignal:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -92,8 +94,7 @@ class _TrainBatches:
 
     def epoch(self, epoch: int, plan: EpochPlan, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         if not self.in_memory:
-            yield from imagefolder.train_batches(self.images, [b.cpu() for b in batches], self.seed, epoch,
-                                                 self.device)
+            yield from imagefolder.train_batches(self.images, [b.cpu() for b in batches], self.seed, epoch, self.device)
             return
         flips = plan.flips if self.data.hflip else torch.zeros_like(plan.flips)
         offsets, flips = plan.offsets.to(self.device), flips.to(self.device)
@@ -133,8 +134,18 @@ def train(
     checkpoint with another fingerprint is stale and is not resumed from.
     ``stop_after_batches`` simulates a kill after that many batches (tests).
     """
-    run = _TrainingRun(model, method_factory, data, recipe, exit_costs, num_classes, seed,
-                       Path(state_dir) / "checkpoint.pt", fingerprint, device or pick_device())
+    run = _TrainingRun(
+        model,
+        method_factory,
+        data,
+        recipe,
+        exit_costs,
+        num_classes,
+        seed,
+        Path(state_dir) / "checkpoint.pt",
+        fingerprint,
+        device or pick_device(),
+    )
     resumed = run.resume()
     with _StopSignal() as stop:
         for epoch in range(run.start_epoch, recipe.epochs):
@@ -149,9 +160,19 @@ def train(
 class _TrainingRun:
     """The state of one training run: device, method, optimizer, progress, checkpoints."""
 
-    def __init__(self, model: MultiExitNetwork, method_factory: Callable[[MultiExitNetwork, TrainContext], TrainingMethod],
-                 data: TrainData, recipe: Recipe, exit_costs: torch.Tensor, num_classes: int, seed: int,
-                 state_path: Path, fingerprint: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: MultiExitNetwork,
+        method_factory: Callable[[MultiExitNetwork, TrainContext], TrainingMethod],
+        data: TrainData,
+        recipe: Recipe,
+        exit_costs: torch.Tensor,
+        num_classes: int,
+        seed: int,
+        state_path: Path,
+        fingerprint: str,
+        device: torch.device,
+    ) -> None:
         self.dctx, device = distributed.setup(device)  # [ddp] several processes under torchrun; no-op alone
         self.dctx.check_batch_size(recipe.batch_size)
         self.model, self.data, self.recipe, self.seed, self.device = model, data, recipe, seed, device
@@ -167,9 +188,15 @@ class _TrainingRun:
             raise ValueError(f"batch size {recipe.batch_size} is larger than the training set ({n_train})")
         self.total_steps = recipe.epochs * self.steps_per_epoch
         ctx = TrainContext(
-            exit_costs=exit_costs.to(device), num_classes=num_classes, epochs=recipe.epochs,
-            steps_per_epoch=self.steps_per_epoch, device=device, autocast_dtype=recipe.autocast_dtype(device),
-            lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+            exit_costs=exit_costs.to(device),
+            num_classes=num_classes,
+            epochs=recipe.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            device=device,
+            autocast_dtype=recipe.autocast_dtype(device),
+            lr=recipe.lr,
+            momentum=recipe.momentum,
+            weight_decay=recipe.weight_decay,
         )
         self.method = method_factory(model, ctx)
         for module in self.method.extra_modules().values():
@@ -189,8 +216,10 @@ class _TrainingRun:
         if not self.recipe.compile:
             return
         if not self.method.compilable:
-            log.warning("recipe.compile: %s needs the network eager (see its class); training without "
-                        "torch.compile", self.method.name)
+            log.warning(
+                "recipe.compile: %s needs the network eager (see its class); training without torch.compile",
+                self.method.name,
+            )
             return
         # the network's forward (and, through AOTAutograd, its backward); method logic, optimizer and
         # learning-rate changes stay eager, so nothing recompiles as the lr moves
@@ -216,15 +245,25 @@ class _TrainingRun:
 
     def checkpoint(self, epoch: int, batch: int, loss_sum: float = 0.0) -> None:
         if not math.isfinite(loss_sum):  # never overwrite the last good checkpoint with diverged weights
-            raise TrainingDiverged(f"training diverged in epoch {epoch + 1} (loss sum {loss_sum} after batch "
-                                   f"{batch}); the last good checkpoint is kept in {self.state_path}")
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch + 1} (loss sum {loss_sum} after batch "
+                f"{batch}); the last good checkpoint is kept in {self.state_path}"
+            )
         if not self.dctx.is_main:  # [ddp] process 0 writes
             return
-        save_tensors(self.state_path, {
-            "fingerprint": self.fingerprint, "epoch": epoch, "batch": batch, "history": self.history,
-            "loss_sum": loss_sum, "model": self.model.state_dict(), "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
-        })
+        save_tensors(
+            self.state_path,
+            {
+                "fingerprint": self.fingerprint,
+                "epoch": epoch,
+                "batch": batch,
+                "history": self.history,
+                "loss_sum": loss_sum,
+                "model": self.model.state_dict(),
+                "method": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            },
+        )
 
     def train_epoch(self, epoch: int, stop: _StopSignal, stop_after_batches: int | None) -> float:
         """One epoch's steps (from the resumed batch); the mean loss. Checkpoints and exits with
@@ -235,12 +274,15 @@ class _TrainingRun:
         self.model.train()
         first = self.start_batch if epoch == self.start_epoch else 0
         loss_sum = torch.full((), self.resumed_loss if first else 0.0, device=self.device, dtype=torch.float64)
-        batches = [dctx.shard(order[b * recipe.batch_size : (b + 1) * recipe.batch_size])
-                   for b in range(first, self.steps_per_epoch)]
+        batches = [
+            dctx.shard(order[b * recipe.batch_size : (b + 1) * recipe.batch_size])
+            for b in range(first, self.steps_per_epoch)
+        ]
         images = self.train_batches.epoch(epoch, plan, batches)
         for batch, idx in zip(range(first, self.steps_per_epoch), batches):
-            if (dctx.should_stop(stop.received is not None, batch, self.device)
-                    or (stop_after_batches is not None and self.batches_run >= stop_after_batches)):
+            if dctx.should_stop(stop.received is not None, batch, self.device) or (
+                stop_after_batches is not None and self.batches_run >= stop_after_batches
+            ):
                 self._stop(epoch, batch, float(dctx.mean(loss_sum)), stop.received or signal.SIGTERM)
             loss_sum += self.train_batch(next(images), idx, epoch * self.steps_per_epoch + batch).double()
             self.batches_run += 1
@@ -260,8 +302,13 @@ class _TrainingRun:
     def _stop(self, epoch: int, batch: int, loss_sum: float, signum: int) -> None:
         self.checkpoint(epoch, batch, loss_sum)
         if self.dctx.is_main:
-            log.info("stopped by %s: checkpoint written to %s at epoch %d, batch %d; a rerun resumes from it",
-                     signal.Signals(signum).name, self.state_path, epoch + 1, batch)
+            log.info(
+                "stopped by %s: checkpoint written to %s at epoch %d, batch %d; a rerun resumes from it",
+                signal.Signals(signum).name,
+                self.state_path,
+                epoch + 1,
+                batch,
+            )
         raise SystemExit(128 + signum)
 
     def end_epoch(self, epoch: int, mean_loss: float) -> dict[str, Any]:
@@ -270,15 +317,31 @@ class _TrainingRun:
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(
                 f"training diverged at epoch {epoch + 1}: mean loss {mean_loss}; "
-                + (f"the last good checkpoint is kept in {self.state_path}" if self.state_path.exists()
-                   else "no checkpoint had been written yet")
+                + (
+                    f"the last good checkpoint is kept in {self.state_path}"
+                    if self.state_path.exists()
+                    else "no checkpoint had been written yet"
+                )
                 + "; lower the learning rate (a changed recipe starts the cell afresh)"
             )
         data, recipe = self.data, self.recipe
-        val = run_network(self.model, data.val_images, data.mean, data.std, recipe.eval_batch_size, self.device,
-                          self.channels_last, with_features=False, transform=self.method.eval_outputs)
+        val = run_network(
+            self.model,
+            data.val_images,
+            data.mean,
+            data.std,
+            recipe.eval_batch_size,
+            self.device,
+            self.channels_last,
+            with_features=False,
+            transform=self.method.eval_outputs,
+        )
         last_step = (epoch + 1) * self.steps_per_epoch - 1
-        row = {"epoch": epoch + 1, "loss": mean_loss, "lr": recipe.lr_at(last_step, self.total_steps, self.steps_per_epoch)}
+        row = {
+            "epoch": epoch + 1,
+            "loss": mean_loss,
+            "lr": recipe.lr_at(last_step, self.total_steps, self.steps_per_epoch),
+        }
         row.update({f"val_acc_{k + 1}": a for k, a in enumerate(per_exit_accuracy(val["logits"], data.val_labels))})
         self.history.append(row)
         self.checkpoint(epoch + 1, 0)
@@ -301,4 +364,3 @@ def load_weights(path: str | Path, expect_fingerprint: str | None = None) -> dic
             f"(fingerprint {state.get('fingerprint')!r}, expected {expect_fingerprint!r}); retrain"
         )
     return state
-

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .base import ExitHead, ExitOutputs, ExitPrefix, InputSpec, MultiExitNetwork, select_samples
 
@@ -74,9 +75,7 @@ def list_architectures() -> list[str]:
 def get_architecture(name: str) -> Architecture:
     _load_all()
     if name not in ARCHITECTURES:
-        raise KeyError(
-            f"unknown architecture {name!r}; available: {', '.join(sorted(ARCHITECTURES))}"
-        )
+        raise KeyError(f"unknown architecture {name!r}; available: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[name]
 
 
@@ -88,8 +87,7 @@ def make_config(name: str, params: dict[str, Any] | None = None):
     unknown = sorted(set(params) - fields)
     if unknown:
         raise ValueError(
-            f"unknown parameter(s) {', '.join(unknown)} for architecture {name!r}; "
-            f"allowed: {', '.join(sorted(fields))}"
+            f"unknown parameter(s) {', '.join(unknown)} for architecture {name!r}; allowed: {', '.join(sorted(fields))}"
         )
     config = arch.config_class(**params)
     validate = getattr(config, "validate", None)

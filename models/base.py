@@ -62,8 +62,7 @@ class ExitOutputs:
         """Per-exit lists from exit heads; ``confidences`` only when every head has one."""
         confidences = [h.confidence for h in heads]
         has_confidence = bool(heads) and all(c is not None for c in confidences)
-        return cls([h.logits for h in heads], [h.features for h in heads],
-                   confidences if has_confidence else None)
+        return cls([h.logits for h in heads], [h.features for h in heads], confidences if has_confidence else None)
 
     def head(self, k: int) -> ExitHead:
         """Exit k (0-based) as an ``ExitHead``."""
@@ -119,8 +118,10 @@ class MultiExitNetwork(nn.Module):
 
     def begin(self, x: torch.Tensor) -> State:
         """The state before segment 0 (the stem's outputs)."""
-        raise NotImplementedError(f"{type(self).__name__} implements no segments: implement begin, "
-                                  "run_segment and exit_head, or set segmented = False and override forward_all")
+        raise NotImplementedError(
+            f"{type(self).__name__} implements no segments: implement begin, "
+            "run_segment and exit_head, or set segmented = False and override forward_all"
+        )
 
     def run_segment(self, k: int, state: State) -> State:
         """The blocks between exit k-1 and exit k (k 0-based), on ``state``'s samples."""
@@ -217,8 +218,7 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     return _ScaleGradient.apply(x, factor)
 
 
-def gradient_equilibrium(h: torch.Tensor, exit_index: int,
-                         num_exits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_equilibrium(h: torch.Tensor, exit_index: int, num_exits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the trunk tensor after block ``exit_index`` (0-based) into (head input, trunk
     output): the head's gradient into ``h`` is scaled by 1/(K-k), the deeper blocks' gradient by
     (K-k-1)/(K-k). ``num_exits`` is the network's K, also when running only a prefix."""

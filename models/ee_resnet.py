@@ -106,8 +106,9 @@ class EEResNetConfig:
             raise _invalid("style", self.style, ", ".join(STYLES))
         self._validate_depth()
         if not isinstance(self.num_exits, int) or self.num_exits < 0:
-            raise _invalid("num_exits", self.num_exits,
-                           "an integer >= 0 (early exits; 0 builds the plain ResNet with one exit)")
+            raise _invalid(
+                "num_exits", self.num_exits, "an integer >= 0 (early exits; 0 builds the plain ResNet with one exit)"
+            )
         if self.distribution not in DISTRIBUTIONS:
             raise _invalid("distribution", self.distribution, ", ".join(DISTRIBUTIONS))
         if self.exit_pool not in EXIT_POOLS:
@@ -251,8 +252,7 @@ def resnet_plan(config: EEResNetConfig, input_spec: InputSpec) -> ResNetPlan:
             block = BlockPlan(bottleneck, channels, width * 2**stage, stride, size)
             blocks.append(block)
             channels, size = block.out_channels, block.out_size
-    return ResNetPlan(style, input_spec.channels, width, input_spec.size, input_spec.num_classes,
-                      tuple(blocks))
+    return ResNetPlan(style, input_spec.channels, width, input_spec.size, input_spec.num_classes, tuple(blocks))
 
 
 def exit_thresholds(distribution: str, num_early: int, total_flops: float) -> list[float]:
@@ -281,8 +281,11 @@ def exit_positions(config: EEResNetConfig, plan: ResNetPlan) -> list[int]:
     positions = place_exits(cumulative, exit_thresholds(config.distribution, config.num_exits, total))
     if positions is not None:
         return positions
-    fits = [n for n in range(1, config.num_exits)
-            if place_exits(cumulative, exit_thresholds(config.distribution, n, total)) is not None]
+    fits = [
+        n
+        for n in range(1, config.num_exits)
+        if place_exits(cumulative, exit_thresholds(config.distribution, n, total)) is not None
+    ]
     most = max(fits, default=0)
     raise ValueError(
         f"ee_resnet: num_exits={config.num_exits} does not fit depth {config.depth} "
@@ -306,8 +309,13 @@ class ResidualBlock(nn.Module):
         super().__init__()
         p, c_in, c_out, stride = plan.planes, plan.in_channels, plan.out_channels, plan.stride
         if plan.bottleneck:
-            layers = (_conv_bn(c_in, p, 1) + [nn.ReLU(inplace=True)] + _conv_bn(p, p, 3, stride)
-                      + [nn.ReLU(inplace=True)] + _conv_bn(p, c_out, 1))
+            layers = (
+                _conv_bn(c_in, p, 1)
+                + [nn.ReLU(inplace=True)]
+                + _conv_bn(p, p, 3, stride)
+                + [nn.ReLU(inplace=True)]
+                + _conv_bn(p, c_out, 1)
+            )
         else:
             layers = _conv_bn(c_in, p, 3, stride) + [nn.ReLU(inplace=True)] + _conv_bn(p, p, 3)
         self.residual = nn.Sequential(*layers)
@@ -323,8 +331,11 @@ class ResidualBlock(nn.Module):
 def _make_stem(plan: ResNetPlan) -> nn.Sequential:
     if plan.style == "cifar":
         return nn.Sequential(*_conv_bn(plan.in_channels, plan.width, 3), nn.ReLU(inplace=True))
-    return nn.Sequential(*_conv_bn(plan.in_channels, plan.width, 7, stride=2), nn.ReLU(inplace=True),
-                         nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+    return nn.Sequential(
+        *_conv_bn(plan.in_channels, plan.width, 7, stride=2),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+    )
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -404,8 +415,12 @@ class EEResNet(MultiExitNetwork):
 
         self.stem = _make_stem(self.plan)
         self.blocks = nn.ModuleList(ResidualBlock(b) for b in self.plan.blocks)
-        heads = [ExitHead(self.plan.blocks[b].out_channels, self.plan.blocks[b].out_size,
-                          input_spec.num_classes, config.exit_pool) for b in self.exit_blocks]
+        heads = [
+            ExitHead(
+                self.plan.blocks[b].out_channels, self.plan.blocks[b].out_size, input_spec.num_classes, config.exit_pool
+            )
+            for b in self.exit_blocks
+        ]
         last = self.plan.blocks[-1]
         heads.append(ExitHead(last.out_channels, last.out_size, input_spec.num_classes, "pool"))
         self.exits = nn.ModuleList(heads)

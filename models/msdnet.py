@@ -14,8 +14,8 @@ defaults below and a 3x32x32 input, this is the 7-exit CIFAR "budgeted batch" mo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -53,41 +53,61 @@ class MSDNetConfig:
     def validate(self, input_size: int | None = None) -> None:
         """Raise ValueError naming the first bad key; ``input_size`` also checks the scales fit."""
         for key in ("n_blocks", "step", "base", "n_channels", "growth_rate", "n_scales"):
-            _check(_is_int(getattr(self, key)) and getattr(self, key) >= 1, key,
-                   getattr(self, key), "a positive integer")
-        _check(self.step_mode in STEP_MODES, "step_mode", self.step_mode,
-               f"one of {', '.join(STEP_MODES)}")
+            _check(
+                _is_int(getattr(self, key)) and getattr(self, key) >= 1, key, getattr(self, key), "a positive integer"
+            )
+        _check(self.step_mode in STEP_MODES, "step_mode", self.step_mode, f"one of {', '.join(STEP_MODES)}")
         _check(self.prune in PRUNE_MODES, "prune", self.prune, f"one of {', '.join(PRUNE_MODES)}")
         _check(isinstance(self.bottleneck, bool), "bottleneck", self.bottleneck, "true or false")
-        _check(isinstance(self.reduction, (int, float)) and not isinstance(self.reduction, bool)
-               and 0 <= self.reduction <= 1, "reduction", self.reduction,
-               "a number in [0, 1] (0 disables the transition layers)")
+        _check(
+            isinstance(self.reduction, (int, float))
+            and not isinstance(self.reduction, bool)
+            and 0 <= self.reduction <= 1,
+            "reduction",
+            self.reduction,
+            "a number in [0, 1] (0 disables the transition layers)",
+        )
         for key in ("gr_factor", "bn_factor"):
             self._validate_factors(key)
         half_widths = [self.growth_rate * g for g in self.gr_factor[1:]]
-        _check(all(w % 2 == 0 for w in half_widths), "growth_rate", self.growth_rate,
-               "a value making growth_rate * gr_factor[s] even on every scale s >= 1 "
-               "(those scales split new channels between a strided and a regular conv)")
+        _check(
+            all(w % 2 == 0 for w in half_widths),
+            "growth_rate",
+            self.growth_rate,
+            "a value making growth_rate * gr_factor[s] even on every scale s >= 1 "
+            "(those scales split new channels between a strided and a regular conv)",
+        )
         for plan in layer_plan(self):
-            _check(plan.width_out >= 1, "reduction", self.reduction,
-                   f"a value leaving at least one channel after a transition (width "
-                   f"{plan.width_in} + growth {self.growth_rate} shrinks to {plan.width_out})")
+            _check(
+                plan.width_out >= 1,
+                "reduction",
+                self.reduction,
+                f"a value leaving at least one channel after a transition (width "
+                f"{plan.width_in} + growth {self.growth_rate} shrinks to {plan.width_out})",
+            )
         if input_size is not None:
             self._validate_input_size(input_size)
 
     def _validate_factors(self, key: str) -> None:
         value = getattr(self, key)
-        _check(isinstance(value, (list, tuple)) and all(_is_int(v) and v >= 1 for v in value),
-               key, value, "a list of positive integers, one per scale")
-        _check(len(value) == self.n_scales, key, value,
-               f"a list of length n_scales={self.n_scales}")
+        _check(
+            isinstance(value, (list, tuple)) and all(_is_int(v) and v >= 1 for v in value),
+            key,
+            value,
+            "a list of positive integers, one per scale",
+        )
+        _check(len(value) == self.n_scales, key, value, f"a list of length n_scales={self.n_scales}")
 
     def _validate_input_size(self, input_size: int) -> None:
         coarsest = scale_sizes(input_size, self.n_scales)[-1]
-        _check(coarsest >= 5, "n_scales", self.n_scales,
-               f"at most as many scales as input size {input_size} allows: the coarsest scale is "
-               f"{coarsest}x{coarsest}, but an exit head (two stride-2 convs and a 2x2 average "
-               f"pool) needs at least 5x5")
+        _check(
+            coarsest >= 5,
+            "n_scales",
+            self.n_scales,
+            f"at most as many scales as input size {input_size} allows: the coarsest scale is "
+            f"{coarsest}x{coarsest}, but an exit head (two stride-2 convs and a 2x2 average "
+            f"pool) needs at least 5x5",
+        )
 
 
 def _is_int(value: object) -> bool:
@@ -178,9 +198,7 @@ class ConvBNReLU(nn.Sequential):
         )
 
 
-def dense_conv(
-    c_in: int, c_out: int, stride: int, bottleneck: bool, bn_factor: int
-) -> nn.Sequential:
+def dense_conv(c_in: int, c_out: int, stride: int, bottleneck: bool, bn_factor: int) -> nn.Sequential:
     """3x3 conv, preceded by a 1x1 bottleneck to min(c_in, bn_factor * c_out) channels."""
     layers: list[nn.Module] = []
     if bottleneck:
@@ -194,8 +212,7 @@ def dense_conv(
 class DenseUnit(nn.Module):
     """One scale of an MSD layer: [input, strided conv of finer input, conv of input]."""
 
-    def __init__(self, c_same: int, c_finer: int | None, c_new: int, config: MSDNetConfig,
-                 scale: int):
+    def __init__(self, c_same: int, c_finer: int | None, c_new: int, config: MSDNetConfig, scale: int):
         super().__init__()
         bn = config.bn_factor
         c_conv = c_new if c_finer is None else c_new // 2  # the two convs share the new channels
@@ -243,9 +260,7 @@ class Transition(nn.Module):
         gr = config.gr_factor
         scales = range(config.n_scales - plan.scales_out, config.n_scales)
         grown = plan.width_in + config.growth_rate
-        self.convs = nn.ModuleList(
-            ConvBNReLU(grown * gr[s], plan.width_out * gr[s], kernel=1) for s in scales
-        )
+        self.convs = nn.ModuleList(ConvBNReLU(grown * gr[s], plan.width_out * gr[s], kernel=1) for s in scales)
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [conv(x) for conv, x in zip(self.convs, xs)]

@@ -139,9 +139,7 @@ class RANetConfig:
                 "it must lie strictly between 0 and 1"
             )
         if not 0 < self.reduction <= 1:
-            raise ValueError(
-                f"RANetConfig.reduction={self.reduction} is not allowed; it must lie in (0, 1]"
-            )
+            raise ValueError(f"RANetConfig.reduction={self.reduction} is not allowed; it must lie in (0, 1]")
         for i, factor in enumerate(list(self.gr_factor)[1:], start=1):
             growth = self.growth_rate * factor
             if math.floor(growth * self.compress_factor) < 1:
@@ -172,8 +170,7 @@ def _check_int_list(key: str, value: object) -> None:
     ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
     if not ok:
         raise ValueError(
-            f"RANetConfig.{key}={value!r} is not allowed; it must be a non-empty list of "
-            "integers >= 1, e.g. [4, 2, 1]"
+            f"RANetConfig.{key}={value!r} is not allowed; it must be a non-empty list of integers >= 1, e.g. [4, 2, 1]"
         )
 
 
@@ -229,8 +226,17 @@ class FusionLayer(nn.Module):
     when ``down``, in which case the input itself is resized down before the concatenation).
     """
 
-    def __init__(self, c_in: int, c_low: int, growth: int, compress: float, down: bool,
-                 bn_width: int, bn_width_low: int, bottleneck: bool):
+    def __init__(
+        self,
+        c_in: int,
+        c_low: int,
+        growth: int,
+        compress: float,
+        down: bool,
+        bn_width: int,
+        bn_width_low: int,
+        bottleneck: bool,
+    ):
         super().__init__()
         from_low = math.floor(growth * compress)
         self.conv_low = DenseConv(c_low, from_low, 1, bn_width_low, bottleneck)
@@ -259,8 +265,9 @@ def _transition(channels: int, ratio: float | None) -> tuple[nn.Module | None, i
 class DenseBlock(nn.Module):
     """``n_layers`` dense layers, then an optional transition."""
 
-    def __init__(self, c_in: int, n_layers: int, growth: int, bn_width: int, bottleneck: bool,
-                 transition: float | None):
+    def __init__(
+        self, c_in: int, n_layers: int, growth: int, bn_width: int, bottleneck: bool, transition: float | None
+    ):
         super().__init__()
         self.layers = nn.ModuleList(
             DenseLayer(c_in + i * growth, growth, bn_width, bottleneck) for i in range(n_layers)
@@ -282,13 +289,31 @@ class FusionBlock(nn.Module):
     """Fusion layers reading the lower flow's block taps (one layer per tap but the last), then
     a 1x1-compressed, resized copy of the lower block's last tap, then an optional transition."""
 
-    def __init__(self, c_in: int, low_taps: list[int], growth: int, compress: float, down: bool,
-                 bn_width: int, bn_width_low: int, bottleneck: bool, transition: float | None):
+    def __init__(
+        self,
+        c_in: int,
+        low_taps: list[int],
+        growth: int,
+        compress: float,
+        down: bool,
+        bn_width: int,
+        bn_width_low: int,
+        bottleneck: bool,
+        transition: float | None,
+    ):
         super().__init__()
         n_layers = len(low_taps) - 1
         self.layers = nn.ModuleList(
-            FusionLayer(c_in + i * growth, low_taps[i], growth, compress,
-                        down and i == n_layers - 1, bn_width, bn_width_low, bottleneck)
+            FusionLayer(
+                c_in + i * growth,
+                low_taps[i],
+                growth,
+                compress,
+                down and i == n_layers - 1,
+                bn_width,
+                bn_width_low,
+                bottleneck,
+            )
             for i in range(n_layers)
         )
         self.tap_channels = [c_in + i * growth for i in range(n_layers + 1)]
@@ -297,9 +322,7 @@ class FusionBlock(nn.Module):
         fused = dense_out + math.floor(dense_out * compress)
         self.transition, self.out_channels = _transition(fused, transition)
 
-    def forward(
-        self, x: torch.Tensor, low_taps: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, low_taps: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         taps = [x]
         for layer, low in zip(self.layers, low_taps):
             x = layer(x, low)
@@ -378,15 +401,23 @@ def _transition_blocks(n_blocks: int, scale: int) -> set[int]:
 
 def _downsample_blocks(previous_counts: list[int], scale: int) -> set[int]:
     """The last ``scale - 1`` block indices at which an earlier flow ended."""
-    return set(previous_counts[len(previous_counts) - (scale - 1):]) if scale > 1 else set()
+    return set(previous_counts[len(previous_counts) - (scale - 1) :]) if scale > 1 else set()
 
 
 @register_architecture("ranet", RANetConfig)
 class RANet(MultiExitNetwork):
     """Scale flows from low to high resolution; exits in flow order (see the module docstring)."""
 
-    test_params = {"n_blocks": 1, "block_step": 1, "step": 1, "n_channels": 4, "growth_rate": 4,
-                   "scale_list": [1, 2], "gr_factor": [2, 1], "bn_factor": [2, 1]}
+    test_params = {
+        "n_blocks": 1,
+        "block_step": 1,
+        "step": 1,
+        "n_channels": 4,
+        "growth_rate": 4,
+        "scale_list": [1, 2],
+        "gr_factor": [2, 1],
+        "bn_factor": [2, 1],
+    }
 
     def __init__(self, config: RANetConfig, input_spec: InputSpec):
         super().__init__()
@@ -415,9 +446,7 @@ class RANet(MultiExitNetwork):
         self.num_exits = len(self.heads)
         self._init_weights()
 
-    def _build_flow(
-        self, f: int, c_in: int, counts: list[int], low_taps: list[list[int]]
-    ) -> nn.ModuleList:
+    def _build_flow(self, f: int, c_in: int, counts: list[int], low_taps: list[list[int]]) -> nn.ModuleList:
         """Flow f's blocks; ``counts`` = block counts of flows 0..f, ``low_taps`` = flow f-1's."""
         cfg = self.config
         scale, growth = cfg.scale_list[f], cfg.growth_rate * cfg.gr_factor[f]
@@ -428,13 +457,18 @@ class RANet(MultiExitNetwork):
             trans = cfg.reduction if b in transitions else None
             if b <= len(low_taps):
                 block: DenseBlock | FusionBlock = FusionBlock(
-                    c_in, low_taps[b - 1], growth, cfg.compress_factor, b in downs,
-                    cfg.bn_factor[f], cfg.bn_factor[f - 1], cfg.bottleneck, trans,
+                    c_in,
+                    low_taps[b - 1],
+                    growth,
+                    cfg.compress_factor,
+                    b in downs,
+                    cfg.bn_factor[f],
+                    cfg.bn_factor[f - 1],
+                    cfg.bottleneck,
+                    trans,
                 )
             else:
-                block = DenseBlock(
-                    c_in, cfg.layers_in_block(b), growth, cfg.bn_factor[f], cfg.bottleneck, trans
-                )
+                block = DenseBlock(c_in, cfg.layers_in_block(b), growth, cfg.bn_factor[f], cfg.bottleneck, trans)
             blocks.append(block)
             c_in = block.out_channels
         return blocks

@@ -11,7 +11,6 @@ from eebench.config import training_variant, validate_schema  # noqa: E402
 from eebench.specs import job_spec  # noqa: E402
 from eebench.style import all_variants, styles_for  # noqa: E402
 
-
 # the schema (types, structure; fills defaults), then the registries: a bad config fails here, naming
 # the key, the value and what is allowed, before any job starts
 validate_schema(config)  # config/schema.yaml

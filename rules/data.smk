@@ -3,13 +3,13 @@ rule split:
         f"{RESULTS}/splits/{{dataset}}.npz",
     log:
         f"{RESULTS}/logs/split/{{dataset}}.log",
-    params:
-        spec=split_spec,
-        files=split_files,
+    conda:
+        "../environment.yml"
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../environment.yml"
+    params:
+        spec=split_spec,
+        files=split_files,
     script:
         "../workflow_scripts/split.py"

@@ -10,13 +10,13 @@ rule evaluate:
         samples=f"{RESULTS}/curves/{CELL}/samples.pt",
     log:
         f"{RESULTS}/logs/evaluate/{CELL}.log",
-    params:
-        spec=cell_spec("evaluate"),
+    conda:
+        "../environment.yml"
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../environment.yml"
+    params:
+        spec=cell_spec("evaluate"),
     script:
         "../workflow_scripts/evaluate.py"
 
@@ -34,13 +34,13 @@ rule aggregate:
         budgeted_summary=f"{RESULTS}/aggregate/budgeted_summary.csv",
     log:
         f"{RESULTS}/logs/aggregate.log",
-    params:
-        spec=aggregate_spec(CELLS),
-        cells=CELLS,
+    conda:
+        "../environment.yml"
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../environment.yml"
+    params:
+        spec=aggregate_spec(CELLS),
+        cells=CELLS,
     script:
         "../workflow_scripts/aggregate.py"

@@ -3,12 +3,12 @@ rule flops:
         f"{RESULTS}/flops/{{dataset}}/{{arch}}.json",
     log:
         f"{RESULTS}/logs/flops/{{dataset}}/{{arch}}.log",
-    params:
-        spec=flops_spec,
+    conda:
+        "../environment.yml"
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../environment.yml"
+    params:
+        spec=flops_spec,
     script:
         "../workflow_scripts/flops.py"

@@ -8,18 +8,18 @@ rule infer:
         test=f"{RESULTS}/cache/{CELL}/test.pt",
     log:
         f"{RESULTS}/logs/infer/{CELL}.log",
-    params:
-        spec=cell_spec("infer"),
-        fingerprint=training_fingerprint,
     benchmark:
         f"{RESULTS}/benchmarks/infer/{CELL}.tsv"
+    conda:
+        "../environment.yml"
     resources:
         gpu=1,
         cpus_per_gpu=cpus_per_gpu,
         mem_mb=train_mem,
         runtime=infer_runtime,
-    conda:
-        "../environment.yml"
+    params:
+        spec=cell_spec("infer"),
+        fingerprint=training_fingerprint,
     script:
         "../workflow_scripts/infer.py"
 
@@ -27,10 +27,10 @@ rule infer:
 use rule infer as infer_train_split with:
     output:
         train=f"{RESULTS}/cache/{CELL}/train.pt",
-    params:
-        spec=cell_spec("infer_train_split"),
-        fingerprint=training_fingerprint,
     log:
         f"{RESULTS}/logs/infer_train/{CELL}.log",
     benchmark:
         f"{RESULTS}/benchmarks/infer_train/{CELL}.tsv"
+    params:
+        spec=cell_spec("infer_train_split"),
+        fingerprint=training_fingerprint,

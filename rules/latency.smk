@@ -8,15 +8,15 @@ rule latency:
         f"{RESULTS}/logs/latency/{CELL}.log",
     benchmark:
         f"{RESULTS}/benchmarks/latency/{CELL}.tsv"
-    params:
-        spec=cell_spec("latency"),
+    conda:
+        "../environment.yml"
     threads: latency_threads
     resources:
         gpu=latency_gpus,
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../environment.yml"
+    params:
+        spec=cell_spec("latency"),
     script:
         "../workflow_scripts/latency.py"
 
@@ -30,13 +30,13 @@ rule aggregate_latency:
         exits=f"{RESULTS}/aggregate/latency_exits.csv",
     log:
         f"{RESULTS}/logs/aggregate_latency.log",
-    params:
-        cells=LATENCY_CELLS,
+    conda:
+        "../environment.yml"
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../environment.yml"
+    params:
+        cells=LATENCY_CELLS,
     script:
         "../workflow_scripts/aggregate_latency.py"
 
@@ -49,12 +49,12 @@ rule latency_figure:
         png=report(f"{RESULTS}/figures/latency.png", category="Figures"),
     log:
         f"{RESULTS}/logs/figures/latency.log",
-    params:
-        style=figure_style,
+    conda:
+        "../environment.yml"
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../environment.yml"
+    params:
+        style=figure_style,
     script:
         "../workflow_scripts/latency_figure.py"

@@ -6,12 +6,12 @@ rule posthoc:
         test=f"{RESULTS}/posthoc/{CELL}/test.pt",
     log:
         f"{RESULTS}/logs/posthoc/{CELL}.log",
-    params:
-        spec=cell_spec("posthoc"),
+    conda:
+        "../environment.yml"
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../environment.yml"
+    params:
+        spec=cell_spec("posthoc"),
     script:
         "../workflow_scripts/posthoc.py"

@@ -7,14 +7,14 @@ rule convert_pretrained:
         f"{RESULTS}/logs/convert/{CELL}.log",
     wildcard_constraints:
         variant=smk.alternatives(config.get("pretrained", {})) or "(?!)",  # (?!): none, when there are none
+    conda:
+        "../environment.yml"
+    resources:
+        mem_mb=train_mem,
+        runtime=30,
     params:
         spec=cell_spec("convert_pretrained"),
         checkpoint=pretrained_checkpoint,
         fingerprint=training_fingerprint,  # the checkpoint's content hash: a new file reconverts
-    resources:
-        mem_mb=train_mem,
-        runtime=30,
-    conda:
-        "../environment.yml"
     script:
         "../workflow_scripts/convert.py"

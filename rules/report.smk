@@ -9,15 +9,15 @@ rule figure:
         f"{RESULTS}/logs/figures/{{figure}}.log",
     wildcard_constraints:
         figure=smk.alternatives(FIGURES),
+    conda:
+        "../environment.yml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         spec=figure_spec,
         kind=figure_kind,
         style=figure_style,
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        "../environment.yml"
     script:
         "../workflow_scripts/figure.py"
 
@@ -36,14 +36,14 @@ rule aggregate_table1:
         budgeted=f"{RESULTS}/aggregate/table1_budgeted.csv",
     log:
         f"{RESULTS}/logs/aggregate_table1.log",
-    params:
-        spec=aggregate_spec(table1_cells()),
-        cells=table1_cells(),
+    conda:
+        "../environment.yml"
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../environment.yml"
+    params:
+        spec=aggregate_spec(table1_cells()),
+        cells=table1_cells(),
     script:
         "../workflow_scripts/aggregate.py"
 
@@ -59,16 +59,16 @@ rule table1:
         md=f"{RESULTS}/table1.md",
     log:
         f"{RESULTS}/logs/table1.log",
+    conda:
+        "../environment.yml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         spec=report_spec("table1"),
         cells=table1_cells(),
         bootstrap=BOOTSTRAP,
         latency_cells=table1_latency_cells(config),
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        "../environment.yml"
     script:
         "../workflow_scripts/table1.py"
 
@@ -81,14 +81,14 @@ rule aggregate_eenets:
         anytime=f"{RESULTS}/aggregate/eenets_anytime.csv",
     log:
         f"{RESULTS}/logs/aggregate_eenets.log",
-    params:
-        spec=aggregate_spec(eenets_cells()),
-        cells=eenets_cells(),
+    conda:
+        "../environment.yml"
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../environment.yml"
+    params:
+        spec=aggregate_spec(eenets_cells()),
+        cells=eenets_cells(),
     script:
         "../workflow_scripts/aggregate.py"
 
@@ -101,13 +101,13 @@ rule eenets_table:
         csv=report(f"{RESULTS}/table_eenets.csv", category="Tables"),
     log:
         f"{RESULTS}/logs/table_eenets.log",
-    params:
-        spec=report_spec("eenets_table"),
+    conda:
+        "../environment.yml"
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../environment.yml"
+    params:
+        spec=report_spec("eenets_table"),
     script:
         "../workflow_scripts/eenets_table.py"
 
@@ -120,15 +120,15 @@ rule reproduction:
         report(f"{RESULTS}/reproduction.md", category="Tables"),
     log:
         f"{RESULTS}/logs/reproduction.log",
+    conda:
+        "../environment.yml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         cells=CELLS,
         bootstrap=BOOTSTRAP,
         name=config.get("name", "custom"),
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        "../environment.yml"
     script:
         "../workflow_scripts/reproduction.py"
 
@@ -141,14 +141,14 @@ rule comparisons:
         md=f"{RESULTS}/comparisons.md",
     log:
         f"{RESULTS}/logs/comparisons.log",
-    params:
-        cells=comparison_cells(),
-        spec=comparison_spec(),
+    conda:
+        "../environment.yml"
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../environment.yml"
+    params:
+        cells=comparison_cells(),
+        spec=comparison_spec(),
     script:
         "../workflow_scripts/comparisons.py"
 

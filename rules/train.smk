@@ -8,21 +8,21 @@ rule train:
         history=f"{RESULTS}/train/{CELL}/history.csv",
     log:
         f"{RESULTS}/logs/train/{CELL}.log",
-    wildcard_constraints:
-        variant=smk.alternatives(config["methods"]),  # pretrained variants are converted instead
     benchmark:
         f"{RESULTS}/benchmarks/train/{CELL}.tsv"
-    params:
-        # resumable state lives outside the declared outputs, which Snakemake deletes before a rerun
-        state_dir=f"{RESULTS}/state/{CELL}",
-        spec=cell_spec("train"),
-        fingerprint=training_fingerprint,
+    wildcard_constraints:
+        variant=smk.alternatives(config["methods"]),  # pretrained variants are converted instead
+    conda:
+        "../environment.yml"
     resources:
         gpu=train_gpus,
         cpus_per_gpu=cpus_per_gpu,
         mem_mb=train_mem,
         runtime=train_runtime,
-    conda:
-        "../environment.yml"
+    params:
+        # resumable state lives outside the declared outputs, which Snakemake deletes before a rerun
+        state_dir=f"{RESULTS}/state/{CELL}",
+        spec=cell_spec("train"),
+        fingerprint=training_fingerprint,
     script:
         "../workflow_scripts/train.py"

@@ -36,8 +36,9 @@ import subprocess
 import sys
 import tempfile
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,6 +52,7 @@ OUT = ROOT / "tests" / "fixtures" / "reference"
 def on_path(repo: Path, *generic: str):
     """``repo`` first on sys.path; the repositories' generic top-level names (``models``,
     ``utils``) are forgotten before and after, so that one repository's never serves another."""
+
     def forget() -> None:
         for name in list(sys.modules):
             if name.split(".")[0] in generic:
@@ -75,8 +77,9 @@ def load_file(path: Path, name: str) -> types.ModuleType:
 
 def commit_of(repo: Path) -> str:
     try:
-        return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -150,10 +153,20 @@ def empty_sgd(model: nn.Module) -> torch.optim.Optimizer:
 def msdnet_args(data: str, **ours: Any) -> tuple[types.SimpleNamespace, dict[str, Any]]:
     """The reference's parsed arguments for a configuration given in the harness's names."""
     args = types.SimpleNamespace(
-        data=data, nBlocks=ours["n_blocks"], stepmode=ours["step_mode"], step=ours["step"], base=ours["base"],
-        nChannels=ours["n_channels"], growthRate=ours["growth_rate"], grFactor=list(ours["gr_factor"]),
-        bnFactor=list(ours["bn_factor"]), nScales=len(ours["gr_factor"]), prune=ours["prune"],
-        reduction=ours["reduction"], bottleneck=ours["bottleneck"])
+        data=data,
+        nBlocks=ours["n_blocks"],
+        stepmode=ours["step_mode"],
+        step=ours["step"],
+        base=ours["base"],
+        nChannels=ours["n_channels"],
+        growthRate=ours["growth_rate"],
+        grFactor=list(ours["gr_factor"]),
+        bnFactor=list(ours["bn_factor"]),
+        nScales=len(ours["gr_factor"]),
+        prune=ours["prune"],
+        reduction=ours["reduction"],
+        bottleneck=ours["bottleneck"],
+    )
     return args, {**ours, "n_scales": len(ours["gr_factor"])}
 
 
@@ -169,38 +182,103 @@ def msdnet_fixtures(repo: Path) -> None:
         return model.eval()
 
     # CIFAR layout, prune max with a transition in every layer, legacy serialisation (2018's torch)
-    args, ours = msdnet_args("cifar10", n_blocks=2, step_mode="even", step=2, base=1, n_channels=4,
-                             growth_rate=2, gr_factor=[1, 2, 4], bn_factor=[1, 2, 4], prune="max",
-                             reduction=0.5, bottleneck=True)
+    args, ours = msdnet_args(
+        "cifar10",
+        n_blocks=2,
+        step_mode="even",
+        step=2,
+        base=1,
+        n_channels=4,
+        growth_rate=2,
+        gr_factor=[1, 2, 4],
+        bn_factor=[1, 2, 4],
+        prune="max",
+        reduction=0.5,
+        bottleneck=True,
+    )
     model, pixels = build(args, 1), images(3, 32, 11)
     with torch.no_grad():
         logits = logits_of(model(normalised(pixels)))
     wrapped = nn.DataParallel(model)  # main.py: model = torch.nn.DataParallel(model).cuda()
 
     def save_cifar(path):
-        torch.save({"epoch": 299, "arch": "msdnet", "state_dict": wrapped.state_dict(), "best_prec1": 71.5,
-                    "optimizer": empty_sgd(wrapped).state_dict()}, path, _use_new_zipfile_serialization=False)
+        torch.save(
+            {
+                "epoch": 299,
+                "arch": "msdnet",
+                "state_dict": wrapped.state_dict(),
+                "best_prec1": 71.5,
+                "optimizer": empty_sgd(wrapped).state_dict(),
+            },
+            path,
+            _use_new_zipfile_serialization=False,
+        )
 
-    write_fixture("msdnet_cifar", save_cifar, {"pixels": pixels, "logits": logits, "meta": {
-        "format": "msdnet", "family": "msdnet", "input": [3, 32, 10], "params": ours, "source": source,
-        "saved_as": "main.py save_checkpoint of nn.DataParallel(model), legacy torch.save"}})
+    write_fixture(
+        "msdnet_cifar",
+        save_cifar,
+        {
+            "pixels": pixels,
+            "logits": logits,
+            "meta": {
+                "format": "msdnet",
+                "family": "msdnet",
+                "input": [3, 32, 10],
+                "params": ours,
+                "source": source,
+                "saved_as": "main.py save_checkpoint of nn.DataParallel(model), legacy torch.save",
+            },
+        },
+    )
 
     # ImageNet layout with four scales (the released models' shape), zip serialisation
-    args, ours = msdnet_args("ImageNet", n_blocks=2, step_mode="even", step=1, base=1, n_channels=4,
-                             growth_rate=4, gr_factor=[1, 2, 4, 4], bn_factor=[1, 2, 4, 4], prune="max",
-                             reduction=0.5, bottleneck=True)
+    args, ours = msdnet_args(
+        "ImageNet",
+        n_blocks=2,
+        step_mode="even",
+        step=1,
+        base=1,
+        n_channels=4,
+        growth_rate=4,
+        gr_factor=[1, 2, 4, 4],
+        bn_factor=[1, 2, 4, 4],
+        prune="max",
+        reduction=0.5,
+        bottleneck=True,
+    )
     model, pixels = build(args, 2), images(1, 160, 12)
     with torch.no_grad():
         logits = logits_of(model(normalised(pixels)))
     wrapped = nn.DataParallel(model)
 
     def save_imagenet(path):
-        torch.save({"epoch": 89, "arch": "msdnet", "state_dict": wrapped.state_dict(), "best_prec1": 74.2,
-                    "optimizer": empty_sgd(wrapped).state_dict()}, path)
+        torch.save(
+            {
+                "epoch": 89,
+                "arch": "msdnet",
+                "state_dict": wrapped.state_dict(),
+                "best_prec1": 74.2,
+                "optimizer": empty_sgd(wrapped).state_dict(),
+            },
+            path,
+        )
 
-    write_fixture("msdnet_imagenet", save_imagenet, {"pixels": pixels, "logits": logits, "meta": {
-        "format": "msdnet", "family": "msdnet", "input": [3, 160, 1000], "params": ours, "source": source,
-        "saved_as": "main.py save_checkpoint of nn.DataParallel(model)"}})
+    write_fixture(
+        "msdnet_imagenet",
+        save_imagenet,
+        {
+            "pixels": pixels,
+            "logits": logits,
+            "meta": {
+                "format": "msdnet",
+                "family": "msdnet",
+                "input": [3, 160, 1000],
+                "params": ours,
+                "source": source,
+                "saved_as": "main.py save_checkpoint of nn.DataParallel(model)",
+            },
+        },
+    )
 
 
 def l2w_fixture(repo: Path) -> None:
@@ -208,9 +286,20 @@ def l2w_fixture(repo: Path) -> None:
         ref = load_file(repo / "models" / "msdnet.py", "reference_l2w_msdnet")
         weight_net = load_file(repo / "models" / "weight_predict.py", "reference_l2w_weight_predict")
     # ImageNet layout, lin_grow, prune min, no bottleneck
-    args, ours = msdnet_args("ImageNet", n_blocks=2, step_mode="lin_grow", step=1, base=2, n_channels=4,
-                             growth_rate=4, gr_factor=[1, 2, 4], bn_factor=[1, 2, 4], prune="min",
-                             reduction=0.5, bottleneck=False)
+    args, ours = msdnet_args(
+        "ImageNet",
+        n_blocks=2,
+        step_mode="lin_grow",
+        step=1,
+        base=2,
+        n_channels=4,
+        growth_rate=4,
+        gr_factor=[1, 2, 4],
+        bn_factor=[1, 2, 4],
+        prune="min",
+        reduction=0.5,
+        bottleneck=False,
+    )
     model = ref.MSDNet(args)
     randomise(model, 3)
     model.eval()
@@ -221,25 +310,57 @@ def l2w_fixture(repo: Path) -> None:
 
     def save(path):
         # tools/main_imagenet_DDP.py saves model.module.state_dict() of its DDP model: no prefix
-        torch.save({"epoch": 100, "arch": "msdnet", "state_dict": model.state_dict(),
-                    "optimizer": empty_sgd(model).state_dict(), "best_prec1": 73.9, "is_best": True,
-                    "meta_state_dict": meta_net.state_dict(),
-                    "meta_optimizer": torch.optim.Adam(meta_net.parameters(), lr=1e-4).state_dict()}, path)
+        torch.save(
+            {
+                "epoch": 100,
+                "arch": "msdnet",
+                "state_dict": model.state_dict(),
+                "optimizer": empty_sgd(model).state_dict(),
+                "best_prec1": 73.9,
+                "is_best": True,
+                "meta_state_dict": meta_net.state_dict(),
+                "meta_optimizer": torch.optim.Adam(meta_net.parameters(), lr=1e-4).state_dict(),
+            },
+            path,
+        )
 
-    write_fixture("l2w_imagenet", save, {"pixels": pixels, "logits": logits, "meta": {
-        "format": "l2w", "family": "msdnet", "input": [3, 80, 1000], "params": ours,
-        "source": f"LeapLabTHU/L2W-DEN@{commit_of(repo)}",
-        "saved_as": "tools/main_imagenet_DDP.py save_checkpoint with model.module.state_dict()"}})
+    write_fixture(
+        "l2w_imagenet",
+        save,
+        {
+            "pixels": pixels,
+            "logits": logits,
+            "meta": {
+                "format": "l2w",
+                "family": "msdnet",
+                "input": [3, 80, 1000],
+                "params": ours,
+                "source": f"LeapLabTHU/L2W-DEN@{commit_of(repo)}",
+                "saved_as": "tools/main_imagenet_DDP.py save_checkpoint with model.module.state_dict()",
+            },
+        },
+    )
 
 
 # --- RANet (yangle15/RANet-pytorch) -----------------------------------------------------------
 def ranet_args(data: str, stepmode_lg: str, **ours: Any) -> types.SimpleNamespace:
     return types.SimpleNamespace(
-        data=data, dataset=data, nBlocks=ours["n_blocks"], block_step=ours["block_step"],
-        stepmode="even" if ours["step_mode"] == "even" else stepmode_lg, step=ours["step"],
-        nChannels=ours["n_channels"], growthRate=ours["growth_rate"], grFactor=list(ours["gr_factor"]),
-        bnFactor=list(ours["bn_factor"]), scale_list=list(ours["scale_list"]), nScales=len(ours["scale_list"]),
-        compress_factor=ours["compress_factor"], reduction=ours["reduction"], bnAfter=True)
+        data=data,
+        dataset=data,
+        nBlocks=ours["n_blocks"],
+        block_step=ours["block_step"],
+        stepmode="even" if ours["step_mode"] == "even" else stepmode_lg,
+        step=ours["step"],
+        nChannels=ours["n_channels"],
+        growthRate=ours["growth_rate"],
+        grFactor=list(ours["gr_factor"]),
+        bnFactor=list(ours["bn_factor"]),
+        scale_list=list(ours["scale_list"]),
+        nScales=len(ours["scale_list"]),
+        compress_factor=ours["compress_factor"],
+        reduction=ours["reduction"],
+        bnAfter=True,
+    )
 
 
 def ranet_fixture(repo: Path) -> None:
@@ -247,9 +368,19 @@ def ranet_fixture(repo: Path) -> None:
         ref = load_file(repo / "models" / "RANet.py", "reference_ranet")
     # CIFAR layout: the reference's heads pool 2x2, so the lowest resolution must be 8 (three
     # scales on 32x32); its fusion blocks need at least two layers (step >= 2)
-    ours = dict(n_blocks=1, block_step=1, step_mode="even", step=2, n_channels=2, growth_rate=4,
-                gr_factor=[2, 1, 1], bn_factor=[2, 1, 1], scale_list=[1, 2, 3], compress_factor=0.25,
-                reduction=0.5)
+    ours = dict(
+        n_blocks=1,
+        block_step=1,
+        step_mode="even",
+        step=2,
+        n_channels=2,
+        growth_rate=4,
+        gr_factor=[2, 1, 1],
+        bn_factor=[2, 1, 1],
+        scale_list=[1, 2, 3],
+        compress_factor=0.25,
+        reduction=0.5,
+    )
     model = ref.RANet(ranet_args("cifar10", "lg", **ours))
     randomise(model, 4)
     model.eval()
@@ -259,13 +390,33 @@ def ranet_fixture(repo: Path) -> None:
     wrapped = nn.DataParallel(model)  # main.py: model = torch.nn.DataParallel(model.cuda())
 
     def save(path):
-        torch.save({"epoch": 299, "arch": "RANet", "state_dict": wrapped.state_dict(), "best_prec1": 70.1,
-                    "optimizer": empty_sgd(wrapped).state_dict()}, path)
+        torch.save(
+            {
+                "epoch": 299,
+                "arch": "RANet",
+                "state_dict": wrapped.state_dict(),
+                "best_prec1": 70.1,
+                "optimizer": empty_sgd(wrapped).state_dict(),
+            },
+            path,
+        )
 
-    write_fixture("ranet_cifar", save, {"pixels": pixels, "logits": logits, "meta": {
-        "format": "ranet", "family": "ranet", "input": [3, 32, 10], "params": ours,
-        "source": f"yangle15/RANet-pytorch@{commit_of(repo)}",
-        "saved_as": "main.py save_checkpoint of nn.DataParallel(model)"}})
+    write_fixture(
+        "ranet_cifar",
+        save,
+        {
+            "pixels": pixels,
+            "logits": logits,
+            "meta": {
+                "format": "ranet",
+                "family": "ranet",
+                "input": [3, 32, 10],
+                "params": ours,
+                "source": f"yangle15/RANet-pytorch@{commit_of(repo)}",
+                "saved_as": "main.py save_checkpoint of nn.DataParallel(model)",
+            },
+        },
+    )
 
 
 # --- BoostNet (SHI-Labs/Boosted-Dynamic-Networks) ---------------------------------------------
@@ -311,40 +462,102 @@ def boostnet_fixtures(repo: Path) -> None:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [30, 60], gamma=0.1)
 
             def save(path):
-                torch.save({"epoch": 89, "state_dict": dynamic.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict()}, path)
+                torch.save(
+                    {
+                        "epoch": 89,
+                        "state_dict": dynamic.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                    },
+                    path,
+                )
 
-            write_fixture(name, save, {"pixels": pixels, "logits": raw, "ensemble_logits": boosted, "meta": {
-                "format": "boostnet", "family": family, "input": input_spec, "params": ours, "source": source,
-                "ensemble_reweight": reweight, "saved_as": saved_as}})
+            write_fixture(
+                name,
+                save,
+                {
+                    "pixels": pixels,
+                    "logits": raw,
+                    "ensemble_logits": boosted,
+                    "meta": {
+                        "format": "boostnet",
+                        "family": family,
+                        "input": input_spec,
+                        "params": ours,
+                        "source": source,
+                        "ensemble_reweight": reweight,
+                        "saved_as": saved_as,
+                    },
+                },
+            )
 
     n_blocks = 2
-    args, ours = msdnet_args("imagenet", n_blocks=n_blocks, step_mode="even", step=1, base=1, n_channels=4,
-                             growth_rate=4, gr_factor=[1, 2, 4], bn_factor=[1, 2, 4], prune="max",
-                             reduction=0.5, bottleneck=True)
+    args, ours = msdnet_args(
+        "imagenet",
+        n_blocks=n_blocks,
+        step_mode="even",
+        step=1,
+        base=1,
+        n_channels=4,
+        growth_rate=4,
+        gr_factor=[1, 2, 4],
+        bn_factor=[1, 2, 4],
+        prune="max",
+        reduction=0.5,
+        bottleneck=True,
+    )
     args.dataset, args.arch, args.ensemble_reweight = "imagenet", "msdnet_ge", [reweight] * n_blocks
     backbone = models.msdnet_ge(args)
     randomise(backbone, 5)
-    save_run("boostnet_msdnet_imagenet", backbone.eval(), args, ours, images(1, 80, 15), "msdnet", [3, 80, 1000],
-             "train_imagenet.py: {'state_dict': DynamicNet.state_dict()} of a DDP msdnet_ge")
+    save_run(
+        "boostnet_msdnet_imagenet",
+        backbone.eval(),
+        args,
+        ours,
+        images(1, 80, 15),
+        "msdnet",
+        [3, 80, 1000],
+        "train_imagenet.py: {'state_dict': DynamicNet.state_dict()} of a DDP msdnet_ge",
+    )
 
-    ours = dict(n_blocks=1, block_step=1, step_mode="lg", step=2, n_channels=4, growth_rate=4,
-                gr_factor=[2, 1], bn_factor=[2, 1], scale_list=[1, 2], compress_factor=0.25, reduction=0.5)
+    ours = dict(
+        n_blocks=1,
+        block_step=1,
+        step_mode="lg",
+        step=2,
+        n_channels=4,
+        growth_rate=4,
+        gr_factor=[2, 1],
+        bn_factor=[2, 1],
+        scale_list=[1, 2],
+        compress_factor=0.25,
+        reduction=0.5,
+    )
     args = ranet_args("imagenet", "lin_grow", **ours)
     args.arch = "ranet"
     args.ensemble_reweight = [reweight] * (ours["n_blocks"] * len(ours["scale_list"]))
     backbone = models.ranet(args)
     randomise(backbone, 6)
-    save_run("boostnet_ranet_imagenet", backbone.eval(), args, ours, images(1, 64, 16), "ranet", [3, 64, 1000],
-             "train_imagenet.py: {'state_dict': DynamicNet.state_dict()} of a DDP ranet")
+    save_run(
+        "boostnet_ranet_imagenet",
+        backbone.eval(),
+        args,
+        ours,
+        images(1, 64, 16),
+        "ranet",
+        [3, 64, 1000],
+        "train_imagenet.py: {'state_dict': DynamicNet.state_dict()} of a DDP ranet",
+    )
 
 
 # --- EENets (eksuas/eenets.pytorch) -----------------------------------------------------------
 def eenets_fixture(repo: Path) -> None:
     # ``bnpool``'s BatchNorm lives in a plain list: untrained, normalising by each batch also in eval
     # mode, which the harness's ``bnpool_batchstats`` reproduces
-    for exit_type, name, exit_pool in (("pool", "eenets_cifar", "pool"),
-                                       ("bnpool", "eenets_cifar_bnpool", "bnpool_batchstats")):
+    for exit_type, name, exit_pool in (
+        ("pool", "eenets_cifar", "pool"),
+        ("bnpool", "eenets_cifar_bnpool", "bnpool_batchstats"),
+    ):
         eenets_model_fixture(repo, exit_type, name, exit_pool)
 
 
@@ -354,8 +567,17 @@ def eenets_model_fixture(repo: Path, exit_type: str, name: str, exit_pool: str) 
     with on_path(repo, "eenet", "resnet", "flops_counter"):
         eenet = importlib.import_module("eenet")
         with contextlib.redirect_stdout(io.StringIO()):
-            model = eenet.EENet(True, eenet.BasicBlock, 8, num_ee=2, distribution="fine", num_classes=10,
-                                input_shape=(3, 32, 32), exit_type=exit_type, loss_func="v2")
+            model = eenet.EENet(
+                True,
+                eenet.BasicBlock,
+                8,
+                num_ee=2,
+                distribution="fine",
+                num_classes=10,
+                input_shape=(3, 32, 32),
+                exit_type=exit_type,
+                loss_func="v2",
+            )
         randomise(model, 7)
         model.eval()
         pixels = images(3, 32, 17)
@@ -373,13 +595,25 @@ def eenets_model_fixture(repo: Path, exit_type: str, name: str, exit_pool: str) 
         def save(path):  # utils.save_model: torch.save(model, ...), with the torch of 2019
             torch.save(model, path, _use_new_zipfile_serialization=False)
 
-        write_fixture(name, save, {
-            "pixels": pixels, "logits": logits_of(classifier_inputs), "probabilities": logits_of(probabilities),
-            "confidences": logits_of([c.squeeze(1) for c in confidences]), "meta": {
-                "format": "eenets", "family": "ee_resnet", "input": [3, 32, 10],
-                "params": {"depth": 8, "num_exits": 2, "distribution": "fine", "exit_pool": exit_pool},
-                "cost": list(cost), "source": f"eksuas/eenets.pytorch@{commit_of(repo)}",
-                "saved_as": "utils.save_model: torch.save(model) after set_multiple_gpus(), legacy format"}})
+        write_fixture(
+            name,
+            save,
+            {
+                "pixels": pixels,
+                "logits": logits_of(classifier_inputs),
+                "probabilities": logits_of(probabilities),
+                "confidences": logits_of([c.squeeze(1) for c in confidences]),
+                "meta": {
+                    "format": "eenets",
+                    "family": "ee_resnet",
+                    "input": [3, 32, 10],
+                    "params": {"depth": 8, "num_exits": 2, "distribution": "fine", "exit_pool": exit_pool},
+                    "cost": list(cost),
+                    "source": f"eksuas/eenets.pytorch@{commit_of(repo)}",
+                    "saved_as": "utils.save_model: torch.save(model) after set_multiple_gpus(), legacy format",
+                },
+            },
+        )
 
 
 def main() -> None:
@@ -391,8 +625,13 @@ def main() -> None:
     if args.out is not None:
         globals()["OUT"] = args.out
     torch.set_num_threads(1)
-    makers = {"msdnet": msdnet_fixtures, "l2w": l2w_fixture, "ranet": ranet_fixture,
-              "eenets": eenets_fixture, "boostnet": boostnet_fixtures}
+    makers = {
+        "msdnet": msdnet_fixtures,
+        "l2w": l2w_fixture,
+        "ranet": ranet_fixture,
+        "eenets": eenets_fixture,
+        "boostnet": boostnet_fixtures,
+    }
     given = {name: getattr(args, name) for name in makers if getattr(args, name) is not None}
     if not given:
         parser.error("give at least one reference checkout (--msdnet, --l2w, --ranet, --eenets, --boostnet)")

@@ -27,9 +27,7 @@ class ToyMultiExit(MultiExitNetwork):
         super().__init__()
         self.num_exits = num_exits
         dims = [in_dim] + [width] * num_exits
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(dims[i], dims[i + 1]), nn.ReLU()) for i in range(num_exits)
-        )
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dims[i], dims[i + 1]), nn.ReLU()) for i in range(num_exits))
         self.heads = nn.ModuleList(nn.Linear(width, num_classes) for _ in range(num_exits))
 
     def forward_all(self, x: torch.Tensor, upto: int | None = None) -> ExitOutputs:

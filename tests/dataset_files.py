@@ -10,8 +10,9 @@ import numpy as np
 from PIL import Image
 
 
-def class_images(n_per_class: int, classes: int, size: int, channels: int,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def class_images(
+    n_per_class: int, classes: int, size: int, channels: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, H, W, C) images whose mean brightness depends on the class, and their labels."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(classes), n_per_class)
@@ -27,12 +28,17 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
-def write_idx(folder: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-              compressed: bool) -> None:
+def write_idx(
+    folder: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], compressed: bool
+) -> None:
     """torchvision's MNIST raw file names; images (N, H, W)."""
     folder.mkdir(parents=True, exist_ok=True)
-    parts = {"train-images-idx3-ubyte": train[0], "train-labels-idx1-ubyte": train[1],
-             "t10k-images-idx3-ubyte": test[0], "t10k-labels-idx1-ubyte": test[1]}
+    parts = {
+        "train-images-idx3-ubyte": train[0],
+        "train-labels-idx1-ubyte": train[1],
+        "t10k-images-idx3-ubyte": test[0],
+        "t10k-labels-idx1-ubyte": test[1],
+    }
     for name, array in parts.items():
         data = idx_bytes(array.astype(np.uint8))
         if compressed:
@@ -50,8 +56,7 @@ def write_cifar(folder: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[
         with open(folder / f"data_batch_{i}", "wb") as f:
             pickle.dump({"data": data, "labels": train[1][index].tolist()}, f)
     with open(folder / "test_batch", "wb") as f:
-        pickle.dump({"data": test[0].transpose(0, 3, 1, 2).reshape(len(test[1]), -1),
-                     "labels": test[1].tolist()}, f)
+        pickle.dump({"data": test[0].transpose(0, 3, 1, 2).reshape(len(test[1]), -1), "labels": test[1].tolist()}, f)
 
 
 def write_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> None:

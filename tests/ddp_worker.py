@@ -14,7 +14,6 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 import torch  # noqa: E402
-
 from train_helpers import run_training, weights_of  # noqa: E402
 
 out = Path(sys.argv[1])
@@ -23,7 +22,10 @@ stop = os.environ.get("EEBENCH_TEST_STOP_AFTER")
 torch.set_num_threads(1)
 for name in sys.argv[2:]:
     variant, _, arch = name.partition("@")
-    result = run_training(variant, out / "state" / name, arch=arch or "msdnet", epochs=2,
-                          stop_after_batches=int(stop) if stop else None)
-    torch.save({"weights": weights_of(result), "history": result.history, "resumed_from": result.resumed_from},
-               out / f"{name}.rank{rank}.pt")
+    result = run_training(
+        variant, out / "state" / name, arch=arch or "msdnet", epochs=2, stop_after_batches=int(stop) if stop else None
+    )
+    torch.save(
+        {"weights": weights_of(result), "history": result.history, "resumed_from": result.resumed_from},
+        out / f"{name}.rank{rank}.pt",
+    )

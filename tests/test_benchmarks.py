@@ -39,18 +39,20 @@ def test_calibration_loops_agree_with_budgeted_curve():
 
 def test_workflow_log_parser_pairs_starts_and_finishes():
     bench = _load("workflow_time")
-    log = "\n".join([
-        "[Mon Nov 23 13:31:38 2026]",
-        "rule train:",
-        "    jobid: 3",
-        "[Mon Nov 23 13:31:40 2026]",
-        "localrule aggregate:",
-        "    jobid: 5",
-        "[Mon Nov 23 13:31:47 2026]",
-        "Finished jobid: 3 (Rule: train)",
-        "[Mon Nov 23 13:31:50 2026]",
-        "Finished jobid: 5 (Rule: aggregate)",
-    ])
+    log = "\n".join(
+        [
+            "[Mon Nov 23 13:31:38 2026]",
+            "rule train:",
+            "    jobid: 3",
+            "[Mon Nov 23 13:31:40 2026]",
+            "localrule aggregate:",
+            "    jobid: 5",
+            "[Mon Nov 23 13:31:47 2026]",
+            "Finished jobid: 3 (Rule: train)",
+            "[Mon Nov 23 13:31:50 2026]",
+            "Finished jobid: 5 (Rule: aggregate)",
+        ]
+    )
     assert bench.job_times(log) == {3: ("train", 9.0), 5: ("aggregate", 10.0)}
     scripts = bench.rule_scripts()
     assert scripts["infer_train_split"] == scripts["infer"]  # `use rule infer as ...` inherits the script
@@ -68,9 +70,11 @@ def test_rule_time_table_sums_benchmark_files_per_rule(tmp_path):
     from eebench.timings import rule_time_table
 
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-    for rule, cell, seconds, rss in (("train", "digits/msdnet/l2w/seed0", 150.0, 700.0),
-                                     ("train", "digits/msdnet/standard/seed0", 30.0, 650.0),
-                                     ("infer", "digits/msdnet/standard/seed0", 6.5, 500.0)):
+    for rule, cell, seconds, rss in (
+        ("train", "digits/msdnet/l2w/seed0", 150.0, 700.0),
+        ("train", "digits/msdnet/standard/seed0", 30.0, 650.0),
+        ("infer", "digits/msdnet/standard/seed0", 6.5, 500.0),
+    ):
         path = tmp_path / "benchmarks" / rule / f"{cell}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(header + f"{seconds}\t0:00:00\t{rss}\t0\t0\t0\t0\t0\t90\t{seconds * 0.9}\n")
@@ -98,7 +102,6 @@ def test_bootstrap_loop_agrees_with_the_vectorised_replicates():
 
 def test_cpu_projection_probes_every_training_cell(tmp_path, capsys, monkeypatch):
     import yaml
-
     from workflow_helpers import tiny_config
 
     bench = _load("cpu_projection")

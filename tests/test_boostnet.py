@@ -15,13 +15,11 @@ from models.base import GRADIENT_RESCALING, gradient_equilibrium, scale_gradient
 
 
 def ctx() -> TrainContext:
-    return TrainContext(exit_costs=torch.tensor([0.3, 0.6, 1.0]), num_classes=4, epochs=1,
-                        steps_per_epoch=1)
+    return TrainContext(exit_costs=torch.tensor([0.3, 0.6, 1.0]), num_classes=4, epochs=1, steps_per_epoch=1)
 
 
 def make_method(network, **params) -> BoostNet:
-    return BoostNet(network, METHODS.make_params("boostnet", {**BoostNet.test_params, **params}),
-                    ctx())
+    return BoostNet(network, METHODS.make_params("boostnet", {**BoostNet.test_params, **params}), ctx())
 
 
 def hand_ce(logits: list[float], label: int) -> float:
@@ -33,9 +31,11 @@ def test_loss_by_hand():
     gamma, y = 0.5, 1
     e1 = o1
     e2 = [a + gamma * b for a, b in zip(o2, e1)]
-    expected = (hand_ce(o1, y)
-                + hand_ce([a + gamma * b for a, b in zip(o2, e1)], y)
-                + hand_ce([a + gamma * b for a, b in zip(o3, e2)], y))
+    expected = (
+        hand_ce(o1, y)
+        + hand_ce([a + gamma * b for a, b in zip(o2, e1)], y)
+        + hand_ce([a + gamma * b for a, b in zip(o3, e2)], y)
+    )
     logits = [torch.tensor([o]) for o in (o1, o2, o3)]
     assert boosting_loss(logits, torch.tensor([y]), gamma).item() == pytest.approx(expected)
 
@@ -105,8 +105,7 @@ def block_grads(net: ToyGE, x: torch.Tensor, exits: list[int]) -> list[torch.Ten
     net.zero_grad()
     outs = net.forward_all(x).logits
     sum((outs[j] ** 2).sum() for j in exits).backward()
-    return [torch.zeros_like(b.weight) if b.weight.grad is None else b.weight.grad.clone()
-            for b in net.blocks]
+    return [torch.zeros_like(b.weight) if b.weight.grad is None else b.weight.grad.clone() for b in net.blocks]
 
 
 def test_gradient_equilibrium_gives_each_block_the_mean_over_its_heads():

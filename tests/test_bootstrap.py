@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from eebench import metrics
-from eebench.bootstrap import (BootstrapSettings, VariantReplicates, cell_statistics, holm, interpolate_rows,
-                               interval, p_value, per_sample_record, resample_counts, resample_indices)
+from eebench.bootstrap import (
+    BootstrapSettings,
+    VariantReplicates,
+    cell_statistics,
+    holm,
+    interpolate_rows,
+    interval,
+    p_value,
+    per_sample_record,
+    resample_counts,
+    resample_indices,
+)
 from eebench.calibration import accuracy_at_budget, budgeted_curve
 from eebench.comparisons import comparisons
 
@@ -19,8 +29,11 @@ SETTINGS = BootstrapSettings(resamples=1000, seed=0, level=0.95)
 def bernoulli_record(correct: torch.Tensor) -> dict:
     """A per-sample record whose exits are independent test sets (rows of ``correct``)."""
     k, n = correct.shape
-    return {"correct": correct, "exits": torch.zeros(1, n, dtype=torch.uint8),
-            "flops": torch.arange(1, k + 1, dtype=torch.float64)}
+    return {
+        "correct": correct,
+        "exits": torch.zeros(1, n, dtype=torch.uint8),
+        "flops": torch.arange(1, k + 1, dtype=torch.float64),
+    }
 
 
 def random_cell(k: int = 4, n: int = 300, classes: int = 10, seed: int = 0, b: int = 39):
@@ -49,12 +62,18 @@ def test_anytime_interval_covers_the_true_accuracy_in_95_percent_of_test_sets():
 
 
 def _variants(correct_a: torch.Tensor, correct_b: torch.Tensor, settings=SETTINGS) -> dict:
-    return {("d", "a", name): VariantReplicates.build({0: bernoulli_record(c)}, settings)
-            for name, c in (("ours", correct_a), ("standard", correct_b))}
+    return {
+        ("d", "a", name): VariantReplicates.build({0: bernoulli_record(c)}, settings)
+        for name, c in (("ours", correct_a), ("standard", correct_b))
+    }
 
 
-COMPARE = {"figures": {"fig": {"kind": "anytime", "reference": "standard"}}, "budgets": [], "table1": None,
-           "labels": {"standard": "Standard", "ours": "Ours"}}
+COMPARE = {
+    "figures": {"fig": {"kind": "anytime", "reference": "standard"}},
+    "budgets": [],
+    "table1": None,
+    "labels": {"standard": "Standard", "ours": "Ours"},
+}
 
 
 def test_planted_two_point_difference_is_detected():
@@ -92,9 +111,11 @@ def test_interval_of_an_interpolated_budget_on_a_hand_made_curve():
     # two exits (1 and 3 MFLOPs), two budgets: everybody leaves at exit 1 / everybody at exit 2.
     # Exit 1 is right on samples 0 and 1 of 4, exit 2 on all: in resample r the budgeted curve is
     # (1 MFLOPs, a_r) and (3 MFLOPs, 100), so at 2 MFLOPs it reads (a_r + 100) / 2 exactly.
-    record = {"correct": torch.tensor([[True, True, False, False], [True, True, True, True]]),
-              "exits": torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.uint8),
-              "flops": torch.tensor([1e6, 3e6], dtype=torch.float64)}
+    record = {
+        "correct": torch.tensor([[True, True, False, False], [True, True, True, True]]),
+        "exits": torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.uint8),
+        "flops": torch.tensor([1e6, 3e6], dtype=torch.float64),
+    }
     variant = VariantReplicates.build({0: record}, SETTINGS)
     point, reps = variant.at_budgets([2e6, 1e6, 0.5e6])
     a_r = variant.replicates["anytime_accuracy"][0][:, 0]
@@ -120,8 +141,9 @@ def test_vectorised_interpolation_is_accuracy_at_budget_row_by_row():
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     assert np.array_equal(np.isnan(got), np.isnan(want))
     # a hand-made curve with a tie: points (1, 10), (2, 20), (2, 30), (4, 45)
-    hand = interpolate_rows(np.array([[4.0, 2.0, 1.0, 2.0]]), np.array([[45.0, 20.0, 10.0, 30.0]]),
-                            np.array([1.5, 2.0, 3.0, 4.5]))
+    hand = interpolate_rows(
+        np.array([[4.0, 2.0, 1.0, 2.0]]), np.array([[45.0, 20.0, 10.0, 30.0]]), np.array([1.5, 2.0, 3.0, 4.5])
+    )
     np.testing.assert_allclose(hand[0, :3], [17.5, 25.0, 35.0])
     assert np.isnan(hand[0, 3])
 
@@ -179,8 +201,10 @@ def test_seeds_are_resampled_with_the_same_test_resample():
     single = VariantReplicates.build({0: records[0]}, SETTINGS)
     np.testing.assert_array_equal(single.mean("anytime_accuracy")[1], per_seed[0])  # one seed: the cell's own
     # seeds far apart (training noise) widen the interval beyond the test-set bootstrap of one seed
-    shifted = {s: {**records[0], "correct": records[0]["correct"] if s == 0 else torch.ones_like(records[0]["correct"])}
-               for s in (0, 1)}
+    shifted = {
+        s: {**records[0], "correct": records[0]["correct"] if s == 0 else torch.ones_like(records[0]["correct"])}
+        for s in (0, 1)
+    }
     wide = VariantReplicates.build(shifted, SETTINGS)
     low, high = interval(wide.mean("anytime_accuracy")[1], 0.95)
     s_low, s_high = interval(single.mean("anytime_accuracy")[1], 0.95)
@@ -209,13 +233,24 @@ def test_budgeted_cli_adds_interval_columns(tmp_path):
         logits[:, torch.arange(n), labels] += torch.tensor([0.5, 1.5, 3.0])[:, None]
         io.save_tensors(tmp_path / f"{part}.pt", {"logits": logits, "labels": labels})
     (tmp_path / "flops.json").write_text(json.dumps({"flops": [1e6, 2e6, 3e6]}))
-    common = ["budgeted", "--val", str(tmp_path / "val.pt"), "--test", str(tmp_path / "test.pt"),
-              "--flops", str(tmp_path / "flops.json")]
+    common = [
+        "budgeted",
+        "--val",
+        str(tmp_path / "val.pt"),
+        "--test",
+        str(tmp_path / "test.pt"),
+        "--flops",
+        str(tmp_path / "flops.json"),
+    ]
     cli.main(common + ["--out", str(tmp_path / "plain.csv")])
     cli.main(common + ["--out", str(tmp_path / "ci.csv"), "--bootstrap", "200", "--level", "0.9"])
     plain, with_ci = pd.read_csv(tmp_path / "plain.csv"), pd.read_csv(tmp_path / "ci.csv")
-    assert list(with_ci.columns) == list(plain.columns) + ["accuracy_ci_low", "accuracy_ci_high", "flops_ci_low",
-                                                           "flops_ci_high"]
+    assert list(with_ci.columns) == list(plain.columns) + [
+        "accuracy_ci_low",
+        "accuracy_ci_high",
+        "flops_ci_low",
+        "flops_ci_high",
+    ]
     pd.testing.assert_frame_equal(with_ci[plain.columns], plain)
     assert (with_ci["accuracy_ci_low"] <= with_ci["accuracy"]).all()
     assert (with_ci["accuracy"] <= with_ci["accuracy_ci_high"]).all()

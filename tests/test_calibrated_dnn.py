@@ -10,8 +10,7 @@ import torch
 
 from eebench import metrics
 from eebench.posthoc import POSTHOC
-from eebench.posthoc.calibrated_dnn import (ensemble, kfac_factors, running_average_weights,
-                                            select_grid)
+from eebench.posthoc.calibrated_dnn import ensemble, kfac_factors, running_average_weights, select_grid
 from eebench.registry import build_params
 
 CLS = POSTHOC.get("calibrated_dnn")
@@ -35,8 +34,7 @@ def make_method(flops: list[float], seed: int = 0, **params) -> object:
     return CLS(build_params(CLS.Params, {**CLS.test_params, **params}, "test"), flops, seed=seed)
 
 
-def linear_cache(n: int, weights: list[torch.Tensor], gen: torch.Generator, sharpen: float = 1.0
-                 ) -> dict:
+def linear_cache(n: int, weights: list[torch.Tensor], gen: torch.Generator, sharpen: float = 1.0) -> dict:
     """Exits k: features (n, d), logits = W_k [phi; 1]; labels drawn from softmax(logits / sharpen)."""
     d = weights[0].shape[1] - 1
     feats = [torch.randn(n, d, generator=gen) for _ in weights]
@@ -108,8 +106,9 @@ def test_mc_kfac_is_unbiased_for_the_exact_factor():
     # one batch of 20000 copies of two samples: the mean of g g^T over the draws -> diag(p) - p p^T
     logits, feats = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]), torch.randn(2, 2)
     reps = 10000
-    mc = kfac_factors(logits.repeat(reps, 1), feats.repeat(reps, 1), 2 * reps, "kfac",
-                      torch.Generator().manual_seed(0))[0]
+    mc = kfac_factors(
+        logits.repeat(reps, 1), feats.repeat(reps, 1), 2 * reps, "kfac", torch.Generator().manual_seed(0)
+    )[0]
     exact = kfac_factors(logits, feats, 2, "kflr")[0]
     np.testing.assert_allclose(mc.numpy(), exact.numpy(), atol=0.01)
 
@@ -142,8 +141,7 @@ def test_subsampled_training_cache_is_scaled_by_the_whole_split():
 def toy_problem(seed: int = 0, k: int = 2, c: int = 3, d: int = 2, sharpen: float = 1.0):
     gen = torch.Generator().manual_seed(seed)
     weights = [torch.randn(c, d + 1, generator=gen) * 2 for _ in range(k)]
-    return (linear_cache(200, weights, gen), linear_cache(300, weights, gen, sharpen),
-            linear_cache(100, weights, gen))
+    return (linear_cache(200, weights, gen), linear_cache(300, weights, gen, sharpen), linear_cache(100, weights, gen))
 
 
 def test_strong_prior_gives_the_map_softmax():
@@ -184,10 +182,12 @@ def test_ensemble_by_hand():
 # --- tuning --------------------------------------------------------------------------------------
 def test_select_grid_per_exit_and_sequential():
     # 2 exits, 2 temperatures x 1 var0, 2 samples: probability of the true label
-    table = torch.tensor([
-        [[[0.9, 0.9]], [[0.5, 0.5]]],  # exit 1 alone prefers T index 0
-        [[[0.2, 0.2]], [[0.3, 0.3]]],  # exit 2 alone prefers T index 1
-    ])
+    table = torch.tensor(
+        [
+            [[[0.9, 0.9]], [[0.5, 0.5]]],  # exit 1 alone prefers T index 0
+            [[[0.2, 0.2]], [[0.3, 0.3]]],  # exit 2 alone prefers T index 1
+        ]
+    )
     assert select_grid(table, torch.tensor([1.0, 1.0]), mie=False) == [(0, 0), (1, 0)]
     # with MIE, exit 2 is judged on (0.9 + p) / 2: still index 1 (0.6 > 0.55)
     assert select_grid(table, torch.tensor([1.0, 1.0]), mie=True) == [(0, 0), (1, 0)]

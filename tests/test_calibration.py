@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from eebench.calibration import (NO_EXIT, TAKE_ALL, accuracy_at_budget, anytime_curve, budgeted_curve,
-                                 confidence_exit, exit_thresholds, geometric_exit_distributions)
+from eebench.calibration import (
+    NO_EXIT,
+    TAKE_ALL,
+    accuracy_at_budget,
+    anytime_curve,
+    budgeted_curve,
+    confidence_exit,
+    exit_thresholds,
+    geometric_exit_distributions,
+)
 
 
 def loop_thresholds(scores: torch.Tensor, pi: list[float]) -> list[float]:

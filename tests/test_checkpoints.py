@@ -21,8 +21,15 @@ import pytest
 import torch
 
 from eebench import cli
-from eebench.checkpoints import (FORMATS, CheckpointError, Inert, convert_checkpoint, load_restricted, read_checkpoint,
-                                 reference_names)
+from eebench.checkpoints import (
+    FORMATS,
+    CheckpointError,
+    Inert,
+    convert_checkpoint,
+    load_restricted,
+    read_checkpoint,
+    reference_names,
+)
 from eebench.methods.boostnet import ensemble_logits
 from models import InputSpec, build_model
 
@@ -31,8 +38,9 @@ NAMES = sorted(p.name.split(".")[0] for p in FIXTURES.glob("*.expected.pt.xz"))
 
 
 def expected(name: str) -> dict:
-    data = torch.load(io.BytesIO(lzma.decompress((FIXTURES / f"{name}.expected.pt.xz").read_bytes())),
-                      weights_only=True)
+    data = torch.load(
+        io.BytesIO(lzma.decompress((FIXTURES / f"{name}.expected.pt.xz").read_bytes())), weights_only=True
+    )
     return {**data, "meta": json.loads(data["meta"])}
 
 
@@ -50,8 +58,13 @@ def images(data: dict) -> torch.Tensor:
 def convert(name: str, tmp_path: Path, **overrides):
     data = expected(name)
     meta = data["meta"]
-    network, _ = convert_checkpoint(checkpoint(name, tmp_path), meta["format"], meta["family"],
-                                    InputSpec(*meta["input"]), {**meta["params"], **overrides})
+    network, _ = convert_checkpoint(
+        checkpoint(name, tmp_path),
+        meta["format"],
+        meta["family"],
+        InputSpec(*meta["input"]),
+        {**meta["params"], **overrides},
+    )
     return network.eval(), data
 
 
@@ -103,8 +116,9 @@ def test_a_width_or_class_mismatch_names_what_to_check(tmp_path):
         convert("msdnet_cifar", tmp_path, growth_rate=4)
     data = expected("msdnet_cifar")
     with pytest.raises(CheckpointError, match=r"classes: 10 in the checkpoint, 100 as configured. Check dataset"):
-        convert_checkpoint(checkpoint("msdnet_cifar", tmp_path), "msdnet", "msdnet", InputSpec(3, 32, 100),
-                           data["meta"]["params"])
+        convert_checkpoint(
+            checkpoint("msdnet_cifar", tmp_path), "msdnet", "msdnet", InputSpec(3, 32, 100), data["meta"]["params"]
+        )
 
 
 def test_an_eenets_exit_mismatch_names_num_exits(tmp_path):
@@ -162,8 +176,11 @@ def test_restricted_unpickler_imports_and_runs_nothing(tmp_path):
         module.Unknown = unknown
         sys.modules[module.__name__] = module
         try:
-            torch.save({"payload": _Harmful(f"touch {marker}"), "other": unknown(), "weight": torch.ones(2)}, path,
-                       _use_new_zipfile_serialization=not legacy)
+            torch.save(
+                {"payload": _Harmful(f"touch {marker}"), "other": unknown(), "weight": torch.ones(2)},
+                path,
+                _use_new_zipfile_serialization=not legacy,
+            )
         finally:
             del sys.modules[module.__name__]
         assert b"system" in path.read_bytes()  # the pickle names it
@@ -193,13 +210,29 @@ def test_whole_pickled_model_is_read_as_tensors(tmp_path):
     assert "stages.0.0.0.weight" in tensors and "classifier.0.weight" in tensors  # DataParallel stripped
 
 
-@pytest.mark.parametrize("family, params, size", [
-    ("msdnet", {"n_blocks": 5, "step_mode": "even", "step": 4, "base": 4, "n_channels": 32, "growth_rate": 16,
-                "gr_factor": [1, 2, 4, 4], "bn_factor": [1, 2, 4, 4], "n_scales": 4}, 224),
-    ("msdnet", {"prune": "min", "bottleneck": False}, 32),
-    ("ranet", {}, 32),
-    ("ee_resnet", {"depth": 50, "num_exits": 3, "exit_pool": "bnpool"}, 64),
-])
+@pytest.mark.parametrize(
+    "family, params, size",
+    [
+        (
+            "msdnet",
+            {
+                "n_blocks": 5,
+                "step_mode": "even",
+                "step": 4,
+                "base": 4,
+                "n_channels": 32,
+                "growth_rate": 16,
+                "gr_factor": [1, 2, 4, 4],
+                "bn_factor": [1, 2, 4, 4],
+                "n_scales": 4,
+            },
+            224,
+        ),
+        ("msdnet", {"prune": "min", "bottleneck": False}, 32),
+        ("ranet", {}, 32),
+        ("ee_resnet", {"depth": 50, "num_exits": 3, "exit_pool": "bnpool"}, 64),
+    ],
+)
 def test_every_tensor_has_one_reference_name(family, params, size):
     names = reference_names(family, build_model(family, InputSpec(3, size, 10), **params))
     assert len(set(names.values())) == len(names)
@@ -209,19 +242,75 @@ def test_cli_convert_and_logits(tmp_path, capsys):
     data = expected("ranet_cifar")
     sets = [f"--set={key}={json.dumps(value)}" for key, value in data["meta"]["params"].items()]
     weights, logits, inputs = tmp_path / "w.pt", tmp_path / "l.pt", tmp_path / "x.pt"
-    cli.main(["convert-checkpoint", str(checkpoint("ranet_cifar", tmp_path)), "--from", "ranet", "--arch", "ranet",
-              "--dataset", "cifar10", *sets, "--out", str(weights)])
+    cli.main(
+        [
+            "convert-checkpoint",
+            str(checkpoint("ranet_cifar", tmp_path)),
+            "--from",
+            "ranet",
+            "--arch",
+            "ranet",
+            "--dataset",
+            "cifar10",
+            *sets,
+            "--out",
+            str(weights),
+        ]
+    )
     saved = torch.load(weights, weights_only=True)
     assert set(saved) == {"model", "method", "fingerprint", "source"} and saved["method"] == {}
     torch.save(images(data), inputs)
-    cli.main(["logits", str(weights), "--arch", "ranet", "--dataset", "cifar10", *sets, "--input", str(inputs),
-              "--out", str(logits), "--batch-size", "2"])
+    cli.main(
+        [
+            "logits",
+            str(weights),
+            "--arch",
+            "ranet",
+            "--dataset",
+            "cifar10",
+            *sets,
+            "--input",
+            str(inputs),
+            "--out",
+            str(logits),
+            "--batch-size",
+            "2",
+        ]
+    )
     torch.testing.assert_close(torch.load(logits, weights_only=True)["logits"], data["logits"], atol=1e-5, rtol=1e-5)
     assert "logits of 3 exits x 3 images x 10 classes" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"error: .*does not fit ranet as configured.*step=4"):
-        cli.main(["convert-checkpoint", str(checkpoint("ranet_cifar", tmp_path)), "--from", "ranet", "--arch",
-                  "ranet", "--dataset", "cifar10", *sets, "--set", "step=4", "--out", str(weights)])
+        cli.main(
+            [
+                "convert-checkpoint",
+                str(checkpoint("ranet_cifar", tmp_path)),
+                "--from",
+                "ranet",
+                "--arch",
+                "ranet",
+                "--dataset",
+                "cifar10",
+                *sets,
+                "--set",
+                "step=4",
+                "--out",
+                str(weights),
+            ]
+        )
     with pytest.raises(SystemExit, match=r"expected a float tensor of normalised images \(N, 3, 32, 32\)"):
         torch.save(torch.zeros(2, 3, 28, 28), inputs)
-        cli.main(["logits", str(weights), "--arch", "ranet", "--dataset", "cifar10", *sets, "--input", str(inputs),
-                  "--out", str(logits)])
+        cli.main(
+            [
+                "logits",
+                str(weights),
+                "--arch",
+                "ranet",
+                "--dataset",
+                "cifar10",
+                *sets,
+                "--input",
+                str(inputs),
+                "--out",
+                str(logits),
+            ]
+        )

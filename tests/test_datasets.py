@@ -9,22 +9,23 @@ import copy
 import gzip
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
+from dataset_files import class_images, write_cifar, write_folder, write_idx, write_svhn
+from workflow_helpers import ROOT, run_workflow, tiny_config
 
 from eebench import pipeline
 from eebench.config import Cell, ConfigError, check_config, check_data, validate_schema
 from eebench.datasets import builtin_datasets, dataset_info, load_pool
 from eebench.report import eenets_table
-from dataset_files import class_images, write_cifar, write_folder, write_idx, write_svhn
 from models import InputSpec, build_model
-from workflow_helpers import ROOT, run_workflow, tiny_config
 
 TINY_RESNET = {"family": "ee_resnet", "params": {"depth": 8, "num_exits": 1, "width": 4}}
 CLASSES = 3
@@ -50,26 +51,54 @@ def make_npz(root: Path, channels: int, size: int = 12) -> tuple[dict[str, Any],
     train, test = _split(12, size, channels), _split(4, size, channels, seed=1)
     root.mkdir(parents=True)
     images = train[0][..., 0] if channels == 1 else train[0]  # (N, H, W) for grey, (N, H, W, C) else
-    np.savez(root / "mine.npz", train_images=images, train_labels=train[1],
-             test_images=test[0][..., 0] if channels == 1 else test[0], test_labels=test[1])
-    decl = {"format": "npz", "paths": [str(root)], "files": {"data": "mine.npz"}, "image_size": size,
-            "channels": channels, "classes": CLASSES, "val_size": 6, "augment": {"crop_padding": 2, "hflip": True}}
+    np.savez(
+        root / "mine.npz",
+        train_images=images,
+        train_labels=train[1],
+        test_images=test[0][..., 0] if channels == 1 else test[0],
+        test_labels=test[1],
+    )
+    decl = {
+        "format": "npz",
+        "paths": [str(root)],
+        "files": {"data": "mine.npz"},
+        "image_size": size,
+        "channels": channels,
+        "classes": CLASSES,
+        "val_size": 6,
+        "augment": {"crop_padding": 2, "hflip": True},
+    }
     return decl, train[0], train[1]
 
 
 def make_idx(root: Path, compressed: bool) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     train, test = _split(12, 12, 1), _split(4, 12, 1, seed=1)
     write_idx(root / "mine" / "raw", (train[0][..., 0], train[1]), (test[0][..., 0], test[1]), compressed)
-    decl = {"format": "idx", "paths": ["mine/raw"], "image_size": 12, "channels": 1, "classes": CLASSES,
-            "val_size": 0.25}
+    decl = {
+        "format": "idx",
+        "paths": ["mine/raw"],
+        "image_size": 12,
+        "channels": 1,
+        "classes": CLASSES,
+        "val_size": 0.25,
+    }
     return decl, train[0], train[1]
 
 
 def make_cifar(root: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     train, test = _split(8, 32, 3), _split(2, 32, 3, seed=1)
     write_cifar(root / "batches", train, test)
-    decl = {"format": "cifar_batches", "paths": ["batches"], "files": {"train": ["data_batch_1", "data_batch_2"]},
-            "image_size": 32, "channels": 3, "classes": CLASSES, "val_size": 6, "mean": [0.5] * 3, "std": [0.25] * 3}
+    decl = {
+        "format": "cifar_batches",
+        "paths": ["batches"],
+        "files": {"train": ["data_batch_1", "data_batch_2"]},
+        "image_size": 32,
+        "channels": 3,
+        "classes": CLASSES,
+        "val_size": 6,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+    }
     return decl, train[0], train[1]
 
 
@@ -77,17 +106,24 @@ def make_folder(root: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     train = _split(8, 12, 1)
     write_folder(root / "tree" / "all", *train)
     # no test folder: the test set is carved out of the pool
-    decl = {"format": "imagefolder", "paths": ["tree"], "files": {"train": "all"}, "image_size": 12,
-            "channels": 1, "classes": CLASSES, "val_size": 4, "test_fraction": 0.25,
-            "augment": {"crop_padding": 1, "hflip": True}}
+    decl = {
+        "format": "imagefolder",
+        "paths": ["tree"],
+        "files": {"train": "all"},
+        "image_size": 12,
+        "channels": 1,
+        "classes": CLASSES,
+        "val_size": 4,
+        "test_fraction": 0.25,
+        "augment": {"crop_padding": 1, "hflip": True},
+    }
     return decl, None, None
 
 
 def make_svhn(root: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     train, test = _split(8, 32, 3), _split(2, 32, 3, seed=1)
     write_svhn(root / "svhn", train, test)
-    decl = {"format": "svhn_mat", "paths": ["svhn"], "image_size": 32, "channels": 3, "classes": CLASSES,
-            "val_size": 6}
+    decl = {"format": "svhn_mat", "paths": ["svhn"], "image_size": 32, "channels": 3, "classes": CLASSES, "val_size": 6}
     return decl, train[0], train[1]
 
 
@@ -105,9 +141,15 @@ FORMAT_CASES: dict[str, Callable[[Path], tuple]] = {
 def test_builtin_declarations_resolve_to_their_inputs():
     shapes = {name: dataset_info(name).input for name in builtin_datasets()}
     assert shapes == {
-        "digits": InputSpec(3, 32, 10), "cifar10": InputSpec(3, 32, 10), "cifar100": InputSpec(3, 32, 100),
-        "imagenet": InputSpec(3, 224, 1000), "tinyimagenet": InputSpec(3, 64, 200), "mnist": InputSpec(1, 28, 10),
-        "svhn": InputSpec(3, 32, 10), "fashionmnist": InputSpec(1, 28, 10)}
+        "digits": InputSpec(3, 32, 10),
+        "cifar10": InputSpec(3, 32, 10),
+        "cifar100": InputSpec(3, 32, 100),
+        "imagenet": InputSpec(3, 224, 1000),
+        "tinyimagenet": InputSpec(3, 64, 200),
+        "mnist": InputSpec(1, 28, 10),
+        "svhn": InputSpec(3, 32, 10),
+        "fashionmnist": InputSpec(1, 28, 10),
+    }
     assert dataset_info("imagenet").augment == "resized_crop" and dataset_info("cifar10").hflip
     assert dataset_info("fashionmnist").mean is None  # computed from the training split
     override = {"datasets": {"cifar10": {"val_size": 1000, "augment": {"hflip": False}}}}
@@ -142,8 +184,15 @@ def test_user_dataset_loads_splits_and_trains_one_epoch(case, tmp_path):
             assert np.allclose(split["std"], x.std(dim=(0, 2, 3), unbiased=False).numpy())
     pipeline.write_flops(config, "mine", "net", str(out / "flops.json"))
     cell = Cell("mine", "net", "standard", 0)
-    pipeline.train_cell(config, cell, str(out / "split.npz"), str(out / "flops.json"), str(out / "weights.pt"),
-                        str(out / "history.csv"), str(out / "state"))
+    pipeline.train_cell(
+        config,
+        cell,
+        str(out / "split.npz"),
+        str(out / "flops.json"),
+        str(out / "weights.pt"),
+        str(out / "history.csv"),
+        str(out / "state"),
+    )
     history = pd.read_csv(out / "history.csv")
     assert list(history["epoch"]) == [1] and history["val_acc_2"].between(0, 100).all()
 
@@ -174,8 +223,11 @@ BAD_DECLARATIONS = [
     ("missing-file", {"files": {"data": "other.npz"}}, ["datasets.mine", "not found", "no other.npz"]),
     ("classes-do-not-match", {"classes": 5}, ["datasets.mine.classes", "5 declared", "3 classes (labels 0..2)"]),
     ("fixed-format-size", {"format": "cifar_batches", "files": {}}, ["datasets.mine.channels", "3 (format"]),
-    ("resized-crop-in-memory", {"augment": {"resized_crop": True}},
-     ["datasets.mine.augment.resized_crop", "imagefolder"]),
+    (
+        "resized-crop-in-memory",
+        {"augment": {"resized_crop": True}},
+        ["datasets.mine.augment.resized_crop", "imagefolder"],
+    ),
     ("mean-per-channel", {"mean": [0.5, 0.5], "std": [0.2, 0.2]}, ["datasets.mine.mean", "a list of 1 value"]),
     ("mean-without-std", {"mean": [0.5]}, ["datasets.mine.std", "both"]),
     ("unknown-file-role", {"files": {"labels": "x.npy"}}, ["datasets.mine.files.labels", "data"]),
@@ -207,11 +259,20 @@ def test_bad_declaration_fails_naming_the_key(change, expected, tmp_path):
         assert fragment in message, f"{fragment!r} not in: {message}"
 
 
-@pytest.mark.parametrize("write,expected", [
-    (lambda raw: (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all"), "train-images-idx3-ubyte.gz"),
-    (lambda raw: (raw / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x03" + b"\0" * 12)),
-     "train-labels-idx1-ubyte.gz"),
-], ids=["not-gzip", "labels-file-holds-images"])
+@pytest.mark.parametrize(
+    "write,expected",
+    [
+        (
+            lambda raw: (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all"),
+            "train-images-idx3-ubyte.gz",
+        ),
+        (
+            lambda raw: (raw / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x03" + b"\0" * 12)),
+            "train-labels-idx1-ubyte.gz",
+        ),
+    ],
+    ids=["not-gzip", "labels-file-holds-images"],
+)
 def test_unreadable_file_is_named(write, expected, tmp_path):
     decl, _, _ = make_idx(tmp_path / "data", compressed=True)
     write(tmp_path / "data" / "mine" / "raw")
@@ -222,8 +283,17 @@ def test_unreadable_file_is_named(write, expected, tmp_path):
 
 def test_architecture_that_does_not_fit_the_declared_images_fails_at_config_time(tmp_path):
     decl, _, _ = make_npz(tmp_path / "data", 1)  # 12x12 grey
-    msdnet = {"family": "msdnet", "params": {"n_blocks": 2, "n_channels": 4, "growth_rate": 2, "n_scales": 3,
-                                             "gr_factor": [1, 2, 4], "bn_factor": [1, 2, 4]}}
+    msdnet = {
+        "family": "msdnet",
+        "params": {
+            "n_blocks": 2,
+            "n_channels": 4,
+            "growth_rate": 2,
+            "n_scales": 3,
+            "gr_factor": [1, 2, 4],
+            "bn_factor": [1, 2, 4],
+        },
+    }
     with pytest.raises(ConfigError) as err:
         check_config(user_config(tmp_path / "data", decl, msdnet))
     for fragment in ("architectures.net.params", "'mine'", "1x12x12", "datasets.mine", "n_scales=3"):
@@ -241,19 +311,45 @@ def test_bad_declaration_stops_the_workflow_before_any_job(tmp_path):
 
 def test_eenets_table_shows_each_exits_accuracy_and_share_leaving():
     rows = []
-    for arch, variant, accs, shares in (("ee", "eenets", [10.0, 11.0, 90.0], [0.0, 0.0, 1.0]),
-                                        ("ee_lin", "two_stage", [60.0, 85.0, 91.0], [0.0, 1.0, 0.0])):
+    for arch, variant, accs, shares in (
+        ("ee", "eenets", [10.0, 11.0, 90.0], [0.0, 0.0, 1.0]),
+        ("ee_lin", "two_stage", [60.0, 85.0, 91.0], [0.0, 1.0, 0.0]),
+    ):
         for k, (acc, share) in enumerate(zip(accs, shares), start=1):
             point = 90.0 if variant == "eenets" else 85.0
-            rows.append({"dataset": "d", "architecture": arch, "variant": variant, "seed": 0, "exit": k,
-                         "flops": 1e6 * k, "accuracy": acc, "confidence_exit_accuracy": point,
-                         "confidence_exit_cost_ratio": 1.0 if variant == "eenets" else 0.6,
-                         "confidence_exit_fraction": share})
-    rows.append({"dataset": "d", "architecture": "plain", "variant": "standard", "seed": 0, "exit": 1,
-                 "flops": 2.5e6, "accuracy": 92.0})
-    spec = {"variant": "eenets", "plain_variant": "standard",
-            "rows": [{"dataset": "d", "architecture": "ee", "plain": "plain"},
-                     {"dataset": "d", "architecture": "ee_lin", "plain": "plain", "variant": "two_stage"}]}
+            rows.append(
+                {
+                    "dataset": "d",
+                    "architecture": arch,
+                    "variant": variant,
+                    "seed": 0,
+                    "exit": k,
+                    "flops": 1e6 * k,
+                    "accuracy": acc,
+                    "confidence_exit_accuracy": point,
+                    "confidence_exit_cost_ratio": 1.0 if variant == "eenets" else 0.6,
+                    "confidence_exit_fraction": share,
+                }
+            )
+    rows.append(
+        {
+            "dataset": "d",
+            "architecture": "plain",
+            "variant": "standard",
+            "seed": 0,
+            "exit": 1,
+            "flops": 2.5e6,
+            "accuracy": 92.0,
+        }
+    )
+    spec = {
+        "variant": "eenets",
+        "plain_variant": "standard",
+        "rows": [
+            {"dataset": "d", "architecture": "ee", "plain": "plain"},
+            {"dataset": "d", "architecture": "ee_lin", "plain": "plain", "variant": "two_stage"},
+        ],
+    }
     flops = {"d/ee": {"baseline_flops": 2.5e6}, "d/ee_lin": {"baseline_flops": 2.5e6}}
     table = eenets_table(pd.DataFrame(rows), flops, spec).set_index("architecture")
     assert table.loc["ee", "variant"] == "eenets" and table.loc["ee_lin", "variant"] == "two_stage"
@@ -271,17 +367,31 @@ def test_flops_command_uses_a_configs_declaration(tmp_path):
     path.write_text(yaml.safe_dump(user_config(tmp_path / "data", decl)))
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        main(["flops", "ee_resnet", "mine", "--config", str(path), "--set", "depth=8", "--set", "num_exits=1",
-              "--set", "width=4", "--json"])
+        main(
+            [
+                "flops",
+                "ee_resnet",
+                "mine",
+                "--config",
+                str(path),
+                "--set",
+                "depth=8",
+                "--set",
+                "num_exits=1",
+                "--set",
+                "width=4",
+                "--json",
+            ]
+        )
     record = json.loads(buffer.getvalue())  # traced on the declared 1x12x12 input
     assert len(record["flops"]) == 2 and record["flops"][0] < record["flops"][1]
 
 
 def test_readme_declaration_example_is_a_valid_config():
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Datasets"):]
-    block = section[section.index("```yaml") + len("```yaml"):]
-    example = yaml.safe_load(block[:block.index("```")])
+    section = readme[readme.index("## Datasets") :]
+    block = section[section.index("```yaml") + len("```yaml") :]
+    example = yaml.safe_load(block[: block.index("```")])
     config = copy.deepcopy(tiny_config(epochs=1))
     config["datasets"] = {**config["datasets"], **example["datasets"]}
     validate_schema(config)

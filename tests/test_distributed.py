@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from workflow_helpers import run_workflow, tiny_config
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -30,8 +29,22 @@ def torchrun(out: Path, *names: str, stop_after: int | None = None, check: bool 
     env = {k: v for k, v in os.environ.items() if k != "EEBENCH_TEST_STOP_AFTER"}
     if stop_after is not None:
         env["EEBENCH_TEST_STOP_AFTER"] = str(stop_after)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(WORKER), str(out), *names], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(WORKER),
+            str(out),
+            *names,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc

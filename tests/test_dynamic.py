@@ -11,21 +11,47 @@ import torch
 from torch import nn
 
 from eebench.calibration import exit_thresholds, geometric_exit_distributions
-from eebench.dynamic import (MethodScorer, NotSegmentedError, PosthocScorer, cache_of, compare_with_simulation,
-                             run_dynamic, run_dynamic_batches, simulated_exits)
-from eebench.latency import (LatencyTask, accuracy_at_time, expected_ms, exit_latency, forced_exit, measure_latency,
-                             median_interval, pinned_threads, select_budgets, thresholds_of)
+from eebench.dynamic import (
+    MethodScorer,
+    NotSegmentedError,
+    PosthocScorer,
+    cache_of,
+    compare_with_simulation,
+    run_dynamic,
+    run_dynamic_batches,
+    simulated_exits,
+)
+from eebench.inference import prepare_for_inference, run_network
+from eebench.latency import (
+    LatencyTask,
+    accuracy_at_time,
+    exit_latency,
+    expected_ms,
+    forced_exit,
+    measure_latency,
+    median_interval,
+    pinned_threads,
+    select_budgets,
+    thresholds_of,
+)
 from eebench.methods import METHODS, TrainContext
-from eebench.inference import prepare_for_inference
 from eebench.posthoc import POSTHOC
-from eebench.inference import run_network
 from models import InputSpec, build_model, select_samples
 
 SPEC = InputSpec(3, 32, 10)
 FAMILIES = {
     "msdnet": dict(n_blocks=4, n_channels=4, growth_rate=4),
-    "ranet": dict(n_blocks=2, block_step=1, step_mode="lg", step=2, n_channels=4, growth_rate=4,
-                  scale_list=[1, 2, 3], gr_factor=[4, 2, 1], bn_factor=[4, 2, 1]),
+    "ranet": dict(
+        n_blocks=2,
+        block_step=1,
+        step_mode="lg",
+        step=2,
+        n_channels=4,
+        growth_rate=4,
+        scale_list=[1, 2, 3],
+        gr_factor=[4, 2, 1],
+        bn_factor=[4, 2, 1],
+    ),
     "ee_resnet": dict(depth=14, num_exits=2, width=4),
 }
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -62,8 +88,17 @@ def prepared(x: torch.Tensor) -> torch.Tensor:
 
 def simulate(net, x, scorer):
     """The simulated protocol's scores, as the workflow gets them: the cache, then its scoring."""
-    cache = run_network(net, x, MEAN, STD, 512, torch.device("cpu"), channels_last=True,
-                        with_features=scorer.needs_features, transform=scorer.transform)
+    cache = run_network(
+        net,
+        x,
+        MEAN,
+        STD,
+        512,
+        torch.device("cpu"),
+        channels_last=True,
+        with_features=scorer.needs_features,
+        transform=scorer.transform,
+    )
     return scorer.score_cache(cache)
 
 
@@ -95,8 +130,9 @@ def test_dynamic_equals_simulation_on_every_family_at_batch_1_and_large(family):
 
 
 def _method(name: str, net, params: dict | None = None):
-    ctx = TrainContext(exit_costs=torch.linspace(0.25, 1.0, net.num_exits), num_classes=10, epochs=10,
-                       steps_per_epoch=1)
+    ctx = TrainContext(
+        exit_costs=torch.linspace(0.25, 1.0, net.num_exits), num_classes=10, epochs=10, steps_per_epoch=1
+    )
     return METHODS.get(name)(net, METHODS.make_params(name, params or {}), ctx)
 
 
@@ -121,8 +157,9 @@ def _posthoc(name: str, net, flops):
     cls = POSTHOC.get(name)
     method = cls(POSTHOC.make_params(name, cls.test_params), flops, seed=0)
     with_features = {"calibrated_dnn": True, "eenet": False}[name]
-    val = run_network(net, images(160, seed=4), MEAN, STD, 512, torch.device("cpu"), channels_last=True,
-                      with_features=True)
+    val = run_network(
+        net, images(160, seed=4), MEAN, STD, 512, torch.device("cpu"), channels_last=True, with_features=True
+    )
     val["labels"] = torch.randint(0, 10, (160,), generator=torch.Generator().manual_seed(5))
     train = dict(val) if with_features else None
     method.fit(val, train)
@@ -179,8 +216,9 @@ def test_when_all_leave_at_exit_1_no_later_segment_runs(monkeypatch):
     thresholds = [0.0, math.inf, math.inf, -math.inf]
     scores = torch.tensor([0.3] * 10)
     scores[[2, 5]] = -1.0  # two samples stay
-    monkeypatch.setattr(scorer, "step",
-                        lambda k, head, carry: (scores[: head.logits.shape[0]], head.logits.argmax(1), carry))
+    monkeypatch.setattr(
+        scorer, "step", lambda k, head, carry: (scores[: head.logits.shape[0]], head.logits.argmax(1), carry)
+    )
     result = run_dynamic(net, prepared(images(10, seed=8)), thresholds, scorer)
     assert result.samples_per_segment == [10, 2, 2, 2] and [k for k, _ in calls] == [0, 1, 2, 3]
     assert all(n == 2 for k, n in calls if k)
@@ -217,8 +255,16 @@ def test_a_network_without_segments_is_measured_with_the_simulated_protocol(toy_
     with torch.no_grad():
         sim = scorer.score_cache(cache_of(net.forward_all(x), with_features=False))
     thresholds = {1: [0.4, 0.4, -1e8], 2: [0.3, 0.3, -1e8]}
-    task = LatencyTask(net, lambda _row: scorer, x, torch.zeros(20, dtype=torch.long), [1.0, 2.0, 3.0], sim,
-                       thresholds, torch.device("cpu"))
+    task = LatencyTask(
+        net,
+        lambda _row: scorer,
+        x,
+        torch.zeros(20, dtype=torch.long),
+        [1.0, 2.0, 3.0],
+        sim,
+        thresholds,
+        torch.device("cpu"),
+    )
     budgets, exits = measure_latency(task, [1, 8], repeats=2, images=4)
     assert set(budgets["execution"]) == {"simulated"} and len(budgets) == 4 and len(exits) == 6
 
@@ -230,8 +276,16 @@ def test_measure_latency_rows_checks_and_model(monkeypatch):
     labels = torch.randint(0, 10, (24,), generator=torch.Generator().manual_seed(11))
     sim = simulate(net, test, scorer)
     flops = [1.0, 2.0, 3.0, 4.0]
-    task = LatencyTask(net, lambda _row: scorer, prepared(test), labels, flops, sim,
-                       {1: thresholds[0].tolist(), 39: thresholds[38].tolist()}, torch.device("cpu"))
+    task = LatencyTask(
+        net,
+        lambda _row: scorer,
+        prepared(test),
+        labels,
+        flops,
+        sim,
+        {1: thresholds[0].tolist(), 39: thresholds[38].tolist()},
+        torch.device("cpu"),
+    )
     budgets, exits = measure_latency(task, [1, 16], repeats=3, images=6, threads=1)
     assert len(budgets) == 4 and len(exits) == 8
     assert (budgets["ties"] == 0).all() and set(budgets["execution"]) == {"dynamic"}
@@ -259,9 +313,16 @@ def test_median_interval_order_statistics():
 
 
 def test_budgets_in_milliseconds():
-    curve = pd.DataFrame({"budget_id": [1, 2, 3], "flops": [1.5, 2.0, 3.0], "accuracy": [50.0, 60.0, 80.0],
-                          "exit_fraction_1": [0.5, 0.0, 0.0], "exit_fraction_2": [0.5, 1.0, 0.0],
-                          "exit_fraction_3": [0.0, 0.0, 1.0]})
+    curve = pd.DataFrame(
+        {
+            "budget_id": [1, 2, 3],
+            "flops": [1.5, 2.0, 3.0],
+            "accuracy": [50.0, 60.0, 80.0],
+            "exit_fraction_1": [0.5, 0.0, 0.0],
+            "exit_fraction_2": [0.5, 1.0, 0.0],
+            "exit_fraction_3": [0.0, 0.0, 1.0],
+        }
+    )
     exit_ms = [1.0, 3.0, 4.0]
     assert expected_ms(curve, exit_ms).tolist() == [2.0, 3.0, 4.0]
     assert accuracy_at_time(curve, exit_ms, 3.5) == pytest.approx(70.0)

@@ -32,6 +32,7 @@ def _net(spec: InputSpec = CIFAR10, **params) -> EEResNet:
 
 # ---- Plain counterparts -------------------------------------------------------------------------
 
+
 # He et al.'s CIFAR ResNets (0.27M, 0.46M, 0.66M, 0.85M, 1.7M) use zero-padding shortcuts; the
 # EENets code uses 1x1 projections at the two stage transitions: 16*32 + 32*64 weights + 2*(32+64)
 # BN parameters = 2,752 more.
@@ -122,8 +123,9 @@ def test_hand_computed_targets_resnet20() -> None:
     ratios = [round(c / total, 4) for c in plan.cumulative_flops(EENETS_RULES)]
     assert ratios == [0.1282, 0.2445, 0.3609, 0.4511, 0.5662, 0.6814, 0.7708, 0.8853, 0.9999]
     # targets as fractions of F_tot, i = 0, 1
-    fractions = {d: [t / total for t in exit_thresholds(d, 2, total)]
-                 for d in ("pareto", "fine", "linear", "gold_ratio")}
+    fractions = {
+        d: [t / total for t in exit_thresholds(d, 2, total)] for d in ("pareto", "fine", "linear", "gold_ratio")
+    }
     assert fractions["pareto"] == pytest.approx([0.2, 0.36])
     assert fractions["fine"] == pytest.approx([0.05, 0.0975])
     assert fractions["linear"] == pytest.approx([1 / 3, 2 / 3])
@@ -150,6 +152,7 @@ def test_harness_convention_flops_differ_from_eenets_counter() -> None:
 
 
 # ---- Outputs ------------------------------------------------------------------------------------
+
 
 def test_bnpool_batchstats_is_the_reference_untracked_batchnorm() -> None:
     """Not trained, not in the state dict, batch statistics in eval mode too (the reference bnpool)."""
@@ -227,7 +230,7 @@ def test_forward_backward() -> None:
     torch.manual_seed(0)
     net = _net(depth=20, num_exits=2).train()
     out = net.forward_all(torch.randn(2, 3, 32, 32))
-    loss = sum(torch.nn.functional.cross_entropy(l, torch.tensor([0, 1])) for l in out.logits)
+    loss = sum(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])) for logits in out.logits)
     loss = loss + sum(c.mean() for c in out.confidences)
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
@@ -235,6 +238,7 @@ def test_forward_backward() -> None:
 
 
 # ---- Costs --------------------------------------------------------------------------------------
+
 
 def test_cost_ratios_increase_to_one() -> None:
     net = _net(depth=20, num_exits=3, distribution="linear")
@@ -258,6 +262,7 @@ def test_cost_ratios_resnet110() -> None:
 
 
 # ---- Config -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "params, message",
@@ -296,12 +301,13 @@ def test_registry() -> None:
 
 # ---- num_exits 0: the plain ResNet as a one-exit network ------------------------------------------
 
+
 def test_zero_early_exits_is_the_plain_resnet() -> None:
     torch.manual_seed(0)
     net = _net(depth=20, num_exits=0)
     assert net.num_exits == 1 and net.exit_blocks == [] and len(net.exits) == 1
     out = net.forward_all(torch.randn(2, 3, 32, 32))
-    assert [l.shape for l in out.logits] == [(2, 10)]
+    assert [logits.shape for logits in out.logits] == [(2, 10)]
     assert len(out.confidences) == 1 and out.confidences[0].shape == (2,)
     # the plain ResNet's FLOPs plus the final confidence head (64 weights + 1 bias)
     costs = exit_flops(net, (3, 32, 32), "reference")

@@ -113,8 +113,9 @@ def test_loss_by_hand():
 
 
 def test_all_zero_scores_give_a_finite_kl():
-    terms = scheduler_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(2, 3),
-                           torch.tensor([1.0, 2.0]), torch.tensor([1.5]))
+    terms = scheduler_loss(
+        torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(2, 3), torch.tensor([1.0, 2.0]), torch.tensor([1.5])
+    )
     assert torch.isfinite(terms.kl).all() and torch.isfinite(terms.bce).all()
 
 
@@ -157,8 +158,7 @@ def test_fitted_scheduler_meets_its_budgets(fitted):
 def test_outputs_feed_the_calibration(fitted):
     m, val, test = fitted
     sv, st = m.score(val), m.score(test)
-    curve = budgeted_curve(sv.scores, st.scores, st.predictions == test["labels"][None], FLOPS,
-                           sv.exit_distributions)
+    curve = budgeted_curve(sv.scores, st.scores, st.predictions == test["labels"][None], FLOPS, sv.exit_distributions)
     assert curve.flops.shape == (2,) and (curve.flops >= FLOPS[0]).all()
 
 

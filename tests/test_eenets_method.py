@@ -36,17 +36,17 @@ class _Net(torch.nn.Module):
         self.num_exits = num_exits
 
 
-def make_method(num_exits: int = 3, costs=COSTS, epochs: int = 3, steps_per_epoch: int = 4,
-                model=None, **params) -> EENets:
-    ctx = TrainContext(exit_costs=torch.tensor(costs), num_classes=3, epochs=epochs,
-                       steps_per_epoch=steps_per_epoch)
+def make_method(
+    num_exits: int = 3, costs=COSTS, epochs: int = 3, steps_per_epoch: int = 4, model=None, **params
+) -> EENets:
+    ctx = TrainContext(exit_costs=torch.tensor(costs), num_classes=3, epochs=epochs, steps_per_epoch=steps_per_epoch)
     merged = {**EENets.test_params, "lam": LAM, **params}
     return EENets(model or _Net(num_exits), METHODS.make_params("eenets", merged), ctx)
 
 
 def outputs(logits=LOGITS, conf=CONF, requires_grad: bool = False) -> ExitOutputs:
     confidences = [torch.tensor(c, dtype=torch.float64, requires_grad=requires_grad) for c in conf]
-    return ExitOutputs([torch.tensor(l) for l in logits], [], confidences)
+    return ExitOutputs([torch.tensor(exit_logits) for exit_logits in logits], [], confidences)
 
 
 TARGETS_T = torch.tensor(TARGETS)
@@ -73,8 +73,10 @@ def hand_mixtures(conf=CONF, costs=COSTS):
     p_mix[k - 1] = p[k - 1]
     c_mix[k - 1] = [costs[k - 1]] * n_samples
     for i in range(k - 2, -1, -1):
-        p_mix[i] = [[conf[i][n] * p[i][n][c] + (1 - conf[i][n]) * p_mix[i + 1][n][c] for c in range(3)]
-                    for n in range(n_samples)]
+        p_mix[i] = [
+            [conf[i][n] * p[i][n][c] + (1 - conf[i][n]) * p_mix[i + 1][n][c] for c in range(3)]
+            for n in range(n_samples)
+        ]
         c_mix[i] = [conf[i][n] * costs[i] + (1 - conf[i][n]) * c_mix[i + 1][n] for n in range(n_samples)]
     return p_mix, c_mix
 
@@ -144,6 +146,7 @@ def test_final_confidence_gets_no_gradient_in_v2():
 
 def test_v1_by_hand():
     expected = hand_v1()
+
     # written out: p(i, n) = exit i's probability of sample n's target
     def p(i: int, n: int) -> float:
         return softmax(LOGITS[i][n])[TARGETS[n]]
@@ -160,9 +163,13 @@ def test_v1_by_hand():
 def test_v0_by_hand():
     value = make_method(loss="v0", two_stage_epochs=2).loss(outputs(), TARGETS_T, step=0)
     assert float(value) == pytest.approx(hand_v0(), rel=1e-6)
-    assert hand_v0() == pytest.approx(sum(
-        -math.log(math.exp(LOGITS[i][n][TARGETS[n]]) / sum(math.exp(x) for x in LOGITS[i][n])) / 2
-        for i in range(3) for n in range(2)))
+    assert hand_v0() == pytest.approx(
+        sum(
+            -math.log(math.exp(LOGITS[i][n][TARGETS[n]]) / sum(math.exp(x) for x in LOGITS[i][n])) / 2
+            for i in range(3)
+            for n in range(2)
+        )
+    )
 
 
 def test_two_stage_switches_from_v0_to_v1():
@@ -178,8 +185,9 @@ def test_two_stage_switches_from_v0_to_v1():
 
 def test_v3_by_hand():
     means = [sum(c) / 2 for c in CONF]
-    expected = sum(means[i] / sum(means) * ((ce(LOGITS[i], 0) + ce(LOGITS[i], 1)) / 2 + LAM * COSTS[i])
-                   for i in range(3))
+    expected = sum(
+        means[i] / sum(means) * ((ce(LOGITS[i], 0) + ce(LOGITS[i], 1)) / 2 + LAM * COSTS[i]) for i in range(3)
+    )
     out = outputs(requires_grad=True)
     value = make_method(loss="v3").loss(out, TARGETS_T)
     assert float(value.detach()) == pytest.approx(expected, rel=1e-6)
@@ -258,8 +266,7 @@ def test_single_exit_network():
 
 
 def test_network_without_confidence_branches_is_a_clear_error(toy_network):
-    ctx = TrainContext(exit_costs=torch.tensor([1 / 3, 2 / 3, 1.0]), num_classes=4, epochs=1,
-                       steps_per_epoch=1)
+    ctx = TrainContext(exit_costs=torch.tensor([1 / 3, 2 / 3, 1.0]), num_classes=4, epochs=1, steps_per_epoch=1)
     message = r"eenets needs an architecture with confidence branches \(ee_resnet\); ToyMultiExit has none"
     with pytest.raises(ValueError, match=message):
         EENets(toy_network, METHODS.make_params("eenets", {}), ctx)
@@ -307,8 +314,9 @@ def test_train_step_on_ee_resnet_changes_parameters(loss: str):
     spec = InputSpec(3, 16, 10)
     net = build_model("ee_resnet", spec, depth=8, num_exits=2, width=4).train()
     flops = exit_flops(net, (3, 16, 16), "reference")["flops"]
-    ctx = TrainContext(exit_costs=torch.tensor([f / flops[-1] for f in flops]), num_classes=10,
-                       epochs=2, steps_per_epoch=1)
+    ctx = TrainContext(
+        exit_costs=torch.tensor([f / flops[-1] for f in flops]), num_classes=10, epochs=2, steps_per_epoch=1
+    )
     method = EENets(net, METHODS.make_params("eenets", {**EENets.test_params, "loss": loss}), ctx)
     optimizer = torch.optim.Adam(list(method.trainable_parameters()), lr=1e-3)
     before = {k: v.detach().clone() for k, v in net.named_parameters()}

@@ -13,24 +13,30 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
-from eebench.config import ConfigError, check_data
-from eebench.datasets import dataset_info, load_pool, make_split
 from dataset_files import idx_bytes
 from workflow_helpers import run_workflow, tiny_config
 
+from eebench.config import ConfigError, check_data
+from eebench.datasets import dataset_info, load_pool, make_split
+
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
-FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
-         "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
-pytestmark = pytest.mark.skipif(not all((DEBIAN / f).is_file() for f in FILES.values()),
-                                reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist")
+FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+pytestmark = pytest.mark.skipif(
+    not all((DEBIAN / f).is_file() for f in FILES.values()),
+    reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist",
+)
 
 
 def read_idx(path: Path) -> np.ndarray:
     """An idx file read with gzip and numpy alone (magic: 0, 0, type 0x08 = uint8, dimensions)."""
     data = gzip.decompress(path.read_bytes())
     assert data[:3] == b"\x00\x00\x08"
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(data[3])]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
     return np.frombuffer(data, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
 
 
@@ -45,8 +51,11 @@ def test_real_files_are_read_whole_and_right(pool):
     assert pool.train_labels.bincount().tolist() == [6000] * 10
     assert pool.test_labels.bincount().tolist() == [1000] * 10
     train_labels, test_labels = read_idx(DEBIAN / FILES["train_labels"]), read_idx(DEBIAN / FILES["test_labels"])
-    assert pool.train_labels[:20].tolist() == train_labels[:20].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5, 0, 9,
-                                                                              5, 5, 7, 9, 1, 0, 6, 4]
+    assert (
+        pool.train_labels[:20].tolist()
+        == train_labels[:20].tolist()
+        == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5, 0, 9, 5, 5, 7, 9, 1, 0, 6, 4]
+    )
     assert np.array_equal(pool.test_labels.numpy(), test_labels)
     images = read_idx(DEBIAN / FILES["test_images"])
     assert np.array_equal(pool.test_images[:100, 0].numpy(), images[:100])
@@ -83,13 +92,21 @@ def test_data_dir_comes_before_debians_path(tmp_path):
 
 
 def test_missing_files_name_both_places_and_the_apt_command(tmp_path):
-    config = {"data_dir": str(tmp_path), "experiments": [{"datasets": ["fashionmnist"]}],
-              "datasets": {"fashionmnist": {"paths": ["FashionMNIST/raw", str(tmp_path / "debian")]}}}
+    config = {
+        "data_dir": str(tmp_path),
+        "experiments": [{"datasets": ["fashionmnist"]}],
+        "datasets": {"fashionmnist": {"paths": ["FashionMNIST/raw", str(tmp_path / "debian")]}},
+    }
     with pytest.raises(ConfigError) as err:
         check_data(config)
     message = str(err.value)
-    for fragment in (str(tmp_path / "FashionMNIST" / "raw"), str(tmp_path / "debian"), "does not exist",
-                     "apt-get install dataset-fashion-mnist", "data_dir"):
+    for fragment in (
+        str(tmp_path / "FashionMNIST" / "raw"),
+        str(tmp_path / "debian"),
+        "does not exist",
+        "apt-get install dataset-fashion-mnist",
+        "data_dir",
+    ):
         assert fragment in message, message
 
 
@@ -106,8 +123,9 @@ def test_workflow_on_a_slice_of_the_real_data(tmp_path):
     msdnet = fashion["architectures"]["msdnet"]
     config["architectures"] = {"msdnet": {**msdnet, "params": {**msdnet["params"], "n_blocks": 2}}}
     config["methods"] = {name: fashion["methods"][name] for name in ("standard", "gater")}
-    config["experiments"] = [{"datasets": ["fashionmnist"], "architectures": ["msdnet"],
-                              "methods": ["standard", "gater"]}]
+    config["experiments"] = [
+        {"datasets": ["fashionmnist"], "architectures": ["msdnet"], "methods": ["standard", "gater"]}
+    ]
     config["report"] = {"figures": {"fig3_budgeted": {"variants": ["standard", "gater"]}}}
     run_workflow(tmp_path, config, "results/figures/fig3_budgeted.png")
     results = tmp_path / "results"

@@ -13,21 +13,30 @@ import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from workflow_helpers import ROOT, default_config, tiny_config
 
 from eebench import io, pipeline
 from eebench.cache import StaleCacheError, load_cache
-from eebench.config import (Cell, ConfigError, cell_fingerprint, check_budgets, check_config, check_data,
-                            load_config, validate_schema)
+from eebench.config import (
+    Cell,
+    ConfigError,
+    cell_fingerprint,
+    check_budgets,
+    check_config,
+    check_data,
+    load_config,
+    validate_schema,
+)
 from eebench.datasets import DatasetMissingError, load_pool
 from eebench.io import CorruptFileError, load_tensors
 from eebench.training import load_weights
-from workflow_helpers import ROOT, default_config, tiny_config
 
 TINY = {"family": "ee_resnet", "params": {"depth": 8, "num_exits": 2, "width": 4, "distribution": "linear"}}
 
@@ -38,8 +47,14 @@ def small_config() -> dict[str, Any]:
     config["architectures"] = {"tiny": copy.deepcopy(TINY)}
     config["methods"]["frozen"] = {"method": "standard", "init_from": "standard"}
     config["posthoc"] = {"calibrated_dnn": {"method": "calibrated_dnn", "base": "standard"}}
-    config["experiments"] = [{"datasets": ["digits"], "architectures": ["tiny"],
-                              "methods": ["standard", "frozen"], "posthoc": ["calibrated_dnn"]}]
+    config["experiments"] = [
+        {
+            "datasets": ["digits"],
+            "architectures": ["tiny"],
+            "methods": ["standard", "frozen"],
+            "posthoc": ["calibrated_dnn"],
+        }
+    ]
     validate_schema(config)
     return config
 
@@ -52,6 +67,7 @@ def _set(path: str, value: Any) -> Callable[[dict], None]:
         for key in parents:
             node = node[int(key)] if key.isdigit() else node[key]
         node[int(last) if last.isdigit() else last] = value
+
     return mutate
 
 
@@ -63,6 +79,7 @@ def _add_arch(name: str, spec: dict) -> Callable[[dict], None]:
     def mutate(config: dict) -> None:
         config["architectures"][name] = spec
         config["experiments"].append({"datasets": ["digits"], "architectures": [name], "methods": ["standard"]})
+
     return mutate
 
 
@@ -71,6 +88,7 @@ def _eenets_on(arch: str) -> Callable[[dict], None]:
         config["methods"]["eenets"] = {"method": "eenets"}
         config["architectures"][arch] = copy.deepcopy(MSDNET)
         config["experiments"].append({"datasets": ["digits"], "architectures": [arch], "methods": ["eenets"]})
+
     return mutate
 
 
@@ -84,8 +102,11 @@ MSDNET = tiny_config()["architectures"]["msdnet"]
 # (id, mutation, expected fragments of the message)
 CONFIG_CASES = [
     ("wrong-type-seed", _set("seeds", [0, "one"]), ["seeds[1]", "'one'", "an integer"]),
-    ("wrong-type-resources", _set("datasets.digits.resources.mem_mb", "lots"),
-     ["datasets.digits.resources.mem_mb", "'lots'", "an integer"]),
+    (
+        "wrong-type-resources",
+        _set("datasets.digits.resources.mem_mb", "lots"),
+        ["datasets.digits.resources.mem_mb", "'lots'", "an integer"],
+    ),
     ("negative-split-seed", _set("split_seed", -1), ["split_seed", "-1", ">= 0"]),
     ("unknown-top-level-key", _set("epochs", 3), ["unknown key 'epochs'", "data_dir", "experiments"]),
     ("missing-required-key", _delete("experiments"), ["required key 'experiments' missing"]),
@@ -93,58 +114,138 @@ CONFIG_CASES = [
     ("bad-flops-convention", _set("flops_convention", "thop"), ["flops_convention", "'thop'", "reference, fvcore"]),
     ("empty-seeds", _set("seeds", []), ["seeds", "[]", "at least 1 item"]),
     ("unknown-dataset", _set("datasets.cifar1000", {}), ["datasets.cifar1000", "'cifar1000'", "digits", "cifar100"]),
-    ("unknown-architecture", _set("experiments.0.architectures", ["tiny", "vgg"]),
-     ["experiments[0].architectures", "'vgg'", "allowed: tiny"]),
+    (
+        "unknown-architecture",
+        _set("experiments.0.architectures", ["tiny", "vgg"]),
+        ["experiments[0].architectures", "'vgg'", "allowed: tiny"],
+    ),
     ("unknown-family", _set("architectures.tiny.family", "vgg"), ["architectures.tiny.family", "'vgg'", "msdnet"]),
     ("unknown-method", _set("methods.standard.method", "sgdx"), ["methods.standard.method", "'sgdx'", "boostnet"]),
-    ("unknown-posthoc-method", _set("posthoc.calibrated_dnn.method", "laplace"),
-     ["posthoc.calibrated_dnn.method", "'laplace'", "calibrated_dnn, eenet"]),
-    ("unknown-feature-set", _set("methods.standard", {"method": "gater", "params": {"features": ["entropyy"]}}),
-     ["methods.standard.params", "'entropyy'", "confidence, margin, entropy"]),
+    (
+        "unknown-posthoc-method",
+        _set("posthoc.calibrated_dnn.method", "laplace"),
+        ["posthoc.calibrated_dnn.method", "'laplace'", "calibrated_dnn, eenet"],
+    ),
+    (
+        "unknown-feature-set",
+        _set("methods.standard", {"method": "gater", "params": {"features": ["entropyy"]}}),
+        ["methods.standard.params", "'entropyy'", "confidence, margin, entropy"],
+    ),
     ("unknown-method-param", _set("methods.standard.params", {"lrr": 0.1}), ["methods.standard.params", "lrr"]),
-    ("recipe-wrong-type", _set("datasets.digits.recipe.lr", "fast"),
-     ["datasets.digits.recipe", "'lr'", "'fast'", "float"]),
-    ("recipe-bad-optimizer", _set("methods.frozen.recipe", {"optimizer": "rmsprop"}),
-     ["methods.frozen.recipe", "'rmsprop'", "sgd, adam, adamw"]),
+    (
+        "recipe-wrong-type",
+        _set("datasets.digits.recipe.lr", "fast"),
+        ["datasets.digits.recipe", "'lr'", "'fast'", "float"],
+    ),
+    (
+        "recipe-bad-optimizer",
+        _set("methods.frozen.recipe", {"optimizer": "rmsprop"}),
+        ["methods.frozen.recipe", "'rmsprop'", "sgd, adam, adamw"],
+    ),
     ("init-from-cycle", _cycle, ["init_from", "standard -> frozen -> standard", "cycle"]),
-    ("resnet-depth", _set("architectures.tiny.params.depth", 21),
-     ["architectures.tiny.params", "depth=21", "6n+2"]),
-    ("resnet-too-many-exits", _set("architectures.tiny.params.num_exits", 9),
-     ["architectures.tiny.params", "num_exits=9", "at most"]),
-    ("msdnet-scale-list", _add_arch("msd", {**MSDNET, "params": {**MSDNET["params"], "gr_factor": [1, 2]}}),
-     ["architectures.msd.params", "gr_factor=[1, 2]", "n_scales=3"]),
-    ("msdnet-scales-for-input", _add_arch("msd", {**MSDNET, "params": {
-        **MSDNET["params"], "n_scales": 6, "gr_factor": [1] * 6, "bn_factor": [1] * 6}}),
-     ["architectures.msd.params", "'digits'", "n_scales=6", "input size 32"]),
-    ("ranet-scale-list", _add_arch("ra", {**RANET, "params": {**RANET["params"], "scale_list": [3, 2, 1]}}),
-     ["architectures.ra.params", "scale_list=[3, 2, 1]", "[1, 2, 3]"]),
-    ("ranet-repeated-lowest-scale", _add_arch("ra", {**RANET, "params": {
-        **RANET["params"], "scale_list": [1, 1, 2, 3], "gr_factor": [4, 4, 2, 1], "bn_factor": [4, 4, 2, 1]}}),
-     ["architectures.ra.params", "scale_list=[1, 1, 2, 3]", "only the first flow may be at the lowest scale"]),
-    ("method-needs-confidence-branches", _eenets_on("msd"),
-     ["experiments[1]", "'eenets'", "'msd' (msdnet)", "confidence_branches", "ee_resnet"]),
-    ("table1-budget-type", _set("report.table1", {"dataset": "digits", "architecture": "tiny",
-                                                  "budgets": ["4M"], "rows": {"all": "standard"}}),
-     ["report.table1.budgets[0]", "'4M'", "a number"]),
-    ("figure-unknown-variant", _set("report.figures", {"fig2_anytime": {"variants": ["gater"]}}),
-     ["report.figures.fig2_anytime.variants", "'gater'", "standard"]),
-    ("figure-unknown-reference", _set("report.figures", {"fig3_budgeted": {"reference": "gater"}}),
-     ["report.figures.fig3_budgeted.reference", "'gater'", "standard"]),
-    ("comparison-budgets-architecture", _set("report.comparison_budgets",
-                                             [{"dataset": "digits", "architecture": "msd", "budgets": [1e6]}]),
-     ["report.comparison_budgets[0].architecture", "'msd'", "tiny"]),
+    ("resnet-depth", _set("architectures.tiny.params.depth", 21), ["architectures.tiny.params", "depth=21", "6n+2"]),
+    (
+        "resnet-too-many-exits",
+        _set("architectures.tiny.params.num_exits", 9),
+        ["architectures.tiny.params", "num_exits=9", "at most"],
+    ),
+    (
+        "msdnet-scale-list",
+        _add_arch("msd", {**MSDNET, "params": {**MSDNET["params"], "gr_factor": [1, 2]}}),
+        ["architectures.msd.params", "gr_factor=[1, 2]", "n_scales=3"],
+    ),
+    (
+        "msdnet-scales-for-input",
+        _add_arch(
+            "msd", {**MSDNET, "params": {**MSDNET["params"], "n_scales": 6, "gr_factor": [1] * 6, "bn_factor": [1] * 6}}
+        ),
+        ["architectures.msd.params", "'digits'", "n_scales=6", "input size 32"],
+    ),
+    (
+        "ranet-scale-list",
+        _add_arch("ra", {**RANET, "params": {**RANET["params"], "scale_list": [3, 2, 1]}}),
+        ["architectures.ra.params", "scale_list=[3, 2, 1]", "[1, 2, 3]"],
+    ),
+    (
+        "ranet-repeated-lowest-scale",
+        _add_arch(
+            "ra",
+            {
+                **RANET,
+                "params": {
+                    **RANET["params"],
+                    "scale_list": [1, 1, 2, 3],
+                    "gr_factor": [4, 4, 2, 1],
+                    "bn_factor": [4, 4, 2, 1],
+                },
+            },
+        ),
+        ["architectures.ra.params", "scale_list=[1, 1, 2, 3]", "only the first flow may be at the lowest scale"],
+    ),
+    (
+        "method-needs-confidence-branches",
+        _eenets_on("msd"),
+        ["experiments[1]", "'eenets'", "'msd' (msdnet)", "confidence_branches", "ee_resnet"],
+    ),
+    (
+        "table1-budget-type",
+        _set(
+            "report.table1",
+            {"dataset": "digits", "architecture": "tiny", "budgets": ["4M"], "rows": {"all": "standard"}},
+        ),
+        ["report.table1.budgets[0]", "'4M'", "a number"],
+    ),
+    (
+        "figure-unknown-variant",
+        _set("report.figures", {"fig2_anytime": {"variants": ["gater"]}}),
+        ["report.figures.fig2_anytime.variants", "'gater'", "standard"],
+    ),
+    (
+        "figure-unknown-reference",
+        _set("report.figures", {"fig3_budgeted": {"reference": "gater"}}),
+        ["report.figures.fig3_budgeted.reference", "'gater'", "standard"],
+    ),
+    (
+        "comparison-budgets-architecture",
+        _set("report.comparison_budgets", [{"dataset": "digits", "architecture": "msd", "budgets": [1e6]}]),
+        ["report.comparison_budgets[0].architecture", "'msd'", "tiny"],
+    ),
     ("bootstrap-level", _set("bootstrap", {"level": 95}), ["bootstrap.level", "95", "< 1"]),
-    ("bootstrap-unknown-key", _set("bootstrap", {"samples": 100}),
-     ["bootstrap", "'samples'", "level, resamples, seed"]),
+    (
+        "bootstrap-unknown-key",
+        _set("bootstrap", {"samples": 100}),
+        ["bootstrap", "'samples'", "level, resamples, seed"],
+    ),
     ("latency-unknown-variant", _set("latency", {"variants": ["gater"]}), ["latency.variants", "'gater'", "standard"]),
-    ("latency-unknown-key", _set("latency", {"variants": ["standard"], "batch": 4}), ["latency", "'batch'", "batch_sizes"]),
-    ("latency-bad-batch-size", _set("latency", {"variants": ["standard"], "batch_sizes": [0]}),
-     ["latency.batch_sizes[0]", "0", ">= 1"]),
-    ("latency-selects-nothing", _set("latency", {"variants": ["standard"], "architectures": ["tiny"], "datasets": []}),
-     ["latency", "selects no cell"]),
-    ("table1-ms-without-latency", _set("report.table1", {"dataset": "digits", "architecture": "tiny", "budgets": [2.0],
-                                                         "rows": {"all": "standard"}, "budget_unit": "ms"}),
-     ["report.table1.budget_unit", "'ms'", "latency section"]),
+    (
+        "latency-unknown-key",
+        _set("latency", {"variants": ["standard"], "batch": 4}),
+        ["latency", "'batch'", "batch_sizes"],
+    ),
+    (
+        "latency-bad-batch-size",
+        _set("latency", {"variants": ["standard"], "batch_sizes": [0]}),
+        ["latency.batch_sizes[0]", "0", ">= 1"],
+    ),
+    (
+        "latency-selects-nothing",
+        _set("latency", {"variants": ["standard"], "architectures": ["tiny"], "datasets": []}),
+        ["latency", "selects no cell"],
+    ),
+    (
+        "table1-ms-without-latency",
+        _set(
+            "report.table1",
+            {
+                "dataset": "digits",
+                "architecture": "tiny",
+                "budgets": [2.0],
+                "rows": {"all": "standard"},
+                "budget_unit": "ms",
+            },
+        ),
+        ["report.table1.budget_unit", "'ms'", "latency section"],
+    ),
 ]
 
 
@@ -174,8 +275,12 @@ def test_good_configs_pass_and_get_defaults():
 
 def _budget_config(budgets: list[float]) -> dict:
     config = small_config()
-    config["report"]["table1"] = {"dataset": "digits", "architecture": "tiny", "budgets": budgets,
-                                  "rows": {"all": "standard"}}
+    config["report"]["table1"] = {
+        "dataset": "digits",
+        "architecture": "tiny",
+        "budgets": budgets,
+        "rows": {"all": "standard"},
+    }
     return config
 
 
@@ -208,7 +313,9 @@ def test_missing_data_directory(tmp_path):
     assert "cifar-10-python.tar.gz" in str(err.value)
     (tmp_path / "empty").mkdir()
     config["data_dir"] = str(tmp_path / "empty")
-    with pytest.raises(ConfigError, match=r"looked in .*empty/cifar-10-batches-py \(does not exist\).*cifar-10-python.tar.gz"):
+    with pytest.raises(
+        ConfigError, match=r"looked in .*empty/cifar-10-batches-py \(does not exist\).*cifar-10-python.tar.gz"
+    ):
         check_data(config)
     config["download"] = True
     check_data(config)  # torchvision fetches it
@@ -240,8 +347,13 @@ def test_check_config_command_applies_the_schema(tmp_path):
     import yaml
 
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.run([sys.executable, "-m", "eebench", "check-config", str(path), "--no-flops"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "eebench", "check-config", str(path), "--no-flops"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "error: config seeds[0]: 'zero' is not allowed; allowed: an integer" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -256,8 +368,11 @@ K, N, C = 3, 40, 10
 
 def good_cache(part: str = "val", fingerprint: str = FINGERPRINT) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
-    return {"logits": torch.randn(K, N, C, generator=g), "labels": torch.randint(0, C, (N,), generator=g),
-            "meta": {"fingerprint": fingerprint, "part": part, "split": "x"}}
+    return {
+        "logits": torch.randn(K, N, C, generator=g),
+        "labels": torch.randint(0, C, (N,), generator=g),
+        "meta": {"fingerprint": fingerprint, "part": part, "split": "x"},
+    }
 
 
 def write_flops(path: Path, flops: Any = (1e5, 2e5, 3e5)) -> Path:
@@ -276,8 +391,16 @@ def _random_bytes(path: Path) -> None:
 
 def _evaluate(tmp_path: Path, val: Path, test: Path) -> None:
     out = tmp_path / "out"
-    pipeline.evaluate_cell(CONFIG, CELL, str(val), str(test), str(write_flops(tmp_path / "flops.json")),
-                           str(out / "anytime.csv"), str(out / "budgeted.csv"), str(out / "provenance.json"))
+    pipeline.evaluate_cell(
+        CONFIG,
+        CELL,
+        str(val),
+        str(test),
+        str(write_flops(tmp_path / "flops.json")),
+        str(out / "anytime.csv"),
+        str(out / "budgeted.csv"),
+        str(out / "provenance.json"),
+    )
 
 
 def test_good_caches_evaluate(tmp_path):
@@ -296,6 +419,7 @@ def _cache_with(**changes: Any) -> Callable[[Path], None]:
             else:
                 cache[key] = value
         io.save_tensors(path, cache)
+
     return write
 
 
@@ -303,6 +427,7 @@ def _save_then(fn: Callable[[Path], None]) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         io.save_tensors(path, good_cache())
         fn(path)
+
     return write
 
 
@@ -322,12 +447,27 @@ CACHE_CASES = [
     ("cache-random-bytes", "val.pt", _random_bytes, CorruptFileError, ["corrupt, truncated", "delete it"]),
     ("cache-empty-file", "val.pt", lambda p: p.write_bytes(b""), CorruptFileError, ["corrupt, truncated"]),
     ("cache-no-logits", "val.pt", _cache_with(logits=None), CorruptFileError, ["no 'logits' entry"]),
-    ("cache-logits-2d", "val.pt", _cache_with(logits=torch.zeros(N, C)), CorruptFileError,
-     ["'logits' must be (exits, samples, classes)", f"({N}, {C})"]),
-    ("cache-labels-length", "val.pt", _cache_with(labels=torch.zeros(N + 1, dtype=torch.long)), CorruptFileError,
-     ["'labels' must be", f"({N + 1},)"]),
-    ("cache-confidences-shape", "val.pt", _cache_with(confidences=torch.zeros(K, N + 2)), CorruptFileError,
-     ["'confidences' must be", f"({K}, {N})"]),
+    (
+        "cache-logits-2d",
+        "val.pt",
+        _cache_with(logits=torch.zeros(N, C)),
+        CorruptFileError,
+        ["'logits' must be (exits, samples, classes)", f"({N}, {C})"],
+    ),
+    (
+        "cache-labels-length",
+        "val.pt",
+        _cache_with(labels=torch.zeros(N + 1, dtype=torch.long)),
+        CorruptFileError,
+        ["'labels' must be", f"({N + 1},)"],
+    ),
+    (
+        "cache-confidences-shape",
+        "val.pt",
+        _cache_with(confidences=torch.zeros(K, N + 2)),
+        CorruptFileError,
+        ["'confidences' must be", f"({K}, {N})"],
+    ),
     ("cache-not-a-dict", "val.pt", lambda p: torch.save([1, 2, 3], p), CorruptFileError, ["expected a dict", "list"]),
     ("cache-npz-truncated", "val.npz", _npz_truncated, CorruptFileError, ["corrupt or truncated", "inference cache"]),
     ("cache-npz-pickled-objects", "val.npz", _npz_object, CorruptFileError, ["corrupt or truncated", "pickle"]),
@@ -349,11 +489,21 @@ def test_bad_cache_is_refused_naming_the_file(name, write, error, expected, tmp_
 
 STALE_CASES = [
     # a cache copied in from another run: another configuration's weights
-    ("stale-fingerprint", good_cache("val", fingerprint="0123456789abcdef"), good_cache("test"),
-     "val.pt", ["stale cache", "fingerprint is '0123456789abcdef'", FINGERPRINT, "delete it and rerun"]),
+    (
+        "stale-fingerprint",
+        good_cache("val", fingerprint="0123456789abcdef"),
+        good_cache("test"),
+        "val.pt",
+        ["stale cache", "fingerprint is '0123456789abcdef'", FINGERPRINT, "delete it and rerun"],
+    ),
     ("stale-part", good_cache("val"), good_cache("val"), "test.pt", ["stale cache", "part is 'val'", "'test'"]),
-    ("stale-no-meta", good_cache("val"), {k: v for k, v in good_cache("test").items() if k != "meta"},
-     "test.pt", ["stale cache", "no record of what produced it", "delete it and rerun"]),
+    (
+        "stale-no-meta",
+        good_cache("val"),
+        {k: v for k, v in good_cache("test").items() if k != "meta"},
+        "test.pt",
+        ["stale cache", "no record of what produced it", "delete it and rerun"],
+    ),
 ]
 
 
@@ -374,8 +524,14 @@ def test_cache_with_other_exit_count_than_flops(tmp_path):
     io.save_tensors(tmp_path / "test.pt", good_cache("test"))
     flops = write_flops(tmp_path / "flops.json", (1e5, 2e5))
     with pytest.raises(CorruptFileError, match=rf"{tmp_path / 'val.pt'} has 3 exits but {flops} has 2"):
-        pipeline.evaluate_cell(CONFIG, CELL, str(tmp_path / "val.pt"), str(tmp_path / "test.pt"), str(flops),
-                               *(str(tmp_path / n) for n in ("a.csv", "b.csv", "p.json")))
+        pipeline.evaluate_cell(
+            CONFIG,
+            CELL,
+            str(tmp_path / "val.pt"),
+            str(tmp_path / "test.pt"),
+            str(flops),
+            *(str(tmp_path / n) for n in ("a.csv", "b.csv", "p.json")),
+        )
 
 
 def test_posthoc_refuses_a_stale_base_cache(tmp_path):
@@ -383,15 +539,24 @@ def test_posthoc_refuses_a_stale_base_cache(tmp_path):
     io.save_tensors(tmp_path / "val.pt", good_cache("val", fingerprint="another-run"))
     io.save_tensors(tmp_path / "test.pt", good_cache("test"))
     with pytest.raises(StaleCacheError, match=rf"{tmp_path / 'val.pt'}: stale cache: its fingerprint is 'another-run'"):
-        pipeline.posthoc_cell(CONFIG, cell, str(write_flops(tmp_path / "flops.json")), str(tmp_path / "val.pt"),
-                              str(tmp_path / "test.pt"), {"val": str(tmp_path / "pv.pt"), "test": str(tmp_path / "pt.pt")})
+        pipeline.posthoc_cell(
+            CONFIG,
+            cell,
+            str(write_flops(tmp_path / "flops.json")),
+            str(tmp_path / "val.pt"),
+            str(tmp_path / "test.pt"),
+            {"val": str(tmp_path / "pv.pt"), "test": str(tmp_path / "pt.pt")},
+        )
 
 
 def test_posthoc_scores_of_other_settings_are_stale(tmp_path):
     cell = Cell("digits", "tiny", "calibrated_dnn", 0)
-    scores = {"scores": torch.rand(K, N), "predictions": torch.zeros(K, N, dtype=torch.long),
-              "labels": torch.zeros(N, dtype=torch.long),
-              "meta": {**pipeline._expected_meta(CONFIG, cell, "val"), "posthoc": "other-settings"}}
+    scores = {
+        "scores": torch.rand(K, N),
+        "predictions": torch.zeros(K, N, dtype=torch.long),
+        "labels": torch.zeros(N, dtype=torch.long),
+        "meta": {**pipeline._expected_meta(CONFIG, cell, "val"), "posthoc": "other-settings"},
+    }
     io.save_tensors(tmp_path / "val.pt", scores)
     with pytest.raises(StaleCacheError, match="its posthoc is 'other-settings'"):
         pipeline._scored(CONFIG, cell, str(tmp_path / "val.pt"), "val")
@@ -430,21 +595,38 @@ def _weights(fingerprint: str = FINGERPRINT, **extra: Any) -> dict[str, Any]:
 
 
 CHECKPOINT_CASES = [
-    ("weights-truncated", lambda p: (io.save_tensors(p, _weights()), _truncate(p)), CorruptFileError,
-     ["corrupt, truncated", "trained weights"]),
-    ("weights-plain-pickle", lambda p: p.write_bytes(pickle.dumps({"model": {}}, protocol=4)), CorruptFileError,
-     ["corrupt, truncated or not a tensor file", "trained weights"]),
-    ("weights-other-config", lambda p: io.save_tensors(p, _weights("feedfacefeedface")), CorruptFileError,
-     ["trained for another configuration", "'feedfacefeedface'", FINGERPRINT, "retrain"]),
-    ("weights-no-model", lambda p: io.save_tensors(p, {"fingerprint": FINGERPRINT}), CorruptFileError,
-     ["no 'model' entry"]),
+    (
+        "weights-truncated",
+        lambda p: (io.save_tensors(p, _weights()), _truncate(p)),
+        CorruptFileError,
+        ["corrupt, truncated", "trained weights"],
+    ),
+    (
+        "weights-plain-pickle",
+        lambda p: p.write_bytes(pickle.dumps({"model": {}}, protocol=4)),
+        CorruptFileError,
+        ["corrupt, truncated or not a tensor file", "trained weights"],
+    ),
+    (
+        "weights-other-config",
+        lambda p: io.save_tensors(p, _weights("feedfacefeedface")),
+        CorruptFileError,
+        ["trained for another configuration", "'feedfacefeedface'", FINGERPRINT, "retrain"],
+    ),
+    (
+        "weights-no-model",
+        lambda p: io.save_tensors(p, {"fingerprint": FINGERPRINT}),
+        CorruptFileError,
+        ["no 'model' entry"],
+    ),
     ("weights-missing", lambda p: None, FileNotFoundError, ["trained weights not found"]),
 ]
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("write,error,expected", [c[1:] for c in CHECKPOINT_CASES],
-                         ids=[c[0] for c in CHECKPOINT_CASES])
+@pytest.mark.parametrize(
+    "write,error,expected", [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES]
+)
 def test_bad_weights_file_is_refused_naming_the_file(write, error, expected, tmp_path):
     path = tmp_path / "weights.pt"
     write(path)
@@ -459,9 +641,16 @@ def test_bad_weights_file_is_refused_naming_the_file(write, error, expected, tmp
 def _train_from(tmp_path: Path, parent: dict[str, Any]) -> None:
     io.save_tensors(tmp_path / "parent.pt", parent)
     cell = Cell("digits", "tiny", "frozen", 0)
-    pipeline.train_cell(CONFIG, cell, str(tmp_path / "split.npz"), str(tmp_path / "flops.json"),
-                        str(tmp_path / "w.pt"), str(tmp_path / "h.csv"), str(tmp_path / "state"),
-                        init_weights=str(tmp_path / "parent.pt"))
+    pipeline.train_cell(
+        CONFIG,
+        cell,
+        str(tmp_path / "split.npz"),
+        str(tmp_path / "flops.json"),
+        str(tmp_path / "w.pt"),
+        str(tmp_path / "h.csv"),
+        str(tmp_path / "state"),
+        init_weights=str(tmp_path / "parent.pt"),
+    )
 
 
 def test_init_from_weights_of_another_configuration(tmp_path):
@@ -486,7 +675,9 @@ def test_truncated_training_checkpoint_names_the_file(tmp_path):
 
     io.save_tensors(tmp_path / "checkpoint.pt", {"fingerprint": "x", "model": {"w": torch.zeros(1000)}})
     _truncate(tmp_path / "checkpoint.pt")
-    with pytest.raises(CorruptFileError, match=rf"{tmp_path / 'checkpoint.pt'}: corrupt, truncated .*training checkpoint"):
+    with pytest.raises(
+        CorruptFileError, match=rf"{tmp_path / 'checkpoint.pt'}: corrupt, truncated .*training checkpoint"
+    ):
         run_training("standard", tmp_path, data=digits_data(128, 32), epochs=1)
 
 
@@ -495,6 +686,7 @@ def _split(**parts: Any) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         split = {"train": np.arange(0, 100), "val": np.arange(100, 120), "test": np.arange(120, 150), **parts}
         np.savez(path, **{k: v for k, v in split.items() if v is not None})
+
     return write
 
 
@@ -544,15 +736,28 @@ def test_bad_flops_record_is_refused_naming_the_file(write, expected, tmp_path):
         assert fragment in str(err.value), str(err.value)
 
 
-
-@pytest.mark.parametrize("write,expected", [
-    (lambda p: io.save_tensors(p, {"correct": torch.ones(3, 4, dtype=torch.bool), "flops": torch.ones(3)}),
-     "per-sample record has no 'exits' entry"),
-    (lambda p: io.save_tensors(p, {"correct": torch.ones(3, 4, dtype=torch.bool), "flops": torch.ones(3),
-                                   "exits": torch.zeros(39, 5, dtype=torch.uint8)}),
-     "expected (K, N), (B, N) and (K,)"),
-    (lambda p: p.write_bytes(b"not a tensor file"), "corrupt, truncated"),
-], ids=["no-exits", "shapes", "garbage"])
+@pytest.mark.parametrize(
+    "write,expected",
+    [
+        (
+            lambda p: io.save_tensors(p, {"correct": torch.ones(3, 4, dtype=torch.bool), "flops": torch.ones(3)}),
+            "per-sample record has no 'exits' entry",
+        ),
+        (
+            lambda p: io.save_tensors(
+                p,
+                {
+                    "correct": torch.ones(3, 4, dtype=torch.bool),
+                    "flops": torch.ones(3),
+                    "exits": torch.zeros(39, 5, dtype=torch.uint8),
+                },
+            ),
+            "expected (K, N), (B, N) and (K,)",
+        ),
+        (lambda p: p.write_bytes(b"not a tensor file"), "corrupt, truncated"),
+    ],
+    ids=["no-exits", "shapes", "garbage"],
+)
 def test_bad_per_sample_record_is_refused_naming_the_file(write, expected, tmp_path):
     from eebench.bootstrap import BootstrapSettings
     from eebench.summary import load_variants

@@ -66,8 +66,7 @@ def hand_losses(logits=LOGITS, w1=W1, b1=B1, w2=W2, b2=B2) -> tuple[float, float
 
 
 def make_ctx(costs, epochs: int = 2, steps_per_epoch: int = 10) -> TrainContext:
-    return TrainContext(exit_costs=torch.tensor(costs), num_classes=4, epochs=epochs,
-                        steps_per_epoch=steps_per_epoch)
+    return TrainContext(exit_costs=torch.tensor(costs), num_classes=4, epochs=epochs, steps_per_epoch=steps_per_epoch)
 
 
 def make_gater(model: MultiExitNetwork, costs=(1 / 3, 2 / 3, 1.0), **params) -> Gater:
@@ -76,8 +75,7 @@ def make_gater(model: MultiExitNetwork, costs=(1 / 3, 2 / 3, 1.0), **params) -> 
 
 
 def hand_gater(toy_network) -> Gater:
-    g = make_gater(toy_network, costs=COSTS, features=["confidence", "entropy"], hidden=2,
-                   lam=LAM, temperature=TEMP)
+    g = make_gater(toy_network, costs=COSTS, features=["confidence", "entropy"], hidden=2, lam=LAM, temperature=TEMP)
     with torch.no_grad():
         g.mlp[0].weight.copy_(torch.tensor(W1))
         g.mlp[0].bias.copy_(torch.tensor(B1))
@@ -121,6 +119,7 @@ def test_exit_weights_sum_to_one_and_follow_eq5(toy_network):
 
 def test_weights_stable_for_extreme_gate_logits():
     from eebench.methods.gater import exit_weights
+
     a = exit_weights(torch.tensor([[200.0, -200.0], [-200.0, -200.0]]), 0.1)
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
@@ -136,6 +135,7 @@ def test_phi_gradient_matches_finite_differences(toy_network):
         flat = grad.reshape(-1).tolist()
         shape = [len(value), len(value[0])] if isinstance(value[0], list) else [len(value)]
         for idx, index in enumerate(itertools.product(*map(range, shape))):
+
             def shifted(delta):
                 w = copy.deepcopy(base)
                 if len(index) == 2:
@@ -143,6 +143,7 @@ def test_phi_gradient_matches_finite_differences(toy_network):
                 else:
                     w[name][index[0]] += delta
                 return hand_losses(w1=w["w1"], b1=w["b1"], w2=w["w2"], b2=w["b2"])[1]
+
             fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
             assert flat[idx] == pytest.approx(fd, abs=1e-4), (name, index)
 
@@ -156,16 +157,19 @@ def test_theta_gradient_flows_through_A(toy_network):
     grads = torch.autograd.grad(inner, outputs.logits)
     eps = 1e-6
     for k, i, c in [(0, 0, 0), (0, 1, 2), (1, 0, 1), (2, 1, 0)]:
+
         def shifted(delta):
             logits = copy.deepcopy(LOGITS)
             logits[k][i][c] += delta
             return hand_losses(logits=logits)[0]
+
         fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
         assert grads[k][i, c].item() == pytest.approx(fd, abs=1e-4)
     # The early exits' logits reach the loss through A: with A detached the gradient differs.
     detached = g.weights(g.scores(outputs)).detach()
     from eebench.methods.common import per_exit_ce
     from eebench.methods.gater import inner_loss
+
     ce = per_exit_ce(outputs.logits, torch.tensor(TARGETS))
     alt = torch.autograd.grad(inner_loss(detached, ce, torch.tensor(COSTS), LAM), outputs.logits)
     assert not torch.allclose(alt[0], grads[0], atol=1e-4)
@@ -206,10 +210,18 @@ def test_unknown_feature_is_named():
     assert "confidence, margin, entropy" in str(err.value)
 
 
-@pytest.mark.parametrize("bad", [
-    {"features": []}, {"features": ["margin", "margin"]}, {"temperature": 0.0},
-    {"update_every": 0}, {"hidden": 0}, {"lam": -1.0}, {"gater_lr": 1e-5, "gater_lr_min": 1e-3},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"features": []},
+        {"features": ["margin", "margin"]},
+        {"temperature": 0.0},
+        {"update_every": 0},
+        {"hidden": 0},
+        {"lam": -1.0},
+        {"gater_lr": 1e-5, "gater_lr_min": 1e-3},
+    ],
+)
 def test_invalid_params(bad):
     with pytest.raises(ValueError):
         METHODS.make_params("gater", bad)
@@ -218,7 +230,12 @@ def test_invalid_params(bad):
 def test_defaults_are_the_paper_cifar_setting():
     p = METHODS.make_params("gater", {})
     assert (p.ordered_features(), p.lam, p.temperature, p.hidden, p.update_every) == (
-        ["confidence", "entropy"], 2.0, 0.5, 500, 10)
+        ["confidence", "entropy"],
+        2.0,
+        0.5,
+        500,
+        10,
+    )
     assert (p.gater_lr, p.gater_lr_min, p.frozen) == (1e-3, 1e-5, False)
     assert GaterParams(features=["entropy", "confidence"]).ordered_features() == ["confidence", "entropy"]
 
@@ -288,8 +305,7 @@ class ToyBN(MultiExitNetwork):
         super().__init__()
         self.num_exits = num_exits
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(12 if i == 0 else 8, 8), nn.BatchNorm1d(8), nn.ReLU())
-            for i in range(num_exits)
+            nn.Sequential(nn.Linear(12 if i == 0 else 8, 8), nn.BatchNorm1d(8), nn.ReLU()) for i in range(num_exits)
         )
         self.heads = nn.ModuleList(nn.Linear(8, 4) for _ in range(num_exits))
 

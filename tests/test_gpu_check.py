@@ -21,8 +21,21 @@ from eebench.methods import METHODS
 from eebench.posthoc import POSTHOC
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = {"environment", "train", "cache", "posthoc", "curve", "dynamic", "ddp", "resume", "speed_train",
-          "speed_infer", "flops_share", "sharing", "projection"}
+GROUPS = {
+    "environment",
+    "train",
+    "cache",
+    "posthoc",
+    "curve",
+    "dynamic",
+    "ddp",
+    "resume",
+    "speed_train",
+    "speed_infer",
+    "flops_share",
+    "sharing",
+    "projection",
+}
 MAY_SKIP_ON_CPU = {"dynamic"}  # skipped where eebench.dynamic does not exist
 REFUSE = textwrap.dedent("""
     import importlib.abc, sys
@@ -42,8 +55,14 @@ def report(tmp_path_factory):
     (tmp / "sitecustomize.py").write_text(REFUSE)  # loaded at start-up by every Python process of the run
     out = tmp / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small",
-                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=900, cwd=tmp)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=tmp,
+    )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
@@ -159,4 +178,7 @@ def test_projection_split_sizes_are_the_harness_splits():
         sys.path.remove(str(ROOT / "benchmarks"))
     split = make_split("digits", (1797, 0), 0)
     assert (projection.TRAIN_SIZE["digits"], projection.VAL_SIZE["digits"], projection.TEST_SIZE["digits"]) == (
-        len(split["train"]), len(split["val"]), len(split["test"]))
+        len(split["train"]),
+        len(split["val"]),
+        len(split["test"]),
+    )

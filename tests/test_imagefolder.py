@@ -11,19 +11,20 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from train_helpers import run_training, weights_of
+from workflow_helpers import run_workflow, tiny_config
 
 from eebench.config import ConfigError, check_data
 from eebench.datasets import DatasetError, DatasetMissingError, dataset_info, load_pool, make_split, split_images
 from eebench.imagefolder import FolderImages, eval_batches, train_batches
 from eebench.tv import import_torchvision
-from train_helpers import run_training, weights_of
-from workflow_helpers import run_workflow, tiny_config
 
 CLASSES = ("n01", "n02", "n03")
 
 
-def write_tree(root: Path, per_class: int, sizes: tuple[tuple[int, int], ...] = ((48, 40), (70, 64), (64, 64)),
-               seed: int = 0) -> None:
+def write_tree(
+    root: Path, per_class: int, sizes: tuple[tuple[int, int], ...] = ((48, 40), (70, 64), (64, 64)), seed: int = 0
+) -> None:
     """``root/<class>/<i>.JPEG`` with random images of varied sizes (JPEG, as ImageNet ships)."""
     rng = np.random.default_rng(seed)
     for c, name in enumerate(CLASSES):
@@ -67,16 +68,22 @@ def test_pool_and_split_from_folders(data_dir):
 
 def test_missing_folder_names_dataset_and_layout(tmp_path):
     (tmp_path / "imagenet" / "train").mkdir(parents=True)
-    with pytest.raises(DatasetMissingError, match=r"'imagenet' not found .*looked in .*imagenet \(no folder val/\)"
-                                                  r".*ImageFolder trees"):
+    with pytest.raises(
+        DatasetMissingError,
+        match=r"'imagenet' not found .*looked in .*imagenet \(no folder val/\)"
+        r".*ImageFolder trees",
+    ):
         load_pool("imagenet", tmp_path)
     (tmp_path / "imagenet" / "val").mkdir()
     with pytest.raises(DatasetError, match=r"imagenet/train: not an ImageFolder tree: Couldn't find any class folder"):
         load_pool("imagenet", tmp_path)
     config = {"data_dir": str(tmp_path / "empty"), "experiments": [{"datasets": ["tinyimagenet"]}]}
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match=r"datasets.tinyimagenet: dataset 'tinyimagenet' not found .*looked in "
-                                          r".*empty/tinyimagenet \(does not exist\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"datasets.tinyimagenet: dataset 'tinyimagenet' not found .*looked in "
+        r".*empty/tinyimagenet \(does not exist\)",
+    ):
         check_data(config)
 
 
@@ -136,10 +143,8 @@ def test_workflow_on_tinyimagenet_folders(data_dir, tmp_path):
     config["data_workers"] = 2
     # the generated trees have 3 of Tiny-ImageNet's 200 classes: the override says so
     config["datasets"] = {"tinyimagenet": {"recipe": {"epochs": 1, "batch_size": 16}, "val_size": 0.25, "classes": 3}}
-    config["architectures"] = {"resnet8": {"family": "ee_resnet", "params": {"depth": 8, "num_exits": 1,
-                                                                           "width": 4}}}
-    config["experiments"] = [{"datasets": ["tinyimagenet"], "architectures": ["resnet8"],
-                              "methods": ["standard"]}]
+    config["architectures"] = {"resnet8": {"family": "ee_resnet", "params": {"depth": 8, "num_exits": 1, "width": 4}}}
+    config["experiments"] = [{"datasets": ["tinyimagenet"], "architectures": ["resnet8"], "methods": ["standard"]}]
     run_workflow(tmp_path, config, "results/aggregate/anytime.csv", "results/aggregate/budgeted.csv")
     split = np.load(tmp_path / "results" / "splits" / "tinyimagenet.npz")
     assert (len(split["train"]), len(split["val"]), len(split["test"])) == (54, 18, 36)

@@ -19,12 +19,15 @@ def umask_022():
     os.umask(old)
 
 
-@pytest.mark.parametrize("write", [
-    lambda p: io.write_text(p, "x"),
-    lambda p: io.write_json(p, {"a": 1}),
-    lambda p: io.save_tensors(p, {"t": torch.zeros(2)}),
-    lambda p: io.write_csv(p, pd.DataFrame({"a": [1]})),
-])
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda p: io.write_text(p, "x"),
+        lambda p: io.write_json(p, {"a": 1}),
+        lambda p: io.save_tensors(p, {"t": torch.zeros(2)}),
+        lambda p: io.write_csv(p, pd.DataFrame({"a": [1]})),
+    ],
+)
 def test_written_files_get_the_umask_mode(tmp_path, umask_022, write):
     path = tmp_path / "out.file"
     write(path)

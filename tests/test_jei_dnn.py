@@ -33,8 +33,7 @@ class ToyBN(MultiExitNetwork):
         super().__init__()
         self.num_exits = num_exits
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(12 if i == 0 else 8, 8), nn.BatchNorm1d(8), nn.ReLU())
-            for i in range(num_exits)
+            nn.Sequential(nn.Linear(12 if i == 0 else 8, 8), nn.BatchNorm1d(8), nn.ReLU()) for i in range(num_exits)
         )
         self.heads = nn.ModuleList(nn.Linear(8, 4) for _ in range(num_exits))
 
@@ -55,8 +54,9 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def make_ctx(epochs: int = 3, steps_per_epoch: int = 4) -> TrainContext:
-    return TrainContext(exit_costs=torch.tensor([1 / 3, 2 / 3, 1.0]), num_classes=4,
-                        epochs=epochs, steps_per_epoch=steps_per_epoch)
+    return TrainContext(
+        exit_costs=torch.tensor([1 / 3, 2 / 3, 1.0]), num_classes=4, epochs=epochs, steps_per_epoch=steps_per_epoch
+    )
 
 
 def make_jei(model, epochs: int = 3, steps_per_epoch: int = 4, **params) -> JEIDNN:
@@ -84,9 +84,13 @@ def test_uncertainty_features_by_hand():
 
 
 def test_gate_targets_by_hand():
-    ce = torch.tensor([[0.9, 0.5, 0.1],   # + 0.7 cost -> 1.1333, 0.9667, 0.8: last
-                       [0.2, 0.4, 0.3],   # 0.4333, 0.8667, 1.0: first
-                       [1.0, 0.1, 0.0]])  # 1.2333, 0.5667, 0.7: second
+    ce = torch.tensor(
+        [
+            [0.9, 0.5, 0.1],  # + 0.7 cost -> 1.1333, 0.9667, 0.8: last
+            [0.2, 0.4, 0.3],  # 0.4333, 0.8667, 1.0: first
+            [1.0, 0.1, 0.0],
+        ]
+    )  # 1.2333, 0.5667, 0.7: second
     costs = torch.tensor([1 / 3, 2 / 3, 1.0])
     assert gate_targets(ce, costs, 0.7).tolist() == [2, 0, 1]
     assert gate_targets(ce, costs, 0.0).tolist() == [2, 0, 2]
@@ -102,8 +106,12 @@ def test_gate_loss_by_hand():
     targets = [0, 2]  # labels [[1, 1], [0, 0]]
     w = [2.0, 0.5]
     sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
-    terms = [w[0] * -math.log(sig(z[0][0])), w[1] * -math.log(sig(z[0][1])),
-             -math.log(1 - sig(z[1][0])), -math.log(1 - sig(z[1][1]))]
+    terms = [
+        w[0] * -math.log(sig(z[0][0])),
+        w[1] * -math.log(sig(z[0][1])),
+        -math.log(1 - sig(z[1][0])),
+        -math.log(1 - sig(z[1][1])),
+    ]
     got = gate_loss(torch.tensor(z), torch.tensor(targets), torch.tensor(w))
     assert got.item() == pytest.approx(sum(terms) / 4, rel=1e-6)
 
@@ -133,15 +141,16 @@ def test_im_loss_equals_the_reference_weighted_loss():
     ce = torch.stack([nn.functional.cross_entropy(z, targets, reduction="none") for z in logits], 1)
     ours = im_loss(ce)
     torch.testing.assert_close(ours, reference)
-    for a, b in zip(torch.autograd.grad(ours, logits[:2], retain_graph=True),
-                    torch.autograd.grad(reference, logits[:2])):
+    for a, b in zip(
+        torch.autograd.grad(ours, logits[:2], retain_graph=True), torch.autograd.grad(reference, logits[:2])
+    ):
         torch.testing.assert_close(a, b)
 
 
 def test_phase_schedule():
     phases = [training_phase(s, steps_per_epoch=5, warmup_epochs=1, switch_every=2) for s in range(15)]
     short = "".join(p[0] for p in phases)
-    assert short == "wwwww" "ggccg" "ggccg"  # every epoch restarts in the gate phase
+    assert short == "wwwwwggccgggccg"  # every epoch restarts in the gate phase
     assert training_phase(0, 5, 0, 200) == "gate"
 
 
@@ -191,11 +200,14 @@ def split(j: JEIDNN) -> tuple[dict, dict, dict]:
     return ims, frozen, snapshot(j.gates)
 
 
-@pytest.mark.parametrize("phase_step,trains", [
-    (0, "ims"),  # warm-up epoch
-    (4, "gates"),  # first batch of the first gated epoch
-    (5, "ims"),  # switch_every = 1: second batch trains the IMs
-])
+@pytest.mark.parametrize(
+    "phase_step,trains",
+    [
+        (0, "ims"),  # warm-up epoch
+        (4, "gates"),  # first batch of the first gated epoch
+        (5, "ims"),  # switch_every = 1: second batch trains the IMs
+    ],
+)
 def test_each_phase_trains_only_its_part(toy_batch, phase_step, trains):
     torch.manual_seed(0)
     model = ToyBN().train()

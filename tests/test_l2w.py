@@ -20,8 +20,9 @@ from eebench.methods.l2w import (
 
 
 def make_method(network, steps_per_epoch: int = 4, **params) -> L2W:
-    ctx = TrainContext(exit_costs=torch.tensor([0.3, 0.6, 1.0]), num_classes=4, epochs=2,
-                       steps_per_epoch=steps_per_epoch)
+    ctx = TrainContext(
+        exit_costs=torch.tensor([0.3, 0.6, 1.0]), num_classes=4, epochs=2, steps_per_epoch=steps_per_epoch
+    )
     return L2W(network, METHODS.make_params("l2w", {**L2W.test_params, **params}), ctx)
 
 
@@ -38,10 +39,10 @@ class CountingSGD(torch.optim.SGD):
 def test_weights_col_and_mat():
     g = torch.tensor([[0.5, -0.5, 0.0], [1.0, 1.0, -0.5]])
     # col: row means 0 and 0.5; mat: global mean 0.25
-    col = torch.tensor([[1 + 0.8 * 0.5, 1 - 0.8 * 0.5, 1.0],
-                        [1 + 0.8 * 0.5, 1 + 0.8 * 0.5, 1 - 0.8 * 1.0]])
-    mat = torch.tensor([[1 + 0.3 * 0.25, 1 - 0.3 * 0.75, 1 - 0.3 * 0.25],
-                        [1 + 0.3 * 0.75, 1 + 0.3 * 0.75, 1 - 0.3 * 0.75]])
+    col = torch.tensor([[1 + 0.8 * 0.5, 1 - 0.8 * 0.5, 1.0], [1 + 0.8 * 0.5, 1 + 0.8 * 0.5, 1 - 0.8 * 1.0]])
+    mat = torch.tensor(
+        [[1 + 0.3 * 0.25, 1 - 0.3 * 0.75, 1 - 0.3 * 0.25], [1 + 0.3 * 0.75, 1 + 0.3 * 0.75, 1 - 0.3 * 0.75]]
+    )
     torch.testing.assert_close(loss_weights(g, 0.8, "col"), col)
     torch.testing.assert_close(loss_weights(g, 0.3, "mat"), mat)
 
@@ -54,18 +55,20 @@ def test_target_probs_geometric():
 
 def test_assign_exits_on_hand_made_confidences():
     # 10 samples, probs 0.5/0.3/0.2 -> exit 0 takes 5, exit 1 takes 3, exit 2 the remaining 2
-    conf = torch.tensor([
-        [0.90, 0.10, 0.0],
-        [0.80, 0.99, 0.0],  # most confident at exit 1 too, but exit 0 takes it first
-        [0.10, 0.50, 0.0],
-        [0.70, 0.20, 0.0],
-        [0.60, 0.95, 0.0],
-        [0.50, 0.30, 0.0],
-        [0.05, 0.40, 0.0],
-        [0.20, 0.90, 0.0],
-        [0.30, 0.05, 0.0],
-        [0.40, 0.60, 0.0],
-    ])
+    conf = torch.tensor(
+        [
+            [0.90, 0.10, 0.0],
+            [0.80, 0.99, 0.0],  # most confident at exit 1 too, but exit 0 takes it first
+            [0.10, 0.50, 0.0],
+            [0.70, 0.20, 0.0],
+            [0.60, 0.95, 0.0],
+            [0.50, 0.30, 0.0],
+            [0.05, 0.40, 0.0],
+            [0.20, 0.90, 0.0],
+            [0.30, 0.05, 0.0],
+            [0.40, 0.60, 0.0],
+        ]
+    )
     exit_of = assign_exits(conf, [0.5, 0.3, 0.2])
     # exit 0: top 5 by column 0 -> samples 0, 1, 3, 4, 5
     # exit 1: top 3 of the rest {2, 6, 7, 8, 9} by column 1 -> 7 (0.9), 9 (0.6), 2 (0.5)
@@ -164,8 +167,9 @@ def test_state_dict_round_trip_weights_only(toy_network, toy_batch):
     assert fresh.meta_optimizer.state_dict()["state"].keys() == saved.keys()
 
 
-@pytest.mark.parametrize("bad", [{"constraint": "row"}, {"target_p_index": 0}, {"epsilon": -1.0},
-                                 {"meta_interval": 0}, {"hidden": 0}])
+@pytest.mark.parametrize(
+    "bad", [{"constraint": "row"}, {"target_p_index": 0}, {"epsilon": -1.0}, {"meta_interval": 0}, {"hidden": 0}]
+)
 def test_params_rejected(bad):
     with pytest.raises(ValueError):
         METHODS.make_params("l2w", bad)

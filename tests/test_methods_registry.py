@@ -36,9 +36,18 @@ def test_each_method_trains_two_epochs_and_its_loss_decreases(name, compiled, tm
     method_params = METHODS.make_params(name, dict(method_cls.test_params))
     recipe = Recipe(epochs=2, batch_size=64, lr=0.05, schedule="constant", eval_batch_size=512, compile=compiled)
     k = model.num_exits
-    result = train(model, lambda m, ctx: method_cls(m, method_params, ctx), digits_data(), recipe,
-                   torch.linspace(1 / k, 1.0, k), 10, seed=0, state_dir=tmp_path, fingerprint=name,
-                   device=torch.device("cpu"))
+    result = train(
+        model,
+        lambda m, ctx: method_cls(m, method_params, ctx),
+        digits_data(),
+        recipe,
+        torch.linspace(1 / k, 1.0, k),
+        10,
+        seed=0,
+        state_dir=tmp_path,
+        fingerprint=name,
+        device=torch.device("cpu"),
+    )
     losses = [row["loss"] for row in result.history]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[1] < losses[0], losses

@@ -12,12 +12,14 @@ from eebench import metrics
 
 def test_ece_counts_confidence_one():
     # confidences 1.0, 0.95 (bin [0.9, 1]), 0.55 (bin 5), 0.35 (bin 3); correct, wrong, correct, wrong
-    probs = torch.tensor([
-        [1.0, 0.0, 0.0],
-        [0.95, 0.05, 0.0],
-        [0.55, 0.25, 0.20],
-        [0.35, 0.33, 0.32],
-    ])
+    probs = torch.tensor(
+        [
+            [1.0, 0.0, 0.0],
+            [0.95, 0.05, 0.0],
+            [0.55, 0.25, 0.20],
+            [0.35, 0.33, 0.32],
+        ]
+    )
     labels = torch.tensor([0, 1, 0, 2])
     want = 2 / 4 * abs(0.5 - 0.975) + 1 / 4 * abs(1 - 0.55) + 1 / 4 * abs(0 - 0.35)
     assert metrics.ece(probs, labels) == pytest.approx(want, abs=1e-6)
@@ -48,11 +50,13 @@ def test_nll_zero_probability_is_finite():
 
 
 def test_top1_top5():
-    probs = torch.tensor([
-        [0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05],
-        [0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05],
-        [0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05],
-    ])
+    probs = torch.tensor(
+        [
+            [0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05],
+            [0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05],
+            [0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05],
+        ]
+    )
     labels = torch.tensor([0, 4, 5])  # ranks 1, 5, 6
     assert metrics.top1(probs, labels) == pytest.approx(1 / 3)
     assert metrics.top5(probs, labels) == pytest.approx(2 / 3)

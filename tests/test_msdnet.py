@@ -16,8 +16,15 @@ CIFAR10 = InputSpec(3, 32, 10)
 CIFAR100 = InputSpec(3, 32, 100)
 IMAGENET = InputSpec(3, 224, 1000)
 IMAGENET_PARAMS = dict(
-    n_blocks=5, step_mode="even", step=4, base=4, n_channels=32, growth_rate=16,
-    gr_factor=[1, 2, 4, 4], bn_factor=[1, 2, 4, 4], n_scales=4,
+    n_blocks=5,
+    step_mode="even",
+    step=4,
+    base=4,
+    n_channels=32,
+    growth_rate=16,
+    gr_factor=[1, 2, 4, 4],
+    bn_factor=[1, 2, 4, 4],
+    n_scales=4,
 )
 TINY = dict(n_blocks=4, n_channels=8, growth_rate=4, step_mode="lin_grow", step=1, base=1)
 
@@ -27,29 +34,30 @@ TINY = dict(n_blocks=4, n_channels=8, growth_rate=4, step_mode="lin_grow", step=
 REFERENCE_ROWS = [
     ("nB5-c10", dict(n_blocks=5), CIFAR10, [6.85, 14.33, 27.50, 41.67, 58.42], 2.02e6, True),
     ("nB5-c100", dict(n_blocks=5), CIFAR100, [6.86, 14.35, 27.54, 41.71, 58.48], 2.08e6, True),
-    ("nB7-c10", dict(n_blocks=7), CIFAR10,
-     [6.85, 14.33, 27.26, 48.40, 76.37, 108.78, 137.20], 3.89e6, True),
-    ("nB7-c100", dict(n_blocks=7), CIFAR100,
-     [6.86, 14.35, 27.29, 48.45, 76.43, 108.85, 137.28], 3_966_664, False),
+    ("nB7-c10", dict(n_blocks=7), CIFAR10, [6.85, 14.33, 27.26, 48.40, 76.37, 108.78, 137.20], 3.89e6, True),
+    ("nB7-c100", dict(n_blocks=7), CIFAR100, [6.86, 14.35, 27.29, 48.45, 76.43, 108.85, 137.28], 3_966_664, False),
     ("nB4-c100", dict(n_blocks=4), CIFAR100, [6.86, 14.35, 26.13, 38.04], 1.42e6, False),
-    ("nB6-c100", dict(n_blocks=6), CIFAR100,
-     [6.86, 14.35, 27.29, 46.56, 67.43, 89.09], 2.85e6, True),
-    ("nB7-even-s2-b4-c100", dict(n_blocks=7, step_mode="even", step=2, base=4), CIFAR100,
-     [15.14, 25.51, 37.10, 46.33, 57.34, 66.96, 75.94], 3.07e6, True),
-    ("imagenet-step4", IMAGENET_PARAMS, IMAGENET,
-     [339.90, 685.46, 1008.16, 1254.47, 1360.53], 23.96e6, True),
+    ("nB6-c100", dict(n_blocks=6), CIFAR100, [6.86, 14.35, 27.29, 46.56, 67.43, 89.09], 2.85e6, True),
+    (
+        "nB7-even-s2-b4-c100",
+        dict(n_blocks=7, step_mode="even", step=2, base=4),
+        CIFAR100,
+        [15.14, 25.51, 37.10, 46.33, 57.34, 66.96, 75.94],
+        3.07e6,
+        True,
+    ),
+    ("imagenet-step4", IMAGENET_PARAMS, IMAGENET, [339.90, 685.46, 1008.16, 1254.47, 1360.53], 23.96e6, True),
 ]
 
 
 def _row_params(slow_marked: bool):
     return [
-        pytest.param(cfg, spec, flops, params, id=name,
-                     marks=[pytest.mark.slow] if slow and slow_marked else [])
+        pytest.param(cfg, spec, flops, params, id=name, marks=[pytest.mark.slow] if slow and slow_marked else [])
         for name, cfg, spec, flops, params, slow in REFERENCE_ROWS
     ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _costs(cfg_items: tuple, spec: InputSpec) -> dict[str, list[int]]:
     model = build_model("msdnet", spec, **dict(cfg_items))
     return exit_flops(model, (spec.channels, spec.size, spec.size), "reference")
@@ -87,14 +95,17 @@ def test_default_config_is_the_7_exit_cifar_model():
     [
         pytest.param(TINY, InputSpec(3, 32, 10), 128, id="tiny-digits"),
         pytest.param(dict(TINY, prune="min"), InputSpec(3, 32, 10), 128, id="prune-min"),
-        pytest.param(dict(TINY, bottleneck=False, reduction=0.0), InputSpec(3, 32, 7), 128,
-                     id="no-bottleneck-no-reduction"),
-        pytest.param(dict(TINY, step_mode="even", step=2, base=3), InputSpec(1, 28, 10), 128,
-                     id="even-grey-28px"),
+        pytest.param(
+            dict(TINY, bottleneck=False, reduction=0.0), InputSpec(3, 32, 7), 128, id="no-bottleneck-no-reduction"
+        ),
+        pytest.param(dict(TINY, step_mode="even", step=2, base=3), InputSpec(1, 28, 10), 128, id="even-grey-28px"),
         # ImageNet layout at 64 px: 2 scales (16x16 and 8x8), heads as wide as their input
-        pytest.param(dict(n_blocks=2, n_channels=8, growth_rate=4, n_scales=2,
-                          gr_factor=(1, 2), bn_factor=(1, 2)), InputSpec(3, 64, 5), None,
-                     id="imagenet-layout"),
+        pytest.param(
+            dict(n_blocks=2, n_channels=8, growth_rate=4, n_scales=2, gr_factor=(1, 2), bn_factor=(1, 2)),
+            InputSpec(3, 64, 5),
+            None,
+            id="imagenet-layout",
+        ),
     ],
 )
 def test_shapes_and_backward(params, spec, feature_dim):
@@ -168,8 +179,7 @@ def test_tuples_are_accepted():
         (dict(step=1.5), ["step=1.5", "positive integer"]),
         (dict(reduction=1.5), ["reduction=1.5", "[0, 1]"]),
         (dict(reduction=0.01), ["reduction=0.01", "at least one channel"]),
-        (dict(growth_rate=5, gr_factor=[1, 1, 1], bn_factor=[1, 1, 1]),
-         ["growth_rate=5", "even"]),
+        (dict(growth_rate=5, gr_factor=[1, 1, 1], bn_factor=[1, 1, 1]), ["growth_rate=5", "even"]),
         (dict(bottleneck="yes"), ["bottleneck='yes'", "true or false"]),
     ],
 )
@@ -188,8 +198,7 @@ def test_validate_checks_scales_fit_the_input():
     with pytest.raises(ValueError, match="n_scales=4"):
         MSDNet(config, CIFAR10)
     with pytest.raises(ValueError, match="n_scales=4"):
-        build_model("msdnet", InputSpec(3, 64, 10), n_scales=4, gr_factor=[1, 2, 4, 4],
-                    bn_factor=[1, 2, 4, 4])
+        build_model("msdnet", InputSpec(3, 64, 10), n_scales=4, gr_factor=[1, 2, 4, 4], bn_factor=[1, 2, 4, 4])
 
 
 def test_build_model_validates():

@@ -11,18 +11,37 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from workflow_helpers import ROOT, default_config, planned_jobs, run_workflow, tiny_config
 
-from eebench.config import (Cell, ConfigError, cell_fingerprint, check_config, check_pretrained_files, load_config,
-                            split_identity, validate_schema)
+from eebench.config import (
+    Cell,
+    ConfigError,
+    cell_fingerprint,
+    check_config,
+    check_pretrained_files,
+    load_config,
+    split_identity,
+    validate_schema,
+)
 from eebench.heldout import dataset_split, read_val_indices
 from eebench.style import variant_label, variant_styles
-from workflow_helpers import ROOT, default_config, planned_jobs, run_workflow, tiny_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference"
 # the architecture of the msdnet_cifar fixture (kalviny/MSDNet-PyTorch, CIFAR layout): digits-shaped
-REFERENCE_MSDNET = {"family": "msdnet", "params": {
-    "n_blocks": 2, "step_mode": "even", "step": 2, "base": 1, "n_channels": 4, "growth_rate": 2,
-    "gr_factor": [1, 2, 4], "bn_factor": [1, 2, 4], "n_scales": 3}}
+REFERENCE_MSDNET = {
+    "family": "msdnet",
+    "params": {
+        "n_blocks": 2,
+        "step_mode": "even",
+        "step": 2,
+        "base": 1,
+        "n_channels": 4,
+        "growth_rate": 2,
+        "gr_factor": [1, 2, 4],
+        "bn_factor": [1, 2, 4],
+        "n_scales": 3,
+    },
+}
 
 
 def pretrained_config(checkpoint: str = "ckpt.pth.tar", val_indices: str | None = "held_out.npz") -> dict:
@@ -30,13 +49,25 @@ def pretrained_config(checkpoint: str = "ckpt.pth.tar", val_indices: str | None 
     frozen-backbone gater started from it."""
     config = tiny_config(epochs=1)
     config["architectures"] = {"msdnet_ref": copy.deepcopy(REFERENCE_MSDNET)}
-    config["pretrained"] = {"released": {"dataset": "digits", "format": "msdnet", "label": "MSDNet (reference)",
-                                         "checkpoints": {"msdnet_ref": checkpoint}}}
+    config["pretrained"] = {
+        "released": {
+            "dataset": "digits",
+            "format": "msdnet",
+            "label": "MSDNet (reference)",
+            "checkpoints": {"msdnet_ref": checkpoint},
+        }
+    }
     if val_indices is not None:
         config["datasets"]["digits"]["val_indices"] = val_indices
     config["methods"] = {"gater_frozen": {**default_config()["methods"]["gater_frozen"], "init_from": "released"}}
-    config["experiments"] = [{"datasets": ["digits"], "architectures": ["msdnet_ref"], "pretrained": ["released"],
-                              "methods": ["gater_frozen"]}]
+    config["experiments"] = [
+        {
+            "datasets": ["digits"],
+            "architectures": ["msdnet_ref"],
+            "pretrained": ["released"],
+            "methods": ["gater_frozen"],
+        }
+    ]
     config["report"] = {"figures": {"fig3_budgeted": {"variants": ["released", "gater_frozen"]}}}
     return config
 
@@ -58,8 +89,11 @@ def cifar_config() -> dict:
 
 
 def test_a_pretrained_variant_that_may_have_trained_on_val_is_refused():
-    with pytest.raises(ConfigError, match=r"pretrained\.released: its checkpoints may have been trained on any image "
-                                          r"of cifar10's training pool.*biases every threshold.*val_from: test"):
+    with pytest.raises(
+        ConfigError,
+        match=r"pretrained\.released: its checkpoints may have been trained on any image "
+        r"of cifar10's training pool.*biases every threshold.*val_from: test",
+    ):
         checked(cifar_config())
     config = cifar_config()
     config["datasets"]["cifar10"]["val_indices"] = "index.pth"
@@ -68,7 +102,9 @@ def test_a_pretrained_variant_that_may_have_trained_on_val_is_refused():
     config["datasets"]["cifar10"].update(val_from="test", val_size=5000)
     checked(config)  # val from the test set, which no checkpoint trained on
     config["datasets"]["cifar10"]["val_indices"] = "index.pth"
-    with pytest.raises(ConfigError, match=r"datasets\.cifar10\.val_indices: not used, since datasets.cifar10.val_from is 'test'"):
+    with pytest.raises(
+        ConfigError, match=r"datasets\.cifar10\.val_indices: not used, since datasets.cifar10.val_from is 'test'"
+    ):
         checked(config)
 
 
@@ -76,8 +112,11 @@ def test_pretrained_config_errors():
     config = pretrained_config()
     config["experiments"][0]["architectures"] = ["msdnet_ref", "msdnet_other"]
     config["architectures"]["msdnet_other"] = copy.deepcopy(REFERENCE_MSDNET)
-    with pytest.raises(ConfigError, match=r"pretrained\.released\.checkpoints: no checkpoint for architecture "
-                                          r"'msdnet_other'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"pretrained\.released\.checkpoints: no checkpoint for architecture "
+        r"'msdnet_other'",
+    ):
         checked(config)
     config = pretrained_config()
     config["architectures"]["msdnet_ref"] = {"family": "ranet", "params": {}}
@@ -85,7 +124,9 @@ def test_pretrained_config_errors():
         checked(config)
     config = pretrained_config()
     config["pretrained"]["released"]["format"] = "caffe"
-    with pytest.raises(ConfigError, match=r"pretrained\.released\.format: 'caffe' is not allowed; allowed: msdnet, l2w"):
+    with pytest.raises(
+        ConfigError, match=r"pretrained\.released\.format: 'caffe' is not allowed; allowed: msdnet, l2w"
+    ):
         checked(config)
     config = pretrained_config()
     config["datasets"]["digits"]["val_from"] = "test"
@@ -177,5 +218,11 @@ def test_a_reference_checkpoint_through_the_workflow(tmp_path):
     saved = torch.load(tmp_path / "ckpt.pth.tar", weights_only=True)
     saved["state_dict"]["module.classifier.1.linear.bias"] += 1.0
     torch.save(saved, tmp_path / "ckpt.pth.tar")
-    assert plan() == {("convert_pretrained", "released"), ("infer", "released"), ("evaluate", "released"),
-                      ("train", "gater_frozen"), ("infer", "gater_frozen"), ("evaluate", "gater_frozen")}
+    assert plan() == {
+        ("convert_pretrained", "released"),
+        ("infer", "released"),
+        ("evaluate", "released"),
+        ("train", "gater_frozen"),
+        ("infer", "gater_frozen"),
+        ("evaluate", "gater_frozen"),
+    }

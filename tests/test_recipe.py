@@ -13,12 +13,15 @@ def build(**values):
     return registry.build_params(Recipe, values, "recipe")
 
 
-@pytest.mark.parametrize("values, fragment", [
-    ({"precision": "fp16"}, "recipe.precision = 'fp16'; allowed: fp32, tf32, bf16"),
-    ({"compile": "max"}, "recipe.compile = 'max'; allowed: false, default, reduce-overhead"),
-    ({"compile": True}, "recipe.compile = True; allowed: false, default, reduce-overhead"),
-    ({"channels_last": "yes"}, "recipe.channels_last = 'yes'; allowed: auto, on, off"),
-])
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"precision": "fp16"}, "recipe.precision = 'fp16'; allowed: fp32, tf32, bf16"),
+        ({"compile": "max"}, "recipe.compile = 'max'; allowed: false, default, reduce-overhead"),
+        ({"compile": True}, "recipe.compile = True; allowed: false, default, reduce-overhead"),
+        ({"channels_last": "yes"}, "recipe.channels_last = 'yes'; allowed: auto, on, off"),
+    ],
+)
 def test_bad_switches_are_refused(values, fragment):
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         build(**values)

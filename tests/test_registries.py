@@ -97,7 +97,9 @@ def test_declared_capabilities_are_implemented(family):
 # --- training methods ----------------------------------------------------------------------------
 def family_for(method_cls) -> str:
     """The first architecture that offers what the method requires."""
-    return next(f for f in list_architectures() if method_cls.requires <= get_architecture(f).network_class.capabilities)
+    return next(
+        f for f in list_architectures() if method_cls.requires <= get_architecture(f).network_class.capabilities
+    )
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -107,8 +109,12 @@ def test_method_contract_and_one_step(name):
     params = METHODS.make_params(name, dict(cls.test_params))
     network = tiny_network(family_for(cls))
     k = network.num_exits
-    ctx = TrainContext(exit_costs=torch.linspace(1 / k, 1.0, k), num_classes=type(network).test_input.num_classes,
-                       epochs=2, steps_per_epoch=2)
+    ctx = TrainContext(
+        exit_costs=torch.linspace(1 / k, 1.0, k),
+        num_classes=type(network).test_input.num_classes,
+        epochs=2,
+        steps_per_epoch=2,
+    )
     method = cls(network, params, ctx)
     trainable = list(method.trainable_parameters())
     optimizer = torch.optim.SGD(trainable, lr=0.1) if trainable else None
@@ -133,8 +139,9 @@ def tiny_cache(n: int, seed: int, k: int = 3, c: int = 4, d: int = 5) -> dict:
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, c, (n,), generator=gen)
     features = [torch.randn(n, d, generator=gen) for _ in range(k)]
-    logits = torch.stack([torch.randn(n, c, generator=gen) + (j + 1) * torch.nn.functional.one_hot(labels, c)
-                          for j in range(k)])
+    logits = torch.stack(
+        [torch.randn(n, c, generator=gen) + (j + 1) * torch.nn.functional.one_hot(labels, c) for j in range(k)]
+    )
     return {"logits": logits, "labels": labels, "features": features, "split_size": n}
 
 
@@ -150,8 +157,12 @@ def test_posthoc_contract(name):
     assert scored.scores.shape in ((k, n), (scored.scores.shape[0], k, n))
     if scored.scores.dim() == 3:  # one scorer per budget: each with its exit distribution
         assert scored.exit_distributions.shape == (scored.scores.shape[0], k)
-        torch.testing.assert_close(scored.exit_distributions.sum(1).double(),
-                                   torch.ones(scored.scores.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            scored.exit_distributions.sum(1).double(),
+            torch.ones(scored.scores.shape[0], dtype=torch.float64),
+            atol=1e-5,
+            rtol=0,
+        )
     if scored.probabilities is not None:
         assert scored.probabilities.shape == (k, n, 4)
         torch.testing.assert_close(scored.probabilities.sum(-1), torch.ones(k, n), atol=1e-4, rtol=0)

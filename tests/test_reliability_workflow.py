@@ -27,14 +27,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from train_helpers import digits_data
+from workflow_helpers import run_workflow, tiny_config
 
 from eebench import io, pipeline
 from eebench.config import Cell, validate_schema
 from eebench.methods.standard import Standard
 from eebench.recipe import Recipe
 from eebench.training import TrainingDiverged, train
-from train_helpers import digits_data
-from workflow_helpers import run_workflow, tiny_config
 
 TINY = {"family": "ee_resnet", "params": {"depth": 8, "num_exits": 2, "width": 4, "distribution": "linear"}}
 
@@ -56,6 +56,7 @@ def _diverge_after(monkeypatch, calls: int) -> None:
         count[0] += 1
         value = loss(self, outputs, targets, step)
         return value * float("nan") if count[0] > calls else value
+
     monkeypatch.setattr(Standard, "loss", diverging)
 
 
@@ -70,8 +71,19 @@ def run_training(state_dir: Path, data, epochs: int, stop_after_batches: int | N
     torch.manual_seed(0)
     network = pipeline.build_network(config, "digits", "tiny")
     recipe = Recipe(epochs=epochs, batch_size=64, lr=0.05, schedule="cosine")
-    return train(network, pipeline._method_factory(config, "standard"), data, recipe, torch.tensor([0.5, 0.75, 1.0]),
-                 10, 0, state_dir, "test-divergence", torch.device("cpu"), stop_after_batches=stop_after_batches)
+    return train(
+        network,
+        pipeline._method_factory(config, "standard"),
+        data,
+        recipe,
+        torch.tensor([0.5, 0.75, 1.0]),
+        10,
+        0,
+        state_dir,
+        "test-divergence",
+        torch.device("cpu"),
+        stop_after_batches=stop_after_batches,
+    )
 
 
 def test_nan_stops_training_with_epoch_and_loss_and_keeps_last_good_checkpoint(monkeypatch, tmp_path, small_data):
@@ -200,7 +212,10 @@ def test_workflow_config_error_names_key_value_and_allowed(tmp_path):
     config["datasets"]["digits"]["resources"]["mem_mb"] = "lots"
     proc = run_workflow(tmp_path, config, "all_figures", extra=["-n"], check=False)
     assert proc.returncode != 0
-    assert "config datasets.digits.resources.mem_mb: 'lots' is not allowed; allowed: an integer" in proc.stdout + proc.stderr
+    assert (
+        "config datasets.digits.resources.mem_mb: 'lots' is not allowed; allowed: an integer"
+        in proc.stdout + proc.stderr
+    )
     assert not (tmp_path / "results").exists()
 
 
@@ -225,17 +240,48 @@ def _run_cell(config: dict, out: Path) -> None:
     cell = Cell("digits", "tiny", "standard", 0)
     pipeline.write_split(config, "digits", str(out / "split.npz"))
     pipeline.write_flops(config, "digits", "tiny", str(out / "flops.json"))
-    pipeline.train_cell(config, cell, str(out / "split.npz"), str(out / "flops.json"), str(out / "weights.pt"),
-                        str(out / "history.csv"), str(out / "state"))
-    pipeline.infer_cell(config, cell, str(out / "weights.pt"), str(out / "split.npz"), str(out / "flops.json"),
-                        {"val": str(out / "val.pt"), "test": str(out / "test.pt")})
-    pipeline.evaluate_cell(config, cell, str(out / "val.pt"), str(out / "test.pt"), str(out / "flops.json"),
-                           str(out / "anytime.csv"), str(out / "budgeted.csv"), str(out / "provenance.json"),
-                           str(out / "samples.pt"))
+    pipeline.train_cell(
+        config,
+        cell,
+        str(out / "split.npz"),
+        str(out / "flops.json"),
+        str(out / "weights.pt"),
+        str(out / "history.csv"),
+        str(out / "state"),
+    )
+    pipeline.infer_cell(
+        config,
+        cell,
+        str(out / "weights.pt"),
+        str(out / "split.npz"),
+        str(out / "flops.json"),
+        {"val": str(out / "val.pt"), "test": str(out / "test.pt")},
+    )
+    pipeline.evaluate_cell(
+        config,
+        cell,
+        str(out / "val.pt"),
+        str(out / "test.pt"),
+        str(out / "flops.json"),
+        str(out / "anytime.csv"),
+        str(out / "budgeted.csv"),
+        str(out / "provenance.json"),
+        str(out / "samples.pt"),
+    )
 
 
-COMPARED = ["split.npz", "flops.json", "weights.pt", "history.csv", "state/checkpoint.pt", "val.pt", "test.pt",
-            "anytime.csv", "budgeted.csv", "samples.pt"]
+COMPARED = [
+    "split.npz",
+    "flops.json",
+    "weights.pt",
+    "history.csv",
+    "state/checkpoint.pt",
+    "val.pt",
+    "test.pt",
+    "anytime.csv",
+    "budgeted.csv",
+    "samples.pt",
+]
 
 
 def test_same_config_and_seed_give_bit_identical_files(tmp_path):
@@ -245,8 +291,9 @@ def test_same_config_and_seed_give_bit_identical_files(tmp_path):
     validate_schema(config)
     for run in ("a", "b"):
         _run_cell(config, tmp_path / run)
-    differing = [name for name in COMPARED if not filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name,
-                                                              shallow=False)]
+    differing = [
+        name for name in COMPARED if not filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False)
+    ]
     assert not differing, f"not bit-identical: {differing}"
     assert {"threshold_1", "accuracy_ci_low", "flops_ci_high"} <= set(pd.read_csv(tmp_path / "a" / "budgeted.csv"))
 
@@ -255,8 +302,11 @@ def _results(workdir: Path) -> dict[str, bytes]:
     """Every result file but logs, benchmarks and provenance (which holds times and hosts)."""
     root = workdir / "results"
     skip = ("logs/", "benchmarks/")
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not str(p.relative_to(root)).startswith(skip) and p.name != "provenance.json"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not str(p.relative_to(root)).startswith(skip) and p.name != "provenance.json"
+    }
 
 
 @pytest.mark.slow
@@ -281,14 +331,17 @@ def test_workflow_run_twice_gives_bit_identical_results(tmp_path):
 def _planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     """The 'Job stats' table of a dry run: rule -> count."""
     text = proc.stdout + proc.stderr
-    stats = text[text.index("Job stats:"):]
+    stats = text[text.index("Job stats:") :]
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M) if m.group(1) != "total"}
 
 
 def _mtimes(workdir: Path) -> dict[str, int]:
     root = workdir / "results"
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
-            if p.is_file() and not str(p.relative_to(root)).startswith(("logs/", "benchmarks/"))}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if p.is_file() and not str(p.relative_to(root)).startswith(("logs/", "benchmarks/"))
+    }
 
 
 @pytest.mark.slow
@@ -298,14 +351,17 @@ def test_rerun_after_a_crash_redoes_only_the_unfinished_cells(tmp_path):
     config["experiments"][0]["methods"] = ["standard", "big_batch"]
     # the curves too: Snakemake does not remake a missing intermediate file (a curve whose evaluation
     # failed) while the aggregate made from it earlier is up to date
-    targets = ["results/aggregate/budgeted.csv", *(f"results/curves/digits/tiny/{v}/seed0/budgeted.csv"
-                                                    for v in ("standard", "big_batch"))]
+    targets = [
+        "results/aggregate/budgeted.csv",
+        *(f"results/curves/digits/tiny/{v}/seed0/budgeted.csv" for v in ("standard", "big_batch")),
+    ]
     crashed = run_workflow(tmp_path, config, *targets, extra=["--keep-going"], check=False)
     assert crashed.returncode != 0
     log = (tmp_path / "results/logs/train/digits/tiny/big_batch/seed0.log").read_text()
     assert "batch size 5000 is larger than the training set" in log
     assert not (tmp_path / "results/train/digits/tiny/big_batch").exists() or not any(
-        (tmp_path / "results/train/digits/tiny/big_batch/seed0").glob("*.pt"))
+        (tmp_path / "results/train/digits/tiny/big_batch/seed0").glob("*.pt")
+    )
     finished = _mtimes(tmp_path)
     assert "curves/digits/tiny/standard/seed0/budgeted.csv" in finished
 

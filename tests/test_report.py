@@ -8,20 +8,23 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
+from test_bootstrap import random_cell
 
 from eebench.bootstrap import BootstrapSettings, VariantReplicates
 from eebench.report import draw_figure, figure_panels, reproduction_report, table1, table_markdown
 from eebench.style import styles_for, variant_styles
 from eebench.summary import summary_tables
 
-from test_bootstrap import random_cell
-
 SETTINGS = BootstrapSettings(resamples=200, seed=0)
 CONFIG = {
     "flops_convention": "reference",
     "architectures": {"msdnet": {}, "ranet": {}},
-    "methods": {"standard": {"label": "Standard"}, "gater": {"label": "Ours: joint gater"},
-                "gater_frozen": {"label": "Ours: frozen"}, "boostnet": {"label": "BoostNet"}},
+    "methods": {
+        "standard": {"label": "Standard"},
+        "gater": {"label": "Ours: joint gater"},
+        "gater_frozen": {"label": "Ours: frozen"},
+        "boostnet": {"label": "BoostNet"},
+    },
     "posthoc": {"eenet": {"label": "EENet"}},
 }
 
@@ -31,8 +34,9 @@ def synthetic_variants() -> dict:
     """msdnet: standard, gater, boostnet and gater_frozen (bit-identical to standard, as the
     frozen-backbone gater is); ranet: standard and gater."""
     records = {}
-    for i, (arch, variant) in enumerate([("msdnet", "standard"), ("msdnet", "gater"), ("msdnet", "boostnet"),
-                                         ("ranet", "standard"), ("ranet", "gater")]):
+    for i, (arch, variant) in enumerate(
+        [("msdnet", "standard"), ("msdnet", "gater"), ("msdnet", "boostnet"), ("ranet", "standard"), ("ranet", "gater")]
+    ):
         records[(arch, variant)] = {s: random_cell(seed=10 * i + s)[0] for s in (0, 1)}
     records[("msdnet", "gater_frozen")] = records[("msdnet", "standard")]
     return {("digits", arch, v): VariantReplicates.build(r, SETTINGS) for (arch, v), r in records.items()}
@@ -40,8 +44,19 @@ def synthetic_variants() -> dict:
 
 def summaries() -> dict[str, pd.DataFrame]:
     variants = synthetic_variants()
-    ident = pd.DataFrame([{"dataset": d, "architecture": a, "variant": v, "method": v, "kind": "training",
-                           "flops_convention": "reference"} for d, a, v in variants])
+    ident = pd.DataFrame(
+        [
+            {
+                "dataset": d,
+                "architecture": a,
+                "variant": v,
+                "method": v,
+                "kind": "training",
+                "flops_convention": "reference",
+            }
+            for d, a, v in variants
+        ]
+    )
     anytime, budgeted = summary_tables(variants, ident, ident)
     return {"anytime": anytime, "budgeted": budgeted}
 
@@ -50,11 +65,14 @@ def _overlap(a, b) -> bool:
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
 
 
-@pytest.mark.parametrize("kind,spec", [
-    ("budgeted", {"variants": ["standard", "gater", "gater_frozen", "boostnet"]}),
-    ("anytime", {"variants": ["standard", "gater", "gater_frozen", "boostnet"], "panel_by": "architecture"}),
-    ("both", {"architectures": ["msdnet"]}),
-])
+@pytest.mark.parametrize(
+    "kind,spec",
+    [
+        ("budgeted", {"variants": ["standard", "gater", "gater_frozen", "boostnet"]}),
+        ("anytime", {"variants": ["standard", "gater", "gater_frozen", "boostnet"], "panel_by": "architecture"}),
+        ("both", {"architectures": ["msdnet"]}),
+    ],
+)
 def test_every_variant_is_drawn_visibly_and_no_text_overlaps_the_axis_labels(kind, spec):
     frames = summaries()
     panels = figure_panels(frames, spec, kind)
@@ -66,16 +84,21 @@ def test_every_variant_is_drawn_visibly_and_no_text_overlaps_the_axis_labels(kin
         lines = [line for line in ax.get_lines() if line.get_label() and not line.get_label().startswith("_")]
         for arch, variant in set(zip(rows["architecture"], rows["variant"])):
             name = CONFIG["methods"][variant]["label"]
-            drawn = [line for line in lines if line.get_label().startswith(name)
-                     and (rows["architecture"].nunique() == 1 or f"({arch})" in line.get_label())]
+            drawn = [
+                line
+                for line in lines
+                if line.get_label().startswith(name)
+                and (rows["architecture"].nunique() == 1 or f"({arch})" in line.get_label())
+            ]
             assert len(drawn) == 1, (variant, arch, [line.get_label() for line in lines])
             line = drawn[0]
             assert line.get_visible() and len(line.get_xdata()) >= 4 and line.get_marker() not in (None, "None", "")
         assert all(line.get_label().split("\n")[0].split(" (")[0] in labels for line in lines)
         # the frozen gater is bit-identical to standard: drawn on top, open and larger markers, named
         frozen = [line for line in lines if line.get_label().startswith("Ours: frozen")]
-        standard = [line for line in lines
-                    if line.get_label().startswith("Standard") and "(ranet)" not in line.get_label()]
+        standard = [
+            line for line in lines if line.get_label().startswith("Standard") and "(ranet)" not in line.get_label()
+        ]
         if frozen:
             assert "coincides with Standard" in frozen[0].get_label()
             assert frozen[0].get_zorder() > standard[0].get_zorder()
@@ -96,8 +119,12 @@ def test_every_variant_is_drawn_visibly_and_no_text_overlaps_the_axis_labels(kin
 
 
 def test_variant_styles_are_unique_and_stable():
-    config = {"methods": {f"m{i}": {} for i in range(14)}, "posthoc": {"p1": {}, "p2": {}},
-              "architectures": {"a": {}}, "flops_convention": "reference"}
+    config = {
+        "methods": {f"m{i}": {} for i in range(14)},
+        "posthoc": {"p1": {}, "p2": {}},
+        "architectures": {"a": {}},
+        "flops_convention": "reference",
+    }
     styles = variant_styles(config)
     assert len({(s.colour, s.marker) for s in styles.values()}) == 16
     assert len({(s.marker, s.linestyle) for s in styles.values()}) == 16
@@ -126,11 +153,23 @@ def test_table1_prints_value_and_interval():
     for (d, a, v), rep in variants.items():
         for s, seed in enumerate(rep.seeds):
             for b in range(39):
-                rows.append({"dataset": d, "architecture": a, "variant": v, "seed": seed, "budget_id": b + 1,
-                             "flops": rep.points["budgeted_flops"][s, b],
-                             "accuracy": rep.points["budgeted_accuracy"][s, b]})
-    spec = {"dataset": "digits", "architecture": "msdnet", "budgets": [1.5e6, 2.5e6],
-            "rows": {"confidence": "gater", "all": "boostnet"}}
+                rows.append(
+                    {
+                        "dataset": d,
+                        "architecture": a,
+                        "variant": v,
+                        "seed": seed,
+                        "budget_id": b + 1,
+                        "flops": rep.points["budgeted_flops"][s, b],
+                        "accuracy": rep.points["budgeted_accuracy"][s, b],
+                    }
+                )
+    spec = {
+        "dataset": "digits",
+        "architecture": "msdnet",
+        "budgets": [1.5e6, 2.5e6],
+        "rows": {"confidence": "gater", "all": "boostnet"},
+    }
     table = table1(pd.DataFrame(rows), spec, variants)
     assert {"1.5M_ci_low", "1.5M_ci_high", "2.5M_ci_low"} <= set(table)
     first = table.iloc[0]
@@ -144,21 +183,68 @@ def test_reproduction_report_gives_intervals_and_says_whether_the_paper_is_insid
     variants = synthetic_variants()
     point, reps = variants[("digits", "msdnet", "gater")].mean("anytime_accuracy")
     published = [
-        {"id": "inside", "claim": "c", "source": "s", "kind": "anytime_exit", "dataset": "digits",
-         "architecture": "msdnet", "variant": "gater", "exit": -1, "value": float(point[-1])},
-        {"id": "outside", "claim": "c", "source": "s", "kind": "anytime_exit", "dataset": "digits",
-         "architecture": "msdnet", "variant": "gater", "exit": -1, "value": float(point[-1]) + 50},
-        {"id": "reach", "claim": "c", "source": "s", "kind": "flops_to_reach", "dataset": "digits",
-         "architecture": "msdnet", "variant": "gater", "accuracy": 101.0, "scale": 1e6, "value": 2.0},
-        {"id": "gap", "claim": "c", "source": "s", "kind": "budgeted_gap", "dataset": "digits",
-         "architecture": "msdnet", "variant": "gater_frozen", "other": "standard", "budgets": [1.5e6, 2.5e6],
-         "value": 2.0},
-        {"id": "missing", "claim": "c", "source": "s", "kind": "budgeted_at", "dataset": "cifar100",
-         "architecture": "msdnet", "variant": "gater", "budget": 3e7, "value": 70.0},
+        {
+            "id": "inside",
+            "claim": "c",
+            "source": "s",
+            "kind": "anytime_exit",
+            "dataset": "digits",
+            "architecture": "msdnet",
+            "variant": "gater",
+            "exit": -1,
+            "value": float(point[-1]),
+        },
+        {
+            "id": "outside",
+            "claim": "c",
+            "source": "s",
+            "kind": "anytime_exit",
+            "dataset": "digits",
+            "architecture": "msdnet",
+            "variant": "gater",
+            "exit": -1,
+            "value": float(point[-1]) + 50,
+        },
+        {
+            "id": "reach",
+            "claim": "c",
+            "source": "s",
+            "kind": "flops_to_reach",
+            "dataset": "digits",
+            "architecture": "msdnet",
+            "variant": "gater",
+            "accuracy": 101.0,
+            "scale": 1e6,
+            "value": 2.0,
+        },
+        {
+            "id": "gap",
+            "claim": "c",
+            "source": "s",
+            "kind": "budgeted_gap",
+            "dataset": "digits",
+            "architecture": "msdnet",
+            "variant": "gater_frozen",
+            "other": "standard",
+            "budgets": [1.5e6, 2.5e6],
+            "value": 2.0,
+        },
+        {
+            "id": "missing",
+            "claim": "c",
+            "source": "s",
+            "kind": "budgeted_at",
+            "dataset": "cifar100",
+            "architecture": "msdnet",
+            "variant": "gater",
+            "budget": 3e7,
+            "value": 70.0,
+        },
     ]
     text = reproduction_report(published, variants, "test")
-    lines = {line.split(" | ")[0][2:]: line for line in text.splitlines()
-             if line.startswith("| ") and " | c | " in line}
+    lines = {
+        line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ") and " | c | " in line
+    }
     assert lines["inside"].endswith("| +0.00 | yes |") and " [" in lines["inside"]
     assert lines["outside"].endswith("| no |")
     assert "not reached" in lines["reach"]
@@ -172,17 +258,24 @@ def test_comparison_budgets_come_from_the_config_then_table1_then_the_shared_ran
 
     variants = synthetic_variants()
     a, b = variants[("digits", "msdnet", "gater")], variants[("digits", "msdnet", "standard")]
-    settings = {"budgets": [{"dataset": "digits", "architecture": "ranet", "budgets": [2e6]}],
-                "table1": {"dataset": "digits", "architecture": "msdnet", "budgets": [1.5e6, 2.5e6]}}
+    settings = {
+        "budgets": [{"dataset": "digits", "architecture": "ranet", "budgets": [2e6]}],
+        "table1": {"dataset": "digits", "architecture": "msdnet", "budgets": [1.5e6, 2.5e6]},
+    }
     assert budgets_for(settings, "digits", "ranet", a, b).tolist() == [2e6]
     assert budgets_for(settings, "digits", "msdnet", a, b).tolist() == [1.5e6, 2.5e6]
     spread = budgets_for({"budgets": [], "table1": None}, "digits", "msdnet", a, b)
     low = max(a.mean_curve()[0].min(), b.mean_curve()[0].min())
     high = min(a.mean_curve()[0].max(), b.mean_curve()[0].max())
     np.testing.assert_allclose(spread, low + (high - low) * np.array([0.2, 0.4, 0.6, 0.8]))
-    spec = {"figures": {"fig3": {"kind": "budgeted", "reference": "standard", "variants": ["standard", "gater"]},
-                        "fig5": {"kind": "both", "reference": "standard", "architectures": ["msdnet"]}},
-            "labels": {k: v["label"] for k, v in CONFIG["methods"].items()}, **settings}
+    spec = {
+        "figures": {
+            "fig3": {"kind": "budgeted", "reference": "standard", "variants": ["standard", "gater"]},
+            "fig5": {"kind": "both", "reference": "standard", "architectures": ["msdnet"]},
+        },
+        "labels": {k: v["label"] for k, v in CONFIG["methods"].items()},
+        **settings,
+    }
     table = comparisons(variants, spec)
     budgeted = table[table["curve"] == "budgeted"]
     # fig3 and fig5 both compare gater with standard on msdnet: one row each, naming both figures

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import digits_data, run_training, weights_of
 
 from eebench.io import load_tensors
-from train_helpers import digits_data, run_training, weights_of
 
 STEPS = 8  # batches per epoch of digits_data()
 
@@ -52,8 +52,11 @@ def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, tor
     assert not differing, f"{len(differing)} tensors differ after resuming, e.g. {differing[:3]}"
 
 
-@pytest.mark.parametrize("stops", [(3,), (STEPS,), (STEPS + 5,), (2, 7)],
-                         ids=["mid-epoch-1", "epoch-boundary", "mid-epoch-2", "killed-twice"])
+@pytest.mark.parametrize(
+    "stops",
+    [(3,), (STEPS,), (STEPS + 5,), (2, 7)],
+    ids=["mid-epoch-1", "epoch-boundary", "mid-epoch-2", "killed-twice"],
+)
 def test_resumed_run_equals_uninterrupted(stops, data, uninterrupted, tmp_path):
     done = 0
     for stop in stops:
@@ -96,10 +99,10 @@ CHILD = textwrap.dedent("""
 
 def test_sigterm_checkpoints_and_rerun_resumes(data, uninterrupted, tmp_path):
     here = Path(__file__).resolve().parent
-    script = CHILD.format(paths=[str(here), str(here.parent)], threads=torch.get_num_threads(),
-                          state=str(tmp_path))
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    script = CHILD.format(paths=[str(here), str(here.parent)], threads=torch.get_num_threads(), state=str(tmp_path))
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     checkpoint = tmp_path / "checkpoint.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists():  # the end-of-epoch-1 checkpoint: the child is in epoch 2 now

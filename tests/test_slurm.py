@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from workflow_helpers import ROOT, SNAKEMAKE, run_workflow, tiny_config
 
 pytestmark = pytest.mark.slurm
@@ -59,9 +58,21 @@ def local_run(tmp_path_factory) -> Path:
 
 
 def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
-    return [SNAKEMAKE, *args, "--profile", str(ROOT / "slurm"), "--snakefile", str(ROOT / "Snakefile"),
-            "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
-            "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs"]
+    return [
+        SNAKEMAKE,
+        *args,
+        "--profile",
+        str(ROOT / "slurm"),
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--slurm-keep-successful-logs",
+    ]
 
 
 def slurm_env() -> dict[str, str]:
@@ -72,8 +83,14 @@ def start_slurm_run(workdir: Path, *targets: str) -> subprocess.Popen:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config()))
     out = open(workdir / "snakemake.out", "w")
-    return subprocess.Popen(["timeout", "-k", "10", str(TIMEOUT), *snakemake_cmd(workdir, *targets)],
-                            stdout=out, stderr=subprocess.STDOUT, text=True, cwd=workdir, env=slurm_env())
+    return subprocess.Popen(
+        ["timeout", "-k", "10", str(TIMEOUT), *snakemake_cmd(workdir, *targets)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=workdir,
+        env=slurm_env(),
+    )
 
 
 def finish(proc: subprocess.Popen, workdir: Path) -> str:
@@ -115,8 +132,9 @@ def test_profile_run_equals_local_run(cluster, local_run, tmp_path):
 
 def running_train_job() -> tuple[str, str] | None:
     """(job id, GPUs requested) of the running train job, if any."""
-    listing = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-O", "JobID:20,Comment:300,tres-per-job:40"],
-                             capture_output=True, text=True).stdout
+    listing = subprocess.run(
+        ["squeue", "-h", "-t", "RUNNING", "-O", "JobID:20,Comment:300,tres-per-job:40"], capture_output=True, text=True
+    ).stdout
     for line in listing.splitlines():
         fields = line.split()  # the plugin's comment: rule_<rule>_wildcards_<values>
         if len(fields) >= 2 and fields[1].startswith("rule_train_wildcards_"):
@@ -131,8 +149,10 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(cluster, local_run, 
     deadline = time.monotonic() + TIMEOUT
     job = None
     while True:  # cancel once the first epoch is done (and checkpointed)
-        assert proc.poll() is None, "snakemake ended before the training job could be cancelled:\n" + \
-            (tmp_path / "snakemake.out").read_text()[-4000:]
+        assert proc.poll() is None, (
+            "snakemake ended before the training job could be cancelled:\n"
+            + (tmp_path / "snakemake.out").read_text()[-4000:]
+        )
         assert time.monotonic() < deadline, "training never reached the end of its first epoch"
         job = job or running_train_job()
         if job and train_log.exists() and f"epoch 1/{EPOCHS}" in train_log.read_text():

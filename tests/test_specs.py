@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import yaml
+from workflow_helpers import default_config
 
 from eebench.config import FIGURE_KINDS, SCHEMA_PATH, cell_fingerprint, cells, resolved_cell_config, validate_schema
 from eebench.datasets import dataset_info
 from eebench.specs import RULE_KEYS, RUNTIME_KEYS, job_spec, with_runtime
-from workflow_helpers import default_config
 
 CELL_RULES = ("train", "infer", "infer_train_split", "posthoc", "evaluate", "latency")
 
@@ -55,16 +55,19 @@ def _changed(config, mutate):
     return changed
 
 
-@pytest.mark.parametrize("mutate, rerun", [
-    # the bug this design fixes: these were read by the infer jobs and in no rerun trigger
-    (lambda c: c.update(train_cache_samples=100), {"infer_train_split"}),
-    (lambda c: c.update(infer_batch_size=64), {"infer", "infer_train_split", "latency"}),
-    (lambda c: c["bootstrap"].update(seed=7), {"evaluate"}),
-    (lambda c: c.update(split_seed=3), set(CELL_RULES)),
-    (lambda c: c["datasets"]["digits"]["recipe"].update(epochs=5), set(CELL_RULES)),
-    (lambda c: c["latency"].update(repeats=9), {"latency"}),
-    (lambda c: c["latency"].update(variants=["standard"]), set()),  # which cells are timed: not the job's
-])
+@pytest.mark.parametrize(
+    "mutate, rerun",
+    [
+        # the bug this design fixes: these were read by the infer jobs and in no rerun trigger
+        (lambda c: c.update(train_cache_samples=100), {"infer_train_split"}),
+        (lambda c: c.update(infer_batch_size=64), {"infer", "infer_train_split", "latency"}),
+        (lambda c: c["bootstrap"].update(seed=7), {"evaluate"}),
+        (lambda c: c.update(split_seed=3), set(CELL_RULES)),
+        (lambda c: c["datasets"]["digits"]["recipe"].update(epochs=5), set(CELL_RULES)),
+        (lambda c: c["latency"].update(repeats=9), {"latency"}),
+        (lambda c: c["latency"].update(variants=["standard"]), set()),  # which cells are timed: not the job's
+    ],
+)
 def test_changing_what_a_job_reads_changes_its_spec(config, mutate, rerun):
     changed = _changed(config, mutate)
     cell = next(c for c in cells(config) if (c.arch, c.variant) == ("msdnet", "standard"))

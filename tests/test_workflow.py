@@ -7,7 +7,6 @@ import json
 
 import pandas as pd
 import pytest
-
 from workflow_helpers import default_config, planned_jobs, run_workflow, tiny_config
 
 
@@ -24,11 +23,21 @@ def three_method_config() -> dict:
 def with_latency(config: dict) -> dict:
     """Dynamic early exit timed for standard and an EENet scheduler fitted on its cache."""
     config = copy.deepcopy(config)
-    config["posthoc"] = {"eenet": {"method": "eenet", "base": "standard",
-                                   "params": {"n_budgets": 2, "epochs": 20, "lr": 1.0e-2, "period": 5}}}
+    config["posthoc"] = {
+        "eenet": {
+            "method": "eenet",
+            "base": "standard",
+            "params": {"n_budgets": 2, "epochs": 20, "lr": 1.0e-2, "period": 5},
+        }
+    }
     config["experiments"][0]["posthoc"] = ["eenet"]
-    config["latency"] = {"variants": ["standard", "eenet"], "budgets": 3, "batch_sizes": [1, 16], "repeats": 2,
-                         "images": 8}
+    config["latency"] = {
+        "variants": ["standard", "eenet"],
+        "budgets": 3,
+        "batch_sizes": [1, 16],
+        "repeats": 2,
+        "images": 8,
+    }
     return config
 
 
@@ -113,9 +122,15 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
     changed["bootstrap"] = {"seed": 1}
     jobs = planned_jobs(run_workflow(tmp_path, changed, "all_figures", *reports, extra=["-n"]).stdout)
     assert {(rule, variant) for rule, variant in jobs if variant} == {
-        ("evaluate", v) for v in ("standard", "boostnet", "gater_frozen")}
-    assert {rule for rule, variant in jobs if not variant} == {"aggregate", "figure", "all_figures", "comparisons",
-                                                                "reproduction"}
+        ("evaluate", v) for v in ("standard", "boostnet", "gater_frozen")
+    }
+    assert {rule for rule, variant in jobs if not variant} == {
+        "aggregate",
+        "figure",
+        "all_figures",
+        "comparisons",
+        "reproduction",
+    }
 
     run_workflow(tmp_path, config, "all_figures", extra=["--report", str(tmp_path / "report.html")])
     html = (tmp_path / "report.html").read_text(errors="replace")

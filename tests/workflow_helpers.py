@@ -33,13 +33,30 @@ def tiny_config(epochs: int = 1) -> dict[str, Any]:
     return config
 
 
-def run_workflow(workdir: Path, config: dict[str, Any], *targets: str, extra: list[str] | None = None,
-                 check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_workflow(
+    workdir: Path,
+    config: dict[str, Any],
+    *targets: str,
+    extra: list[str] | None = None,
+    check: bool = True,
+    timeout: int = 900,
+) -> subprocess.CompletedProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(config_path), "--cores", "2", *(extra or []), *targets]
+    cmd = [
+        SNAKEMAKE,
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(config_path),
+        "--cores",
+        "2",
+        *(extra or []),
+        *targets,
+    ]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:

@@ -11,6 +11,7 @@ from eebench.summary import load_variants  # noqa: E402
 
 with smk.logged(snakemake):
     published = yaml.safe_load(open(snakemake.input.published))["published"]
-    variants = load_variants(snakemake.params.cells, snakemake.input.samples,
-                             BootstrapSettings(**snakemake.params.bootstrap))
+    variants = load_variants(
+        snakemake.params.cells, snakemake.input.samples, BootstrapSettings(**snakemake.params.bootstrap)
+    )
     io.write_text(snakemake.output[0], reproduction_report(published, variants, snakemake.params.name))

@@ -10,8 +10,9 @@ list them in ``extra_modules()`` so they are checkpointed, and override ``train_
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -117,4 +118,3 @@ class TrainingMethod:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, module in self.extra_modules().items():
             module.load_state_dict(state[name])
-

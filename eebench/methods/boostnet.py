@@ -24,8 +24,8 @@ published scripts use one gamma (0.5) and one weight decay, which is what is imp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch.nn import functional as F
@@ -35,7 +35,6 @@ from models.base import GRADIENT_RESCALING
 
 from . import register_method
 from .base import TrainContext, TrainingMethod
-
 
 # --------------------------------------------------------------------------------------------
 # The additive model
@@ -50,8 +49,7 @@ def ensemble_logits(logits: Sequence[torch.Tensor], gamma: float) -> list[torch.
     return ensembles
 
 
-def boosting_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor,
-                  gamma: float) -> torch.Tensor:
+def boosting_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor, gamma: float) -> torch.Tensor:
     """sum_k CE(o_k + stopgrad(gamma * E_{k-1}), y), in float32."""
     logits = [out.float() for out in logits]
     previous = ensemble_logits([out.detach() for out in logits], gamma)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -25,7 +25,8 @@ def frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
     """BatchNorm layers none of whose parameters is trained: run in eval mode while training so
     that their running statistics, part of the frozen network, do not change either."""
     return [
-        m for m in model.modules()
+        m
+        for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
         and not any(p.requires_grad for p in m.parameters(recurse=False))
     ]

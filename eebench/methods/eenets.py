@@ -106,9 +106,7 @@ def inference_threshold(params: EENetsParams, num_exits: int) -> float:
 
 def target_log_probs(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """(K, N) log p_i[y] in float32."""
-    return torch.stack(
-        [out.float().log_softmax(dim=1).gather(1, targets[:, None])[:, 0] for out in logits]
-    )
+    return torch.stack([out.float().log_softmax(dim=1).gather(1, targets[:, None])[:, 0] for out in logits])
 
 
 def mixtures(
@@ -197,15 +195,17 @@ class EENets(TrainingMethod):
     def __init__(self, model: MultiExitNetwork, params: EENetsParams, ctx: TrainContext):
         super().__init__(model, params, ctx)
         if CONFIDENCE_BRANCHES not in model.capabilities:
-            raise ValueError(f"eenets needs an architecture with confidence branches (ee_resnet); "
-                             f"{type(model).__name__} has none")
-        if len(ctx.exit_costs) != model.num_exits:
             raise ValueError(
-                f"eenets: {len(ctx.exit_costs)} exit costs for a network with {model.num_exits} exits"
+                f"eenets needs an architecture with confidence branches (ee_resnet); {type(model).__name__} has none"
             )
+        if len(ctx.exit_costs) != model.num_exits:
+            raise ValueError(f"eenets: {len(ctx.exit_costs)} exit costs for a network with {model.num_exits} exits")
         if params.loss == "v0" and params.two_stage_epochs >= ctx.epochs:
-            log.warning("eenets: two_stage_epochs (%d) >= epochs (%d): loss v0 never switches to v1",
-                        params.two_stage_epochs, ctx.epochs)
+            log.warning(
+                "eenets: two_stage_epochs (%d) >= epochs (%d): loss v0 never switches to v1",
+                params.two_stage_epochs,
+                ctx.epochs,
+            )
         self.tag_table: dict[int, torch.Tensor] = {}  # v4_tags "reference": batch index -> (N,) tags
 
     def loss_version(self, step: int) -> str:

@@ -43,8 +43,9 @@ At inference the gater is not used: thresholds are calibrated on max softmax as 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,8 +53,8 @@ from torch.nn import functional as F
 
 from models import ExitOutputs, MultiExitNetwork
 
-from . import register_method
 from ..schedules import cosine
+from . import register_method
 from .base import TrainContext, TrainingMethod
 from .common import frozen_batchnorms, per_exit_ce
 
@@ -88,9 +89,7 @@ class GaterParams:
         if self.update_every < 1:
             raise ValueError(f"update_every must be >= 1, got {self.update_every}")
         if not 0 <= self.gater_lr_min <= self.gater_lr:
-            raise ValueError(
-                f"need 0 <= gater_lr_min <= gater_lr, got {self.gater_lr_min} and {self.gater_lr}"
-            )
+            raise ValueError(f"need 0 <= gater_lr_min <= gater_lr, got {self.gater_lr_min} and {self.gater_lr}")
 
     def ordered_features(self) -> list[str]:
         return [name for name in FEATURES if name in self.features]
@@ -216,8 +215,11 @@ class Gater(TrainingMethod):
 
     # --- one step ---------------------------------------------------------------------------
     def train_step(
-        self, images: torch.Tensor, targets: torch.Tensor,
-        optimizer: torch.optim.Optimizer | None, step: int,
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        optimizer: torch.optim.Optimizer | None,
+        step: int,
     ) -> torch.Tensor:
         for bn in self._frozen_bn:
             bn.eval()

@@ -48,8 +48,9 @@ Deviations from the reference, and why:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -194,8 +195,11 @@ class JEIDNN(TrainingMethod):
                 f"of training epochs ({ctx.epochs}), or no gate is ever trained"
             )
         if params.switch_every >= ctx.steps_per_epoch:
-            log.warning("jei_dnn: switch_every (%d) >= batches per epoch (%d): every epoch after "
-                        "warm-up trains the gates only", params.switch_every, ctx.steps_per_epoch)
+            log.warning(
+                "jei_dnn: switch_every (%d) >= batches per epoch (%d): every epoch after warm-up trains the gates only",
+                params.switch_every,
+                ctx.steps_per_epoch,
+            )
         k = model.num_exits
         self.gates = nn.ModuleList(nn.Linear(4, 1) for _ in range(k - 1)).to(ctx.device)
         self.exit_counts = torch.zeros(k, device=ctx.device)  # gate targets since the last update
@@ -215,8 +219,11 @@ class JEIDNN(TrainingMethod):
         return {"gates": self.gates}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"gates": self.gates.state_dict(), "exit_counts": self.exit_counts.clone(),
-                "pos_weight": self.pos_weight.clone()}
+        return {
+            "gates": self.gates.state_dict(),
+            "exit_counts": self.exit_counts.clone(),
+            "pos_weight": self.pos_weight.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gates.load_state_dict(state["gates"])
@@ -238,8 +245,9 @@ class JEIDNN(TrainingMethod):
 
     # --- one step ---------------------------------------------------------------------------
     def phase(self, step: int) -> Phase:
-        return training_phase(step, max(self.ctx.steps_per_epoch, 1), self.params.warmup_epochs,
-                              self.params.switch_every)
+        return training_phase(
+            step, max(self.ctx.steps_per_epoch, 1), self.params.warmup_epochs, self.params.switch_every
+        )
 
     def gate_logits(self, logits: list[torch.Tensor]) -> torch.Tensor:
         """(N, K-1) gate logits from the exits' (detached) uncertainty features."""

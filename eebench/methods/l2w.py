@@ -31,8 +31,9 @@ meta-lr cosine over ``ctx.total_steps``; the meta interval counts batches within
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -41,8 +42,8 @@ from torch.nn import functional as F
 
 from models import MultiExitNetwork
 
-from . import register_method
 from ..schedules import cosine
+from . import register_method
 from .base import TrainContext, TrainingMethod
 from .common import per_exit_ce
 
@@ -83,9 +84,7 @@ class L2WParams:
 
 def weight_prediction_network(num_exits: int, hidden: int) -> nn.Sequential:
     """Linear(K, hidden) -> ReLU -> Linear(hidden, K) -> tanh (the official ``MLP_tanh``)."""
-    return nn.Sequential(
-        nn.Linear(num_exits, hidden), nn.ReLU(), nn.Linear(hidden, num_exits), nn.Tanh()
-    )
+    return nn.Sequential(nn.Linear(num_exits, hidden), nn.ReLU(), nn.Linear(hidden, num_exits), nn.Tanh())
 
 
 def loss_weights(g: torch.Tensor, epsilon: float, constraint: str) -> torch.Tensor:
@@ -123,8 +122,7 @@ def assign_exits(confidence: torch.Tensor, probs: Sequence[float]) -> torch.Tens
     return exit_of
 
 
-def assigned_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor,
-                  exit_of: torch.Tensor) -> torch.Tensor:
+def assigned_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor, exit_of: torch.Tensor) -> torch.Tensor:
     """Sum over exits of the mean CE over the samples assigned to that exit (0 if none)."""
     losses = per_exit_ce(logits, targets)
     mask = F.one_hot(exit_of, losses.shape[1]).to(losses.dtype)
@@ -206,8 +204,9 @@ class L2W(TrainingMethod):
         return cosine(step / max(self.ctx.total_steps, 1), self.params.meta_lr)
 
     # --- one loader batch -------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor,
-                   optimizer: torch.optim.Optimizer, step: int) -> torch.Tensor:
+    def train_step(
+        self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer, step: int
+    ) -> torch.Tensor:
         for group in self.meta_optimizer.param_groups:
             group["lr"] = self.meta_lr(step)
         do_meta = (step % self.ctx.steps_per_epoch) % self.params.meta_interval == 0
@@ -221,8 +220,14 @@ class L2W(TrainingMethod):
             losses.append(self.update(x_train, y_train, optimizer))
         return torch.stack(losses).mean()
 
-    def meta_update(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
-                    y_val: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    def meta_update(
+        self,
+        x_train: torch.Tensor,
+        y_train: torch.Tensor,
+        x_val: torch.Tensor,
+        y_val: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+    ) -> torch.Tensor:
         """One Adam step of the WPN through a virtual SGD step of the network; returns the
         (detached) meta loss. Leaves the network's parameters, grads and buffers unchanged."""
         groups = _group_of(optimizer)
@@ -233,9 +238,7 @@ class L2W(TrainingMethod):
             logits = functional_call(self.model, buffers, (x_train,))
         losses = per_exit_ce(logits, y_train)
         weighted = (self.weights(losses) * losses).mean(0).sum()
-        grads = torch.autograd.grad(
-            weighted, [p for _, p in named], create_graph=True, allow_unused=True
-        )
+        grads = torch.autograd.grad(weighted, [p for _, p in named], create_graph=True, allow_unused=True)
         theta_hat = virtual_sgd_step(named, grads, optimizer)
 
         with self.ctx.autocast():
@@ -250,8 +253,7 @@ class L2W(TrainingMethod):
         self.meta_optimizer.step()
         return meta_loss.detach()
 
-    def update(self, x: torch.Tensor, y: torch.Tensor,
-               optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    def update(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """One real step of the main optimizer on the WPN-weighted loss."""
         with self.ctx.autocast():
             logits = self.model.forward_all(x).logits

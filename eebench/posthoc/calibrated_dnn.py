@@ -56,11 +56,11 @@ from typing import Any, Literal
 
 import torch
 
-from ..metrics import log_loss
-from . import register_posthoc
 from models import ExitHead
 
+from ..metrics import log_loss
 from ..scored import ScoredOutputs
+from . import register_posthoc
 from .base import PosthocMethod
 
 TEMPERATURE_GRID = [0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 1.7, 2.0, 2.5, 3.0]
@@ -91,9 +91,14 @@ def running_average_weights(n_samples: int, batch_size: int) -> torch.Tensor:
     return (batch_weight / sizes)[batch_of]
 
 
-def kfac_factors(logits: torch.Tensor, features: torch.Tensor, batch_size: int,
-                 curvature: str = "kfac", generator: torch.Generator | None = None,
-                 order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def kfac_factors(
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    batch_size: int,
+    curvature: str = "kfac",
+    generator: torch.Generator | None = None,
+    order: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Running-averaged KFAC factors (U (C, C), V (d+1, d+1)) of one exit, before the sqrt(N) scale.
 
     ``order`` is the sample order in which batches are formed (default: as given).
@@ -125,8 +130,9 @@ def posterior(u: torch.Tensor, v: torch.Tensor, var0: float) -> tuple[torch.Tens
 
 
 # --- predictive --------------------------------------------------------------------------------
-def logit_noise(features: torch.Tensor, l_u: torch.Tensor, sigma_v: torch.Tensor,
-                z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def logit_noise(
+    features: torch.Tensor, l_u: torch.Tensor, sigma_v: torch.Tensor, z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sqrt(s) (N,), L_U z_m (M, C)): the logit sample m of input n is f_n + sqrt(s_n) L_U z_m."""
     phi = augment(features)
     s = ((phi @ sigma_v) * phi).sum(dim=1).clamp_min(0)
@@ -138,8 +144,7 @@ def _chunks(n: int, per_sample: int) -> list[slice]:
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def mc_predictive(logits: torch.Tensor, sd: torch.Tensor, noise: torch.Tensor,
-                  temperature: float) -> torch.Tensor:
+def mc_predictive(logits: torch.Tensor, sd: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
     """(N, C) mean over the M draws of softmax((f + sd * noise_m) / T)."""
     out = torch.empty_like(logits, dtype=torch.float32)
     for part in _chunks(len(logits), noise.numel()):
@@ -148,8 +153,9 @@ def mc_predictive(logits: torch.Tensor, sd: torch.Tensor, noise: torch.Tensor,
     return out
 
 
-def mc_label_probability(logits: torch.Tensor, sd: torch.Tensor, noise: torch.Tensor,
-                         temperatures: list[float], labels: torch.Tensor) -> torch.Tensor:
+def mc_label_probability(
+    logits: torch.Tensor, sd: torch.Tensor, noise: torch.Tensor, temperatures: list[float], labels: torch.Tensor
+) -> torch.Tensor:
     """(len(temperatures), N) predictive probability of each label, for every temperature.
 
     Only the label's entry is needed for the NLL (and for MIE's ensembled NLL, which is linear in
@@ -234,8 +240,7 @@ class CalibratedDNN(PosthocMethod):
             if not self.temperature_grid or not self.var0_grid or min(values) <= 0:
                 raise ValueError("temperatures and var0 values must be > 0 and the grids non-empty")
 
-    test_params = {"n_mc_samples": 8, "temperature_grid": [0.5, 1.0, 2.0], "var0_grid": [0.5, 2.0],
-                   "batch_size": 16}
+    test_params = {"n_mc_samples": 8, "temperature_grid": [0.5, 1.0, 2.0], "var0_grid": [0.5, 2.0], "batch_size": 16}
 
     def __init__(self, params: Any, flops: list[float], seed: int = 0):
         super().__init__(params, flops, seed)
@@ -284,18 +289,30 @@ class CalibratedDNN(PosthocMethod):
             self.var0s = [var0s[0]] * len(self.u)
             return
         labels = val["labels"].long()
-        table = torch.stack([
-            torch.stack([
-                mc_label_probability(val["logits"][k], *self._noise(posterior(self.u[k], self.v[k], var0),
-                                                                     _features(val)[k]), temps, labels)
-                for var0 in var0s], dim=1)
-            for k in range(len(self.u))])  # (K, n_T, n_var0, N)
+        table = torch.stack(
+            [
+                torch.stack(
+                    [
+                        mc_label_probability(
+                            val["logits"][k],
+                            *self._noise(posterior(self.u[k], self.v[k], var0), _features(val)[k]),
+                            temps,
+                            labels,
+                        )
+                        for var0 in var0s
+                    ],
+                    dim=1,
+                )
+                for k in range(len(self.u))
+            ]
+        )  # (K, n_T, n_var0, N)
         choice = select_grid(table, self.weights, p.mie)
         self.temperatures = [temps[t] for t, _ in choice]
         self.var0s = [var0s[v] for _, v in choice]
 
-    def _noise(self, fitted_posterior: tuple[torch.Tensor, torch.Tensor],
-               features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _noise(
+        self, fitted_posterior: tuple[torch.Tensor, torch.Tensor], features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return logit_noise(features, *fitted_posterior, self.z)
 
     def posteriors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -337,14 +354,20 @@ class CalibratedDNN(PosthocMethod):
         return top, predictions, carry
 
     def state_dict(self) -> dict[str, Any]:
-        return {"temperatures": list(self.temperatures), "var0": list(self.var0s),
-                "kfac_u": list(self.u), "kfac_v": list(self.v), "z": self.z,
-                "mie_weights": self.weights}
+        return {
+            "temperatures": list(self.temperatures),
+            "var0": list(self.var0s),
+            "kfac_u": list(self.u),
+            "kfac_v": list(self.v),
+            "z": self.z,
+            "mie_weights": self.weights,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["kfac_u"]) != len(self.flops):
-            raise ValueError(f"calibrated_dnn: the fitted state has {len(state['kfac_u'])} exits, the "
-                             f"network {len(self.flops)}")
+            raise ValueError(
+                f"calibrated_dnn: the fitted state has {len(state['kfac_u'])} exits, the network {len(self.flops)}"
+            )
         self.temperatures, self.var0s = list(state["temperatures"]), list(state["var0"])
         self.u, self.v, self.z = list(state["kfac_u"]), list(state["kfac_v"]), state["z"]
         self._posteriors = None

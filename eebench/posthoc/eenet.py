@@ -92,8 +92,8 @@ import torch.nn.functional as F
 from models import ExitHead
 
 from ..calibration import exit_indices, exit_thresholds
-from . import register_posthoc
 from ..scored import ScoredOutputs
+from . import register_posthoc
 from .base import PosthocMethod
 
 INFERENCE_ELEMENTS = 1 << 22  # models x exits x samples x inputs held at once when scoring
@@ -132,7 +132,7 @@ def reachable_cost_range(costs: torch.Tensor) -> tuple[float, float]:
     means = []
     for j in range(k + 1):  # r = 1 on the j cheapest exits, then on the j dearest
         low = (e * c[:j].sum() + c[j:].sum()) / (e * j + (k - j))
-        high = (c[: k - j].sum() + e * c[k - j:].sum()) / ((k - j) + e * j)
+        high = (c[: k - j].sum() + e * c[k - j :].sum()) / ((k - j) + e * j)
         means.append((float(low), float(high)))
     return min(m[0] for m in means), max(m[1] for m in means)
 
@@ -185,8 +185,9 @@ class SchedulerBank:
             c2[k] = uniform((1,), h)[0]
         return {"a": a, "b": b, "w1": w1, "c1": c1, "w2": w2, "c2": c2}
 
-    def forward(self, feats: torch.Tensor, params: dict[str, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, feats: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """feats (K, n, C+2) -> raw scores, clamped scores and assignment outputs r, each (M, K, n)."""
         p = self.params if params is None else params
         M = p["a"].shape[0]
@@ -204,10 +205,10 @@ class SchedulerBank:
         r = torch.einsum("mknh,mkh->mkn", hid, p["w2"] * self.hidden_mask) + p["c2"][..., None]
         return raw_t, clamped_t, torch.sigmoid(r)
 
-
     @staticmethod
-    def raw_score(k: int, base_k: torch.Tensor, clamped: list[torch.Tensor],
-                  params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def raw_score(
+        k: int, base_k: torch.Tensor, clamped: list[torch.Tensor], params: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """Exit k's unclamped score (M, n): a_k^T [P_k, max, ent] (``base_k``) plus b_k^T of the
         clamped, detached scores of exits 1..k-1 (``clamped``, k tensors (M, n))."""
         if k == 0:
@@ -223,8 +224,14 @@ class LossTerms:
     cost: torch.Tensor  # relative cost error |E[cost] - B| / B
 
 
-def scheduler_loss(scores: torch.Tensor, r: torch.Tensor, correct: torch.Tensor, costs: torch.Tensor,
-                   budgets: torch.Tensor, beta: float = 1.0) -> LossTerms:
+def scheduler_loss(
+    scores: torch.Tensor,
+    r: torch.Tensor,
+    correct: torch.Tensor,
+    costs: torch.Tensor,
+    budgets: torch.Tensor,
+    beta: float = 1.0,
+) -> LossTerms:
     """Per-model EENet loss terms.
 
     scores (M, K, n) clamped to [0, 1]; r (M, K, n) assignment-head outputs; correct (K, n) 0/1;
@@ -281,8 +288,7 @@ class EENet(PosthocMethod):
             if self.threads is not None and self.threads < 1:
                 raise ValueError("threads must be >= 1 or null")
 
-    test_params = {"n_budgets": 2, "epochs": 60, "lr": 1e-2, "period": 5, "patience": 20,
-                   "batch_size": 256}
+    test_params = {"n_budgets": 2, "epochs": 60, "lr": 1e-2, "period": 5, "patience": 20, "batch_size": 256}
 
     def __init__(self, params: Any, flops: list[float], seed: int = 0):
         super().__init__(params, flops, seed)
@@ -315,13 +321,15 @@ class EENet(PosthocMethod):
             raw, pi = self._evaluate(bank, feats, best)
         chosen = self._choose_trials(raw, pi, correct)
         self.bank = bank
-        self.chosen = {name: t.view(n_b, n_t, *t.shape[1:])[torch.arange(n_b), chosen].clone()
-                       for name, t in best.items()}
+        self.chosen = {
+            name: t.view(n_b, n_t, *t.shape[1:])[torch.arange(n_b), chosen].clone() for name, t in best.items()
+        }
         self.exit_distributions = pi.view(n_b, n_t, -1)[torch.arange(n_b), chosen].double()
         self.fit_record["trial"] = chosen
 
-    def _train(self, bank: SchedulerBank, feats: torch.Tensor, correct: torch.Tensor,
-               budgets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _train(
+        self, bank: SchedulerBank, feats: torch.Tensor, correct: torch.Tensor, budgets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         p = self.params
         n, n_models = feats.shape[1], len(budgets)
         costs = self.flops.float()
@@ -355,8 +363,9 @@ class EENet(PosthocMethod):
             for name, t in bank.params.items():
                 best[name][improved] = t.detach()[improved]
             best_loss = torch.where(improved, total, best_loss)
-            patience = torch.where(improved, torch.full_like(patience, p.patience),
-                                   patience - (eligible & ~improved).long())
+            patience = torch.where(
+                improved, torch.full_like(patience, p.patience), patience - (eligible & ~improved).long()
+            )
             if not bool((patience > 0).any()):
                 break
         never = torch.isinf(best_loss)  # never met the cost tolerance: keep the last state
@@ -364,8 +373,9 @@ class EENet(PosthocMethod):
             best[name][never] = t.detach()[never]
         return best
 
-    def _evaluate(self, bank: SchedulerBank, feats: torch.Tensor, params: dict[str, torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _evaluate(
+        self, bank: SchedulerBank, feats: torch.Tensor, params: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw scores (M, K, N) and exit distributions pi = mean_x q(x) (M, K)."""
         raws, q_sum = [], 0
         chunk = max(1, INFERENCE_ELEMENTS // (len(params["a"]) * bank.K * bank.D))
@@ -397,9 +407,13 @@ class EENet(PosthocMethod):
         with intra_op_threads(self.params.threads):
             raw, _ = self._evaluate(self.bank, feats, self.chosen)
         probs = cache["logits"].float().softmax(dim=-1)
-        return ScoredOutputs(scores=raw, predictions=probs.argmax(dim=-1), probabilities=probs,
-                             exit_distributions=self.exit_distributions.clone(),
-                             budget_targets=self.budgets.clone())
+        return ScoredOutputs(
+            scores=raw,
+            predictions=probs.argmax(dim=-1),
+            probabilities=probs,
+            exit_distributions=self.exit_distributions.clone(),
+            budget_targets=self.budgets.clone(),
+        )
 
     def score_exit(self, k: int, head: ExitHead, carry: Any, budget: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """``score`` at exit k for the scheduler of ``budget``; the carry is the clamped scores of
@@ -422,7 +436,7 @@ class EENet(PosthocMethod):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.chosen = {key[len("param_"):]: value for key, value in state.items() if key.startswith("param_")}
+        self.chosen = {key[len("param_") :]: value for key, value in state.items() if key.startswith("param_")}
         n_budgets, num_exits, width = self.chosen["a"].shape
         if num_exits != len(self.flops):
             raise ValueError(f"eenet: the fitted state has {num_exits} exits, the network {len(self.flops)}")
