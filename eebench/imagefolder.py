@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .augment import epoch_seed
 from .tv import import_torchvision
@@ -77,8 +78,6 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
         with open(self.images.paths[i].decode(), "rb") as f:
             image = Image.open(f).convert(self.images.mode)
         if self.seed is None:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,6 @@ def fold_batchnorm(network: nn.Module) -> int:
     """Fold each BatchNorm2d that directly follows a Conv2d in an ``nn.Sequential`` into that
     convolution (inference only: the network must be in eval mode and stay there). Returns how
     many were folded. The outputs equal the unfolded network's up to float rounding."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     if network.training:
         raise ValueError("fold_batchnorm needs a network in eval mode")
     folded = 0
