@@ -28,8 +28,11 @@ def _target(module: str, node: ast.ImportFrom | ast.Import) -> list[str]:
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     package = module.split(".") if MODULES[module].name == "__init__.py" else module.split(".")[:-1]
-    base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) \
-        if node.level else node.module
+    base = (
+        ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+        if node.level
+        else node.module
+    )
     return [base, *(f"{base}.{alias.name}" for alias in node.names)]
 
 
@@ -42,8 +45,12 @@ def _internal(name: str) -> str | None:
 def _imports(module: str) -> tuple[set[str], list[tuple[int, str]]]:
     """(library modules imported at runtime, imports inside functions)."""
     tree = ast.parse(MODULES[module].read_text())
-    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                 and getattr(node.test, "id", "") == "TYPE_CHECKING" for n in ast.walk(node)}
+    type_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
     top = {id(node) for node in tree.body}
     edges, local = set(), []
     for node in ast.walk(tree):
@@ -64,7 +71,7 @@ def test_no_import_cycle():
         state[module] = 1
         for target in graph[module]:
             if state.get(target) == 1:
-                pytest.fail("import cycle: " + " -> ".join(path[path.index(target):] + [module, target]))
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(target) :] + [module, target]))
             if target not in state:
                 visit(target, path + [module])
         state[module] = 2
