@@ -1381,11 +1381,11 @@ def check_projection(
     import projection
     import yaml
 
-    from eebench.config import cells, is_posthoc
+    from eebench.config import cells, fill_defaults, is_posthoc
 
     default = _bench.ROOT / "config" / ("config.yaml" if sizes.small else "paper.yaml")
     config_path = Path(opts.projection_config or default)
-    config = yaml.safe_load(config_path.read_text())
+    config = fill_defaults(yaml.safe_load(config_path.read_text()))  # jsonschema is not on the GPU machine
     restricted = sizes.small and not opts.projection_config
     if restricted:
         config["experiments"] = SMALL_EXPERIMENTS

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
 
 sys.path.insert(0, str(_bench.ROOT))
-from eebench.config import cells, is_posthoc, is_pretrained, recipe_for, val_from, val_size  # noqa: E402
+from eebench.config import cells, fill_defaults, is_posthoc, is_pretrained, recipe_for, val_from, val_size  # noqa: E402
 from eebench.datasets import dataset_info  # noqa: E402
 from eebench.methods import TrainContext  # noqa: E402
 from eebench.pipeline import _method_factory, build_network, flops_record  # noqa: E402
@@ -296,7 +296,7 @@ def measured_main(path: str, configfile: str | None) -> None:
         )
     figures = found[-1]["figures"]
     config_path = Path(configfile) if configfile else _bench.ROOT / figures["config"]
-    config = yaml.safe_load(config_path.read_text())
+    config = fill_defaults(yaml.safe_load(config_path.read_text()))
     if "experiments" in figures:  # gpu_check --small measures a restricted set of experiments
         config["experiments"] = figures["experiments"]
     speed = next((c["figures"] for c in checks if c.get("group") == "speed_train" and c.get("status") == "pass"), None)
@@ -325,7 +325,7 @@ def main() -> None:
         return
     opts.configfile = opts.configfile or str(_bench.ROOT / "config" / "paper.yaml")
     torch.set_num_threads(1)  # counting only: one thread is fastest on a shared machine
-    config = yaml.safe_load(Path(opts.configfile).read_text())
+    config = fill_defaults(yaml.safe_load(Path(opts.configfile).read_text()))
     train_cells = [c for c in cells(config) if not is_posthoc(config, c.variant)]
     print(
         f"PROJECTION for {opts.configfile}: {len(train_cells)} training cells "

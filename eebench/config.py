@@ -23,7 +23,7 @@ from models.ee_resnet import exit_positions, resnet_plan
 
 from . import registry
 from .checkpoints import FORMATS
-from .datasets import DatasetError, DeclarationError, check_files, dataset_info, declaration
+from .datasets import DatasetError, DeclarationError, check_files, dataset_info, declaration, validate_builtin_datasets
 from .io import file_hash, stable_hash
 from .methods import METHODS
 from .posthoc import POSTHOC
@@ -87,6 +87,19 @@ def validate_schema(config: dict[str, Any], schema_path: str | Path = SCHEMA_PAT
     if errors:
         raise ConfigError(_schema_message(jsonschema.exceptions.best_match(errors)))
     _set_defaults(config, schema, schema)
+    try:
+        validate_builtin_datasets(schema)
+    except DeclarationError as err:
+        raise ConfigError(str(err)) from None
+
+
+def fill_defaults(config: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
+    """``config`` with the schema's defaults filled in, without validating it (for the GPU check,
+    which runs where jsonschema is not installed); returns ``config``."""
+    with open(schema_path) as f:
+        schema = yaml.safe_load(f)
+    _set_defaults(config, schema, schema)
+    return config
 
 
 def _key_path(parts: Any) -> str:

@@ -53,6 +53,7 @@ __all__ = [
     "DeclarationError",
     "ImagePool",
     "builtin_datasets",
+    "validate_builtin_datasets",
     "channel_stats",
     "check_files",
     "dataset_info",
@@ -65,7 +66,6 @@ __all__ = [
 ]
 
 BUILTIN_PATH = Path(__file__).resolve().parents[1] / "config" / "builtin_datasets.yaml"
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
 # keys of a config's datasets.<name> entry that say how it is trained, not what it is
 TRAINING_KEYS = ("recipe", "resources")
 MERGED_KEYS = ("augment", "files")  # nested mappings an override extends key by key
@@ -107,19 +107,21 @@ class DatasetSpec:
 
 @functools.lru_cache(maxsize=1)
 def _builtin_file() -> dict[str, dict[str, Any]]:
+    with open(BUILTIN_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def validate_builtin_datasets(schema: dict[str, Any]) -> None:
+    """Check every built-in declaration against the config schema's ``dataset`` definition (the
+    workflow does this at start with the config; the jobs and the GPU check run without jsonschema)."""
     import jsonschema
 
-    with open(BUILTIN_PATH) as f:
-        entries = yaml.safe_load(f)
-    with open(SCHEMA_PATH) as f:
-        schema = yaml.safe_load(f)
     validator = jsonschema.Draft202012Validator({**schema["$defs"]["dataset"], "$defs": schema["$defs"]})
-    for name, entry in entries.items():
+    for name, entry in _builtin_file().items():
         error = jsonschema.exceptions.best_match(validator.iter_errors(entry))
         if error is not None:
             where = ".".join(map(str, error.absolute_path))
             raise DeclarationError(f"{BUILTIN_PATH}: {name}.{where}: {error.message}")
-    return entries
 
 
 def builtin_datasets() -> list[str]:

@@ -21,7 +21,7 @@ import yaml
 from dataset_files import class_images, write_cifar, write_folder, write_idx, write_svhn
 from workflow_helpers import ROOT, run_workflow, tiny_config
 
-from eebench import pipeline
+from eebench import datasets, pipeline
 from eebench.config import Cell, ConfigError, check_config, check_data, validate_schema
 from eebench.datasets import builtin_datasets, dataset_info, load_pool
 from eebench.report import eenets_table
@@ -155,6 +155,14 @@ def test_builtin_declarations_resolve_to_their_inputs():
     override = {"datasets": {"cifar10": {"val_size": 1000, "augment": {"hflip": False}}}}
     spec = dataset_info("cifar10", override)
     assert (spec.val_size, spec.hflip, spec.crop_padding) == (1000, False, 4)  # augment merged key by key
+
+
+def test_a_bad_builtin_declaration_is_refused_when_the_config_is_validated(monkeypatch):
+    builtins = datasets._builtin_file()
+    entries = {**builtins, "broken": {**builtins["fashionmnist"], "image_size": "28"}}
+    monkeypatch.setattr(datasets, "_builtin_file", lambda: entries)
+    with pytest.raises(ConfigError, match=r"builtin_datasets.yaml: broken.image_size: '28' is not of type 'integer'"):
+        validate_schema(copy.deepcopy(tiny_config()))
 
 
 @pytest.mark.parametrize("case", list(FORMAT_CASES))

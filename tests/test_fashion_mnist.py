@@ -94,6 +94,7 @@ def test_data_dir_comes_before_debians_path(tmp_path):
 def test_missing_files_name_both_places_and_the_apt_command(tmp_path):
     config = {
         "data_dir": str(tmp_path),
+        "download": False,
         "experiments": [{"datasets": ["fashionmnist"]}],
         "datasets": {"fashionmnist": {"paths": ["FashionMNIST/raw", str(tmp_path / "debian")]}},
     }

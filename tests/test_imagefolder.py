@@ -77,7 +77,7 @@ def test_missing_folder_names_dataset_and_layout(tmp_path):
     (tmp_path / "imagenet" / "val").mkdir()
     with pytest.raises(DatasetError, match=r"imagenet/train: not an ImageFolder tree: Couldn't find any class folder"):
         load_pool("imagenet", tmp_path)
-    config = {"data_dir": str(tmp_path / "empty"), "experiments": [{"datasets": ["tinyimagenet"]}]}
+    config = {"data_dir": str(tmp_path / "empty"), "download": False, "experiments": [{"datasets": ["tinyimagenet"]}]}
     (tmp_path / "empty").mkdir()
     with pytest.raises(
         ConfigError,

@@ -68,6 +68,7 @@ def small_data():
 def run_training(state_dir: Path, data, epochs: int, stop_after_batches: int | None = None):
     """The tiny EE-ResNet with ``standard`` on CPU: 2 batches of 64 per epoch."""
     config = tiny_arch_config()
+    validate_schema(config)  # the schema's defaults, as the workflow fills them at start
     torch.manual_seed(0)
     network = pipeline.build_network(config, "digits", "tiny")
     recipe = Recipe(epochs=epochs, batch_size=64, lr=0.05, schedule="cosine")

@@ -26,6 +26,8 @@ CONFIG = {
         "boostnet": {"label": "BoostNet"},
     },
     "posthoc": {"eenet": {"label": "EENet"}},
+    "pretrained": {},
+    "report": {},
 }
 
 
@@ -122,8 +124,10 @@ def test_variant_styles_are_unique_and_stable():
     config = {
         "methods": {f"m{i}": {} for i in range(14)},
         "posthoc": {"p1": {}, "p2": {}},
+        "pretrained": {},
         "architectures": {"a": {}},
         "flops_convention": "reference",
+        "report": {},
     }
     styles = variant_styles(config)
     assert len({(s.colour, s.marker) for s in styles.values()}) == 16

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from workflow_helpers import ROOT, default_config
 
+from eebench.config import validate_schema
 from eebench.datasets import dataset_info, load_pool, make_split, split_images
 from eebench.pipeline import _method_factory, build_network
 from eebench.recipe import Recipe
@@ -47,6 +48,7 @@ def run_training(
 ) -> TrainResult:
     """Train a default-config variant from scratch on CPU (the same network for the same seed)."""
     config = default_config()
+    validate_schema(config)  # fills the schema's defaults, as the workflow does at start
     torch.manual_seed(seed)
     network = build_network(config, "digits", arch)
     costs = torch.linspace(1.0 / network.num_exits, 1.0, network.num_exits)
