@@ -253,6 +253,22 @@ def table1_latency_cells(config: dict[str, Any]) -> list[Cell]:
     return [Cell(spec["dataset"], spec["architecture"], variant, seed) for seed in spec.get("seeds", config["seeds"])]
 
 
+def comparison_latency_cells(config: dict[str, Any]) -> list[Cell]:
+    """The measured cells whose per-exit latency converts the curves of each
+    ``report.comparison_budgets`` entry with ``budget_unit: ms`` to milliseconds (one per seed of
+    the experiments on that dataset and architecture)."""
+    out: list[Cell] = []
+    for entry in config["report"].get("comparison_budgets", []):
+        if entry.get("budget_unit", "flops") != "ms":
+            continue
+        variant = entry.get("latency_variant") or (config.get("latency") or {}).get("variants", [None])[0]
+        seeds = sorted(
+            {c.seed for c in cells(config) if (c.dataset, c.arch) == (entry["dataset"], entry["architecture"])}
+        )
+        out += [Cell(entry["dataset"], entry["architecture"], variant, seed) for seed in seeds]
+    return list(dict.fromkeys(out))
+
+
 def architecture(config: dict[str, Any], name: str) -> tuple[str, dict[str, Any]]:
     arch = config["architectures"][name]
     return arch["family"], dict(arch.get("params", {}))
@@ -471,11 +487,17 @@ def _check_latency(config: dict[str, Any], fail) -> None:
     least one cell; Table 1 in milliseconds needs its (dataset, architecture) measured."""
     spec = config.get("latency")
     table = config["report"].get("table1")
+    in_ms = [("report.table1", table)] if table is not None and table.get("budget_unit", "flops") == "ms" else []
+    in_ms += [
+        (f"report.comparison_budgets[{i}]", entry)
+        for i, entry in enumerate(config["report"].get("comparison_budgets", []))
+        if entry.get("budget_unit", "flops") == "ms"
+    ]
     if spec is None:
-        if table is not None and table.get("budget_unit", "flops") == "ms":
+        for where, entry in in_ms:
             raise ConfigError(
-                "config report.table1.budget_unit: 'ms' needs a latency section measuring "
-                f"{table['dataset']}/{table['architecture']}; allowed without one: flops"
+                f"config {where}.budget_unit: 'ms' needs a latency section measuring "
+                f"{entry['dataset']}/{entry['architecture']}; allowed without one: flops"
             )
         return
     variants = list(config["methods"]) + list(config["posthoc"])
@@ -498,6 +520,13 @@ def _check_latency(config: dict[str, Any], fail) -> None:
             raise ConfigError(
                 f"config report.table1.latency_variant: {cell.path} is not measured by the latency "
                 "section; allowed: a latency variant run on Table 1's dataset and architecture"
+            )
+    for cell in comparison_latency_cells(config):
+        if cell not in measured:
+            raise ConfigError(
+                f"config report.comparison_budgets: the entry on {cell.dataset}/{cell.arch} has budget_unit ms, "
+                f"but {cell.path} is not measured by the latency section; allowed: a latency_variant that the "
+                "latency section runs on that dataset and architecture"
             )
 
 
@@ -788,7 +817,9 @@ def comparison_settings(config: dict[str, Any], figure_kinds: dict[str, str]) ->
     return {
         "figures": {name: {**figure_spec(config, name), "kind": kind} for name, kind in figure_kinds.items()},
         "budgets": copy.deepcopy(report.get("comparison_budgets", [])),
-        "table1": None if table is None else {k: table[k] for k in ("dataset", "architecture", "budgets")},
+        "table1": None
+        if table is None
+        else {k: table.get(k, "flops") for k in ("dataset", "architecture", "budgets", "budget_unit")},
         "labels": {name: variant_label(config, name) for name in variant_names(config)},
         "bootstrap": dict(config["bootstrap"]),
     }

@@ -5,7 +5,14 @@ sys.path.insert(0, workflow.basedir)
 from eebench import smk  # noqa: E402
 from eebench.config import CELL_PATTERN, FIGURE_KINDS, Cell, cell_fingerprint, cells, check_config  # noqa: E402
 from eebench.config import check_data, check_pretrained_files  # noqa: E402
-from eebench.config import comparison_settings, dependencies, figure_selects, is_posthoc, latency_cells  # noqa: E402
+from eebench.config import (
+    comparison_latency_cells,
+    comparison_settings,
+    dependencies,
+    figure_selects,
+    is_posthoc,
+    latency_cells,
+)  # noqa: E402
 from eebench.config import posthoc_variant, pretrained_variant, split_identity, table1_latency_cells  # noqa: E402
 from eebench.config import training_variant, validate_schema  # noqa: E402
 from eebench.specs import job_spec  # noqa: E402
@@ -273,3 +280,8 @@ def latency_figures(wildcards=None):
 def table1_latency(wildcards):
     """Per-exit latency of Table 1's architecture, when its budgets are in milliseconds."""
     return latency_files("exits", table1_latency_cells(config))
+
+
+def comparison_latency(wildcards):
+    """Per-exit latency of each comparison_budgets entry in milliseconds."""
+    return latency_files("exits", comparison_latency_cells(config))

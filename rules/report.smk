@@ -136,6 +136,7 @@ rule reproduction:
 rule comparisons:
     input:
         samples=cell_samples(comparison_cells()),
+        latency=comparison_latency,
     output:
         csv=report(f"{RESULTS}/comparisons.csv", category="Tables"),
         md=f"{RESULTS}/comparisons.md",
@@ -149,6 +150,7 @@ rule comparisons:
     params:
         cells=comparison_cells(),
         spec=comparison_spec(),
+        latency_cells=comparison_latency_cells(config),
     script:
         "../workflow_scripts/comparisons.py"
 

@@ -60,6 +60,14 @@ def small_config() -> dict[str, Any]:
 
 
 # --- configs ---------------------------------------------------------------------------------
+def _both(*mutations: Callable[[dict], None]) -> Callable[[dict], None]:
+    def mutate(config: dict) -> None:
+        for change in mutations:
+            change(config)
+
+    return mutate
+
+
 def _set(path: str, value: Any) -> Callable[[dict], None]:
     def mutate(config: dict) -> None:
         *parents, last = path.split(".")
@@ -245,6 +253,33 @@ CONFIG_CASES = [
             },
         ),
         ["report.table1.budget_unit", "'ms'", "latency section"],
+    ),
+    (
+        "comparison-ms-without-latency",
+        _set(
+            "report.comparison_budgets",
+            [{"dataset": "digits", "architecture": "tiny", "budgets": [2.0], "budget_unit": "ms"}],
+        ),
+        ["report.comparison_budgets[0].budget_unit", "'ms'", "latency section"],
+    ),
+    (
+        "comparison-ms-variant-not-timed",
+        _both(
+            _set("latency", {"variants": ["standard"]}),
+            _set(
+                "report.comparison_budgets",
+                [
+                    {
+                        "dataset": "digits",
+                        "architecture": "tiny",
+                        "budgets": [2.0],
+                        "budget_unit": "ms",
+                        "latency_variant": "frozen",
+                    }
+                ],
+            ),
+        ),
+        ["report.comparison_budgets", "digits/tiny", "digits/tiny/frozen/seed0 is not measured", "latency_variant"],
     ),
 ]
 

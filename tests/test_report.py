@@ -289,3 +289,36 @@ def test_comparison_budgets_come_from_the_config_then_table1_then_the_shared_ran
     assert set(table[table["curve"] == "anytime"]["variant"]) == {"gater", "gater_frozen", "boostnet"}
     text = comparisons_markdown(table, spec["labels"])
     assert "## budgeted: digits / msdnet, against Standard" in text and "identical in every resample" in text
+
+
+def test_time_budget_comparisons_equal_flops_ones_when_ms_are_scaled_flops():
+    """With each exit's 'measured ms' = its FLOPs x 1e-6, the rows at b ms equal the rows at
+    b x 1e6 FLOPs; Table 1's budgets in ms are never read as FLOPs budgets."""
+    from eebench.comparisons import comparisons, comparisons_markdown
+
+    variants = synthetic_variants()
+    in_ms = {}
+    for i, (arch, variant) in enumerate([("msdnet", "standard"), ("msdnet", "gater")]):
+        records = {s: dict(random_cell(seed=10 * i + s)[0]) for s in (0, 1)}
+        for record in records.values():
+            record["flops"] = record["flops"] * 1e-6
+        in_ms[("digits", arch, variant)] = VariantReplicates.build(records, SETTINGS)
+    spec = {
+        "figures": {"fig3": {"kind": "budgeted", "reference": "standard", "variants": ["standard", "gater"]}},
+        "labels": {k: v["label"] for k, v in CONFIG["methods"].items()},
+        "budgets": [
+            {"dataset": "digits", "architecture": "msdnet", "budgets": [1.5e6, 2.5e6], "budget_unit": "flops"},
+            {"dataset": "digits", "architecture": "msdnet", "budgets": [1.5, 2.5], "budget_unit": "ms"},
+        ],
+        "table1": {"dataset": "digits", "architecture": "ranet", "budgets": [3.0], "budget_unit": "ms"},
+    }
+    table = comparisons(variants, spec, in_ms)
+    gater = table[(table["variant"] == "gater") & (table["architecture"] == "msdnet")]
+    flops, ms = gater[gater["budget_unit"] == "flops"], gater[gater["budget_unit"] == "ms"]
+    assert ms["budget"].tolist() == [1.5, 2.5] and flops["budget"].tolist() == [1.5e6, 2.5e6]
+    for column in ("accuracy", "reference_accuracy", "difference", "ci_low", "ci_high", "p_value"):
+        np.testing.assert_allclose(ms[column].to_numpy(), flops[column].to_numpy())
+    ranet = table[table["architecture"] == "ranet"]  # Table 1 is on ranet in ms: the FLOPs rows spread instead
+    assert len(ranet) == 4 and ranet["budget"].min() > 1e5 and set(ranet["budget_unit"]) == {"flops"}
+    text = comparisons_markdown(table, spec["labels"])
+    assert "## budgeted at time budgets: digits / msdnet, against Standard" in text and "| budget (ms) |" in text

@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 from workflow_helpers import default_config, planned_jobs, run_workflow, tiny_config
 
+from eebench.latency_report import with_time_axis
+
 
 def three_method_config() -> dict:
     """The tiny config with three training variants: standard, boostnet, and a frozen-backbone
@@ -71,9 +73,26 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
     assert len(summary) == 3 * 39 + 2 and summary["interval"].eq("test-set bootstrap").all()
     assert (results / "curves" / "digits" / "msdnet" / "standard" / "seed0" / "samples.pt").exists()
     comparisons = pd.read_csv(results / "comparisons.csv")
-    assert set(comparisons["reference"]) == {"standard"} and set(comparisons["variant"]) == {"boostnet", "gater_frozen"}
-    frozen = comparisons[comparisons["variant"] == "gater_frozen"]  # the frozen gater keeps standard's network
-    assert (frozen["difference"] == 0).all() and (frozen["p_value"] == 1).all()
+    assert set(comparisons["reference"]) == {"standard"}
+    assert set(comparisons["variant"]) == {"boostnet", "gater_frozen", "eenet"}
+    frozen = comparisons[(comparisons["variant"] == "gater_frozen") & (comparisons["budget_unit"] == "flops")]
+    assert (frozen["difference"] == 0).all() and (frozen["p_value"] == 1).all()  # standard's network, kept
+    # comparisons at a time budget (in standard's measured ms curve): only the comparisons job reruns
+    exits = pd.read_csv(results / "latency" / "digits" / "msdnet" / "standard" / "seed0_exits.csv")
+    timed = with_time_axis(budgeted, exits.assign(dataset="digits", architecture="msdnet", seed=0), 1)
+    standard_ms = timed[timed["variant"] == "standard"]["ms"]
+    in_time = copy.deepcopy(config)
+    middle = float((standard_ms.min() + standard_ms.max()) / 2)
+    in_time["report"]["comparison_budgets"] = [
+        {"dataset": "digits", "architecture": "msdnet", "budgets": [middle], "budget_unit": "ms"}
+    ]
+    proc = run_workflow(tmp_path, in_time, "results/comparisons.csv")
+    assert planned_jobs(proc.stdout + proc.stderr) == {("comparisons", "")}
+    in_ms = pd.read_csv(results / "comparisons.csv").query("budget_unit == 'ms'")
+    assert set(in_ms["variant"]) == {"boostnet", "gater_frozen", "eenet"} and (in_ms["budget"] == middle).all()
+    frozen = in_ms[in_ms["variant"] == "gater_frozen"]  # inside the curve it shares with standard
+    assert len(frozen) == 1 and frozen["difference"].iloc[0] == 0 and frozen["accuracy"].between(0, 100).all()
+    run_workflow(tmp_path, config, "results/comparisons.csv")  # back to the run's config
     assert "| yes |" not in (results / "reproduction.md").read_text()  # digits: no published cell
     # dynamic early exit: budgets of standard and of the post-hoc scheduler (reloaded from its
     # fitted state), checked against the simulated protocol

@@ -2,16 +2,41 @@ import sys
 
 sys.path.insert(0, snakemake.scriptdir + "/..")
 
+import pandas as pd  # noqa: E402
+
 from eebench import io, smk  # noqa: E402
 from eebench.bootstrap import BootstrapSettings  # noqa: E402
 from eebench.comparisons import comparisons, comparisons_markdown  # noqa: E402
+from eebench.latency_report import cell_exit_ms  # noqa: E402
 from eebench.summary import load_variants  # noqa: E402
 
 with smk.logged(snakemake):
     spec = snakemake.params.spec
-    variants = load_variants(snakemake.params.cells, snakemake.input.samples, BootstrapSettings(**spec["bootstrap"]))
+    settings = BootstrapSettings(**spec["bootstrap"])
+    cells, samples = snakemake.params.cells, snakemake.input.samples
+    variants = load_variants(cells, samples, settings)
+    variants_in_ms = None
+    if snakemake.params.latency_cells:  # report.comparison_budgets entries with budget_unit: ms
+        exits = pd.concat(
+            [
+                pd.read_csv(path).assign(dataset=c.dataset, architecture=c.arch, seed=c.seed)
+                for c, path in zip(snakemake.params.latency_cells, snakemake.input.latency)
+            ]
+        )
+        batch = {
+            (e["dataset"], e["architecture"]): e["latency_batch_size"]
+            for e in spec["budgets"]
+            if e["budget_unit"] == "ms"
+        }
+        timed = [(c, path) for c, path in zip(cells, samples) if (c.dataset, c.arch) in batch]
+        variants_in_ms = load_variants(
+            [c for c, _ in timed],
+            [path for _, path in timed],
+            settings,
+            lambda cell: cell_exit_ms(exits, batch[(cell.dataset, cell.arch)])(cell),
+        )
     try:
-        table = comparisons(variants, spec)
+        table = comparisons(variants, spec, variants_in_ms)
     except ValueError as err:
         raise io.CorruptFileError(str(err)) from None
     io.write_csv(snakemake.output.csv, table)
