@@ -2,7 +2,8 @@
 
 A cache is a dict saved with ``torch.save`` (or an ``.npz`` with the same array keys):
 ``logits`` (K, N, C) float32, ``labels`` (N,) int64, optionally ``features`` (a list of K (N, d_k)
-tensors: each exit head's penultimate features), ``confidences`` (K, N) and ``meta`` (a dict:
+tensors: each exit head's penultimate features), ``gates`` (K, N: a learned per-exit exit
+probability in [0, 1], EENets' confidence branches or JEI-DNN's gates) and ``meta`` (a dict:
 what produced it, with its hash). ``scored_outputs`` turns a cache into per-exit exit scores and
 predictions; post-hoc methods produce the same thing from their own scoring.
 """
@@ -33,8 +34,8 @@ def load_cache(path: str | Path, expect_meta: dict[str, Any] | None = None) -> d
         )
     cache["labels"] = labels.long()
     cache["logits"] = logits.float()
-    if "confidences" in cache and cache["confidences"].shape != logits.shape[:2]:
-        raise CorruptFileError(f"{path}: 'confidences' must be {tuple(logits.shape[:2])}")
+    if "gates" in cache and cache["gates"].shape != logits.shape[:2]:
+        raise CorruptFileError(f"{path}: 'gates' must be {tuple(logits.shape[:2])}")
     check_meta(path, cache, expect_meta)
     return cache
 
@@ -61,22 +62,25 @@ class StaleCacheError(CorruptFileError):
     """A cache made by something other than what is asked for (another checkpoint or split)."""
 
 
+EXIT_SCORES = ("max_softmax", "gate")  # what ``scored_outputs`` can score a cache by
+
+
 def scored_outputs(cache: dict[str, Any], exit_score: str = "max_softmax") -> ScoredOutputs:
     """Per-exit scores and predictions of a plain cache.
 
-    ``max_softmax`` (MSDNet's confidence) or ``confidence`` (a learned confidence/gate output
-    stored in the cache's ``confidences``).
+    ``max_softmax`` (MSDNet's confidence) or ``gate`` (a learned per-exit exit probability
+    stored in the cache's ``gates``).
     """
     probs = cache["logits"].float().softmax(dim=-1)
     top, predictions = probs.max(dim=-1)
     if exit_score == "max_softmax":
         scores = top
-    elif exit_score == "confidence":
-        if "confidences" not in cache:
-            raise ValueError("exit_score 'confidence' needs a cache with 'confidences'")
-        scores = cache["confidences"].float()
+    elif exit_score == "gate":
+        if "gates" not in cache:
+            raise ValueError("exit_score 'gate' needs a cache with 'gates'")
+        scores = cache["gates"].float()
     else:
-        raise ValueError(f"unknown exit score {exit_score!r}; allowed: max_softmax, confidence")
+        raise ValueError(f"unknown exit score {exit_score!r}; allowed: {', '.join(EXIT_SCORES)}")
     return ScoredOutputs(scores=scores, predictions=predictions, probabilities=probs)
 
 

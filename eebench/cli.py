@@ -207,16 +207,16 @@ def cmd_logits(args: argparse.Namespace) -> None:
     except (KeyError, ValueError, TypeError, OSError, io.CorruptFileError) as err:
         raise SystemExit(f"error: {err.args[0] if err.args else err}") from None
     network.eval()
-    logits, confidences = [], []
+    logits, gates = [], []
     with torch.no_grad():
         for batch in images.float().split(args.batch_size):
             out = network.forward_all(batch)
             logits.append(torch.stack(out.logits))
-            if out.confidences is not None:
-                confidences.append(torch.stack(out.confidences))
+            if out.gates is not None:
+                gates.append(torch.stack(out.gates))
     record = {"logits": torch.cat(logits, dim=1)}
-    if confidences:
-        record["confidences"] = torch.cat(confidences, dim=1)
+    if gates:
+        record["gates"] = torch.cat(gates, dim=1)
     io.save_tensors(args.out, record)
     k, n, c = record["logits"].shape
     print(f"wrote {args.out}: logits of {k} exits x {n} images x {c} classes")
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture parameter")
     p.add_argument("--input", required=True, help="torch.save'd float tensor (N, C, H, W) of normalised images")
-    p.add_argument("--out", required=True, help="file to write: {'logits': (K, N, C)[, 'confidences': (K, N)]}")
+    p.add_argument("--out", required=True, help="file to write: {'logits': (K, N, C)[, 'gates': (K, N)]}")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_logits)
 

@@ -9,7 +9,7 @@ last exit takes everyone left. When every sample has left, no later segment runs
 
 Scorers (what the evaluation of the cell uses):
 
-* ``MethodScorer``: max softmax, or the method's own ``exit_score = "confidence"`` (JEI-DNN's
+* ``MethodScorer``: max softmax, or the method's own ``exit_score = "gate"`` (JEI-DNN's
   gates), of the outputs after the method's ``eval_outputs`` (BoostNet's additive ensemble). A
   method that overrides ``eval_outputs`` sees the exits run so far, so its carry is their outputs.
 * ``PosthocScorer``: a post-hoc method's ``score_exit`` (``eebench.posthoc.base``).
@@ -34,14 +34,13 @@ import torch
 
 from models import ExitHead, ExitOutputs, MultiExitNetwork, select_samples
 
-from .cache import scored_outputs
+from .cache import EXIT_SCORES, scored_outputs
 from .calibration import exit_indices
 from .methods.base import TrainingMethod
 from .posthoc.base import PosthocMethod
 from .scored import ScoredOutputs
 
 TIE_TOLERANCE = 1e-4  # scores this close to a threshold may fall either side under float rounding
-EXIT_SCORES = ("max_softmax", "confidence")
 
 
 class NotSegmentedError(TypeError):
@@ -72,7 +71,7 @@ class MethodScorer(ExitScorer):
 
     def __init__(self, method: TrainingMethod | None = None, exit_score: str | None = None):
         if exit_score is None:
-            exit_score = getattr(method, "exit_score", "max_softmax")
+            exit_score = "max_softmax" if method is None else method.exit_score
         if exit_score not in EXIT_SCORES:
             raise ValueError(f"unknown exit score {exit_score!r}; allowed: {', '.join(EXIT_SCORES)}")
         self.method = method
@@ -93,9 +92,9 @@ class MethodScorer(ExitScorer):
         top, predictions = head.logits.float().softmax(dim=-1).max(dim=-1)
         if self.exit_score == "max_softmax":
             return top, predictions, carry
-        if head.confidence is None:
-            raise ValueError("exit_score 'confidence' needs outputs with confidences")
-        return head.confidence.float().reshape(-1), predictions, carry
+        if head.gate is None:
+            raise ValueError("exit_score 'gate' needs outputs with gates")
+        return head.gate.float().reshape(-1), predictions, carry
 
     def score_cache(self, cache: dict[str, Any]) -> ScoredOutputs:
         return scored_outputs(cache, self.exit_score)
@@ -134,8 +133,8 @@ def cache_of(outputs: ExitOutputs, with_features: bool = True) -> dict[str, Any]
     cache: dict[str, Any] = {"logits": torch.stack([t.float() for t in outputs.logits]).cpu()}
     if with_features and outputs.features:
         cache["features"] = [f.float().flatten(1).cpu() for f in outputs.features]
-    if outputs.confidences is not None:
-        cache["confidences"] = torch.stack([c.float().reshape(-1) for c in outputs.confidences]).cpu()
+    if outputs.gates is not None:
+        cache["gates"] = torch.stack([g.float().reshape(-1) for g in outputs.gates]).cpu()
     return cache
 
 

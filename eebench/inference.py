@@ -67,12 +67,12 @@ def run_network(
     with_features: bool = True,
     transform: Callable | None = None,
 ) -> dict[str, Any]:
-    """All exits on uint8 images (or image files): logits (K, N, C), features, confidences (if the
-    net has them)."""
+    """All exits on uint8 images (or image files): logits (K, N, C), features, gates (K, N) (if the
+    outputs have them: EENets' confidence branches, JEI-DNN's gates)."""
     model.eval()
     mean_t = torch.tensor(mean, device=device)
     std_t = torch.tensor(std, device=device)
-    logits, features, confidences = [], [], []
+    logits, features, gates = [], [], []
     for batch in eval_batches(images, batch_size, device):
         x = normalize(batch, mean_t, std_t)
         if channels_last:
@@ -83,11 +83,11 @@ def run_network(
         logits.append(torch.stack([t.float() for t in out.logits]).cpu())
         if with_features:
             features.append([f.float().flatten(1).cpu() for f in out.features])
-        if out.confidences is not None:
-            confidences.append(torch.stack([c.float().reshape(-1) for c in out.confidences]).cpu())
+        if out.gates is not None:
+            gates.append(torch.stack([g.float().reshape(-1) for g in out.gates]).cpu())
     result: dict[str, Any] = {"logits": torch.cat(logits, dim=1)}
     if with_features and features and features[0]:
         result["features"] = [torch.cat(parts) for parts in zip(*features)]
-    if confidences:
-        result["confidences"] = torch.cat(confidences, dim=1)
+    if gates:
+        result["gates"] = torch.cat(gates, dim=1)
     return result

@@ -491,9 +491,9 @@ def evaluate_cell(
     for frame, curve_kind in ((anytime, "anytime"), (budgeted, "budgeted")):
         _add_intervals(frame, bootstrap.interval_columns(values, replicates, curve_kind, settings.level))
     test_cache = io.load_tensors(test_path, what="test cache")
-    if "confidences" in test_cache and "cost_ratio" in flops:
+    if "gates" in test_cache and "cost_ratio" in flops:
         threshold = _confidence_exit_threshold(config, cell, len(flops["flops"]))
-        point = confidence_exit(test_cache["confidences"].float(), correct, flops["cost_ratio"], threshold)
+        point = confidence_exit(test_cache["gates"].float(), correct, flops["cost_ratio"], threshold)
         anytime["confidence_exit_accuracy"] = point["accuracy"]
         anytime["confidence_exit_cost_ratio"] = point["cost_ratio"]
         anytime["confidence_exit_fraction"] = point["exit_fractions"]  # share of test images leaving at each exit

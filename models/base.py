@@ -3,8 +3,9 @@
 A multi-exit network maps an image batch to K exits. ``forward_all(x, upto=k)`` runs only what
 exits 1..k need (the blocks up to exit k and the heads of exits 1..k) and returns, per exit, the
 logits, the exit head's penultimate features (the input of its final linear layer, used by
-post-hoc methods such as last-layer Laplace), and, for architectures with a confidence branch
-(EENets), the exit confidence in [0, 1]. ``forward(x)`` returns the list of K logit tensors.
+post-hoc methods such as last-layer Laplace), and, for architectures with confidence branches
+(EENets), the exit's gate: a learned per-exit exit probability in [0, 1]. ``forward(x)`` returns
+the list of K logit tensors.
 
 Running a prefix is what makes per-exit FLOPs counting exact: fvcore traces one module per exit
 and the cost of exit k includes every earlier head, as a sample leaving at k has paid for them.
@@ -45,43 +46,48 @@ class InputSpec:
 
 class ExitHead(NamedTuple):
     """What one exit head gives for a batch: logits (N, C), penultimate features (N, ...) and,
-    with a confidence branch, the confidence (N,)."""
+    where the exit has one, its gate (N,): a learned per-exit exit probability in [0, 1] (EENets'
+    confidence branches, JEI-DNN's gates)."""
 
     logits: torch.Tensor
     features: torch.Tensor
-    confidence: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
 
 
 @dataclass
 class ExitOutputs:
+    """Per-exit outputs: logits, penultimate features and, where the network or method gives them,
+    ``gates`` (one (N,) tensor per exit), a learned per-exit exit probability in [0, 1]: EENets'
+    confidence branches, JEI-DNN's gates."""
+
     logits: list[torch.Tensor]
     features: list[torch.Tensor] = field(default_factory=list)
-    confidences: list[torch.Tensor] | None = None
+    gates: list[torch.Tensor] | None = None
 
     @classmethod
     def from_heads(cls, heads: list[ExitHead]) -> ExitOutputs:
-        """Per-exit lists from exit heads; ``confidences`` only when every head has one."""
-        confidences = [h.confidence for h in heads]
-        has_confidence = bool(heads) and all(c is not None for c in confidences)
-        return cls([h.logits for h in heads], [h.features for h in heads], confidences if has_confidence else None)
+        """Per-exit lists from exit heads; ``gates`` only when every head has one."""
+        gates = [h.gate for h in heads]
+        has_gates = bool(heads) and all(g is not None for g in gates)
+        return cls([h.logits for h in heads], [h.features for h in heads], gates if has_gates else None)
 
     def head(self, k: int) -> ExitHead:
         """Exit k (0-based) as an ``ExitHead``."""
-        confidence = None if self.confidences is None else self.confidences[k]
+        gate = None if self.gates is None else self.gates[k]
         features = self.features[k] if self.features else None
-        return ExitHead(self.logits[k], features, confidence)
+        return ExitHead(self.logits[k], features, gate)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every output tensor, flattened, for tracing."""
         out = list(self.logits) + list(self.features)
-        if self.confidences is not None:
-            out += list(self.confidences)
+        if self.gates is not None:
+            out += list(self.gates)
         return out
 
 
 # What an architecture may offer beyond the contract; training methods list the ones they need
 # (``TrainingMethod.requires``) and the config check refuses a method on an architecture without them.
-CONFIDENCE_BRANCHES = "confidence_branches"  # ExitOutputs.confidences: a learned confidence per exit
+CONFIDENCE_BRANCHES = "confidence_branches"  # exits with confidence branches; they produce ExitOutputs.gates
 GRADIENT_RESCALING = "gradient_rescaling"  # set_gradient_rescaling: BoostNet's gradient equilibrium
 PLAIN_COUNTERPART = "plain_counterpart"  # plain_counterpart: the same network without early exits
 

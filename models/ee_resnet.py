@@ -46,7 +46,8 @@ confidence h = sigmoid(Linear(d, 1)) and classifier Linear(d, C) (logits; the re
 softmax). The final exit always average-pools, then has the same two heads.
 
 ``forward_all`` returns per exit the logits, the vector fed to the two linear heads (``features``)
-and the confidences as (N,) tensors in [0, 1].
+and the confidence branch's output h as the exit's gate, an (N,) tensor in [0, 1]
+(``ExitOutputs.gates``).
 """
 
 from __future__ import annotations
@@ -356,7 +357,7 @@ class BatchStatisticsNorm(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """Pooling, then separate confidence (sigmoid) and classifier (logits) linear heads."""
+    """Pooling, then separate confidence (sigmoid: the exit's gate) and classifier (logits) linear heads."""
 
     def __init__(self, channels: int, size: int, num_classes: int, pool: str):
         super().__init__()
@@ -371,8 +372,8 @@ class ExitHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.pool(x)
-        confidence = torch.sigmoid(self.confidence(features)).squeeze(1)
-        return self.classifier(features), features, confidence
+        gate = torch.sigmoid(self.confidence(features)).squeeze(1)
+        return self.classifier(features), features, gate
 
 
 class PlainResNet(nn.Module):

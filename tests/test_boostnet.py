@@ -56,12 +56,12 @@ def test_eval_outputs_ensembles_and_passes_through(toy_network):
     method = make_method(toy_network, ensemble_reweight=0.5)
     o = [torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, -2.0]]), torch.tensor([[4.0, 0.0]])]
     feats = [torch.zeros(1, 3)] * 3
-    conf = [torch.ones(1)] * 3
-    out = method.eval_outputs(ExitOutputs(o, feats, conf))
+    gates = [torch.ones(1)] * 3
+    out = method.eval_outputs(ExitOutputs(o, feats, gates))
     expected = [[1.0, 2.0], [0.5, -1.0], [4.25, -0.5]]
     for got, want in zip(out.logits, expected):
         torch.testing.assert_close(got, torch.tensor([want]))
-    assert out.features is feats and out.confidences is conf
+    assert out.features is feats and out.gates is gates
 
 
 def test_scale_gradient():

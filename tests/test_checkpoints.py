@@ -84,8 +84,8 @@ def test_converted_weights_give_the_reference_outputs(name, tmp_path):
     assert logits.shape == data["logits"].shape
     torch.testing.assert_close(logits, data["logits"], atol=1e-5, rtol=1e-5)
     assert data["logits"].std(dim=-1).min() > 1e-2  # the outputs depend on the input and the weights
-    if "confidences" in data:  # EENets: its softmax and its confidence heads
-        torch.testing.assert_close(torch.stack(out.confidences), data["confidences"], atol=1e-5, rtol=1e-5)
+    if "confidences" in data:  # EENets: its softmax and its confidence heads (our gates)
+        torch.testing.assert_close(torch.stack(out.gates), data["confidences"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logits.softmax(-1), data["probabilities"], atol=1e-6, rtol=1e-5)
     if "ensemble_logits" in data:  # BoostNet: the additive ensemble its evaluation scores
         boosted = torch.stack(ensemble_logits(out.logits, data["meta"]["ensemble_reweight"]))

@@ -139,11 +139,11 @@ def _method(name: str, net, params: dict | None = None):
 @pytest.mark.parametrize("name", ["boostnet", "jei_dnn"])
 def test_methods_that_change_what_is_scored(name):
     """BoostNet's ensemble of earlier exits (eval_outputs) and JEI-DNN's gates (exit_score
-    'confidence') are scored exit by exit exactly as the cache is."""
+    'gate') are scored exit by exit exactly as the cache is."""
     net = prepared_network("msdnet")
     method = _method(name, net, {"warmup_epochs": 0} if name == "jei_dnn" else None)
     scorer = MethodScorer(method)
-    assert scorer.exit_score == ("confidence" if name == "jei_dnn" else "max_softmax")
+    assert scorer.exit_score == ("gate" if name == "jei_dnn" else "max_softmax")
     thresholds = val_thresholds(net, scorer)
     test = images(32, seed=3)
     sim = simulate(net, test, scorer)

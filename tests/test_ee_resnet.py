@@ -186,14 +186,14 @@ def test_bnpool_batchstats_is_the_reference_untracked_batchnorm() -> None:
         (CIFAR10, dict(depth=50, num_exits=2, style="cifar")),
     ],
 )
-def test_output_shapes_and_confidences(spec: InputSpec, params: dict) -> None:
+def test_output_shapes_and_gates(spec: InputSpec, params: dict) -> None:
     torch.manual_seed(0)
     net = _net(spec, **params).eval()
     with torch.no_grad():
         out = net.forward_all(torch.randn(3, spec.channels, spec.size, spec.size))
     assert net.num_exits == params["num_exits"] + 1 == len(out.logits) == len(out.features)
-    assert len(out.confidences) == net.num_exits
-    for logits, features, conf in zip(out.logits, out.features, out.confidences):
+    assert len(out.gates) == net.num_exits
+    for logits, features, conf in zip(out.logits, out.features, out.gates):
         assert logits.shape == (3, spec.num_classes)
         assert features.ndim == 2 and features.shape[0] == 3
         assert conf.shape == (3,)
@@ -220,7 +220,7 @@ def test_upto_runs_only_what_it_needs() -> None:
         part = net.forward_all(x, upto=2)
     assert ran == [0, 1, 2, 3, 4]
     assert len(part.logits) == 2
-    for a, b in zip(part.logits + part.confidences, full.logits[:2] + full.confidences[:2]):
+    for a, b in zip(part.logits + part.gates, full.logits[:2] + full.gates[:2]):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError):
         net.forward_all(x, upto=5)
@@ -231,7 +231,7 @@ def test_forward_backward() -> None:
     net = _net(depth=20, num_exits=2).train()
     out = net.forward_all(torch.randn(2, 3, 32, 32))
     loss = sum(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])) for logits in out.logits)
-    loss = loss + sum(c.mean() for c in out.confidences)
+    loss = loss + sum(c.mean() for c in out.gates)
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
     assert net(torch.randn(2, 3, 32, 32))[-1].shape == (2, 10)
@@ -308,7 +308,7 @@ def test_zero_early_exits_is_the_plain_resnet() -> None:
     assert net.num_exits == 1 and net.exit_blocks == [] and len(net.exits) == 1
     out = net.forward_all(torch.randn(2, 3, 32, 32))
     assert [logits.shape for logits in out.logits] == [(2, 10)]
-    assert len(out.confidences) == 1 and out.confidences[0].shape == (2,)
+    assert len(out.gates) == 1 and out.gates[0].shape == (2,)
     # the plain ResNet's FLOPs plus the final confidence head (64 weights + 1 bias)
     costs = exit_flops(net, (3, 32, 32), "reference")
     assert costs["flops"] == [41_005_706 + 65] == [net.total_flops + 65]

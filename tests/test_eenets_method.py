@@ -45,8 +45,8 @@ def make_method(
 
 
 def outputs(logits=LOGITS, conf=CONF, requires_grad: bool = False) -> ExitOutputs:
-    confidences = [torch.tensor(c, dtype=torch.float64, requires_grad=requires_grad) for c in conf]
-    return ExitOutputs([torch.tensor(exit_logits) for exit_logits in logits], [], confidences)
+    gates = [torch.tensor(c, dtype=torch.float64, requires_grad=requires_grad) for c in conf]
+    return ExitOutputs([torch.tensor(exit_logits) for exit_logits in logits], [], gates)
 
 
 TARGETS_T = torch.tensor(TARGETS)
@@ -127,7 +127,7 @@ def test_v2_sums_every_exit_including_the_final_one():
 def test_v2_gradient_wrt_a_confidence(i: int, n: int):
     out = outputs(requires_grad=True)
     make_method(loss="v2").loss(out, TARGETS_T).backward()
-    autograd = float(out.confidences[i].grad[n])
+    autograd = float(out.gates[i].grad[n])
     eps = 1e-6
     up = [row[:] for row in CONF]
     down = [row[:] for row in CONF]
@@ -141,7 +141,7 @@ def test_v2_gradient_wrt_a_confidence(i: int, n: int):
 def test_final_confidence_gets_no_gradient_in_v2():
     out = outputs(requires_grad=True)
     make_method(loss="v2").loss(out, TARGETS_T).backward()
-    assert out.confidences[2].grad is None or float(out.confidences[2].grad.abs().sum()) == 0
+    assert out.gates[2].grad is None or float(out.gates[2].grad.abs().sum()) == 0
 
 
 def test_v1_by_hand():
@@ -192,7 +192,7 @@ def test_v3_by_hand():
     value = make_method(loss="v3").loss(out, TARGETS_T)
     assert float(value.detach()) == pytest.approx(expected, rel=1e-6)
     value.backward()  # the normalised confidences are not detached
-    assert all(float(c.grad.abs().sum()) > 0 for c in out.confidences)
+    assert all(float(c.grad.abs().sum()) > 0 for c in out.gates)
 
 
 def test_inference_threshold():

@@ -255,12 +255,12 @@ def test_eval_outputs_gives_gate_probabilities(toy_network, toy_batch):
     j = make_jei(toy_network)
     out = toy_network.forward_all(toy_batch[0])
     scored = j.eval_outputs(out)
-    assert JEIDNN.exit_score == "confidence"
-    assert len(scored.confidences) == 3
+    assert JEIDNN.exit_score == "gate"
+    assert len(scored.gates) == 3
     for k in range(2):
         want = torch.sigmoid(j.gates[k](uncertainty_features(out.logits[k]))).squeeze(1)
-        torch.testing.assert_close(scored.confidences[k], want)
-    assert torch.equal(scored.confidences[2], torch.ones(len(toy_batch[1])))
+        torch.testing.assert_close(scored.gates[k], want)
+    assert torch.equal(scored.gates[2], torch.ones(len(toy_batch[1])))
     assert scored.logits is out.logits
 
 

@@ -112,7 +112,7 @@ def test_shapes_and_backward(params, spec, feature_dim):
     model = build_model("msdnet", spec, **params)
     x = torch.randn(2, spec.channels, spec.size, spec.size)
     out = model.forward_all(x)
-    assert out.confidences is None
+    assert out.gates is None
     assert len(out.logits) == len(out.features) == model.num_exits
     for head, logits, feats in zip(model.heads, out.logits, out.features):
         assert logits.shape == (2, spec.num_classes)

@@ -88,7 +88,7 @@ def test_output_shapes(params, size, classes, channels, feat):
     with torch.no_grad():
         out = net.forward_all(torch.randn(2, channels, size, size))
     assert len(out.logits) == len(out.features) == net.num_exits == 3
-    assert out.confidences is None
+    assert out.gates is None
     for head, logits, features in zip(net.heads, out.logits, out.features):
         assert logits.shape == (2, classes)
         assert features.shape == (2, head.linear.in_features)

@@ -46,9 +46,9 @@ def test_architecture_contract(family):
         assert features.shape[0] == len(x)
     assert len(prefix.logits) == 1 and torch.allclose(prefix.logits[0], out.logits[0], atol=1e-6)
     assert [t.shape for t in network(x)] == [t.shape for t in out.logits]
-    assert (out.confidences is not None) == (CONFIDENCE_BRANCHES in network.capabilities)
-    if out.confidences is not None:
-        assert all(c.shape == (len(x),) and ((c >= 0) & (c <= 1)).all() for c in out.confidences)
+    assert (out.gates is not None) == (CONFIDENCE_BRANCHES in network.capabilities)
+    if out.gates is not None:
+        assert all(c.shape == (len(x),) and ((c >= 0) & (c <= 1)).all() for c in out.gates)
     with pytest.raises(ValueError, match="upto"):
         network.forward_all(x, upto=network.num_exits + 1)
 
@@ -58,8 +58,8 @@ def test_architecture_trains_every_parameter(family):
     network = tiny_network(family).train()
     out = network.forward_all(images_for(network))
     loss = sum(logits.square().mean() for logits in out.logits)
-    if out.confidences is not None:
-        loss = loss + sum(c.mean() for c in out.confidences)
+    if out.gates is not None:
+        loss = loss + sum(c.mean() for c in out.gates)
     loss.backward()
     without = [name for name, p in network.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not without, f"parameters without a finite gradient: {without[:5]}"
@@ -105,7 +105,7 @@ def family_for(method_cls) -> str:
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_contract_and_one_step(name):
     cls = METHODS.get(name)
-    assert cls.exit_score in ("max_softmax", "confidence")
+    assert cls.exit_score in ("max_softmax", "gate")
     params = METHODS.make_params(name, dict(cls.test_params))
     network = tiny_network(family_for(cls))
     k = network.num_exits

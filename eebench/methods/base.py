@@ -57,8 +57,8 @@ class TrainingMethod:
     # whether ``recipe.compile`` may compile the network's forward for this method; a method that
     # needs eager autograd of the network (double backward, per-parameter reachability) says no
     compilable: ClassVar[bool] = True
-    # what the calibration thresholds: ``max_softmax`` of the evaluated logits, or ``confidence``
-    # (the learned per-exit scores the method puts into ``ExitOutputs.confidences``)
+    # what the calibration thresholds: ``max_softmax`` of the evaluated logits, or ``gate`` (the
+    # learned per-exit exit probabilities in [0, 1] in ``ExitOutputs.gates``: JEI-DNN's gates)
     exit_score: ClassVar[str] = "max_softmax"
     # capabilities the architecture must declare (``MultiExitNetwork.capabilities``); checked when
     # the config is read, so a method is refused on an architecture it cannot train
@@ -67,7 +67,7 @@ class TrainingMethod:
     @classmethod
     def confidence_exit_threshold(cls, params: Any, num_exits: int) -> float:
         """The fixed threshold of the confidence-branch exit rule (EENets' evaluation): a sample
-        leaves at the first exit whose confidence is above it."""
+        leaves at the first exit whose gate (its confidence branch's output) is above it."""
         return 0.5
 
     def __init__(self, model: MultiExitNetwork, params: Any, ctx: TrainContext):

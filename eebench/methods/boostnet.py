@@ -100,5 +100,5 @@ class BoostNet(TrainingMethod):
         return ExitOutputs(
             logits=ensemble_logits(outputs.logits, self.params.ensemble_reweight),
             features=outputs.features,
-            confidences=outputs.confidences,
+            gates=outputs.gates,
         )

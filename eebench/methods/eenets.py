@@ -1,9 +1,10 @@
 """EENets: early-exit CNNs with learned confidence branches (Demir & Akbas, arXiv 2409.05336).
 
 Needs an architecture whose exits have a confidence branch (``ee_resnet``): exit i gives class
-logits (p_i = softmax) and a confidence h_i in [0, 1] per sample. What the official code
-(eksuas/eenets.pytorch, ``loss_functions.py``) computes, with i = 1..K (K = the final exit),
-c_i the cost of exit i (c_K = 1) and lambda = ``lam`` (the reference's ``--lambda-coef``):
+logits (p_i = softmax) and a confidence h_i in [0, 1] per sample (its gate, ``ExitOutputs.gates``).
+What the official code (eksuas/eenets.pytorch, ``loss_functions.py``) computes, with i = 1..K
+(K = the final exit), c_i the cost of exit i (c_K = 1) and lambda = ``lam`` (the reference's
+``--lambda-coef``):
 
 - mixtures: P~_K = p_K, C~_K = c_K = 1, and for i = K-1..1
   P~_i = h_i p_i + (1 - h_i) P~_{i+1},  C~_i = h_i c_i + (1 - h_i) C~_{i+1}  (per sample).
@@ -48,8 +49,9 @@ Choices and deviations:
   wd 1e-4 in the reference) is the training recipe's; the reference's ``--adaptive-lr`` is broken
   and not reproduced.
 - Inference: exit scores for the harness's budgeted curves are the classification branches' max
-  softmax (``exit_score = "max_softmax"``); the confidence branches are cached and the evaluation
-  adds the reference's fixed-threshold point (first exit with h_i > 0.5, ``confidence_exit``).
+  softmax (``exit_score = "max_softmax"``); the confidence branches are cached (as ``gates``) and
+  the evaluation adds the reference's fixed-threshold point (first exit with h_i > 0.5,
+  ``confidence_exit``).
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ class EENets(TrainingMethod):
     def loss(self, outputs: ExitOutputs, targets: torch.Tensor, step: int = 0) -> torch.Tensor:
         lam, costs = self.params.lam, self.ctx.exit_costs
         log_q = target_log_probs(outputs.logits, targets)
-        conf = torch.stack([c.float() for c in outputs.confidences])
+        conf = torch.stack([g.float() for g in outputs.gates])  # the confidences h_i
         version = self.loss_version(step)
         if version == "v0":
             loss = loss_v0(log_q)

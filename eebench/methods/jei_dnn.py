@@ -21,8 +21,8 @@ trains them in alternation. What is implemented here, per exit l = 1..K (K = las
   epoch in the gate phase and switches every ``bilevel_batch_count`` batches).
 - one optimizer (the loop's) over IMs and gates, as the official code; in each phase only one of
   them has gradients, and SGD skips parameters without a gradient.
-- inference: ``exit_score = "confidence"``; ``eval_outputs`` puts sigmoid(gate_l) into
-  ``ExitOutputs.confidences`` (1 for the last exit), on which the harness calibrates its
+- inference: ``exit_score = "gate"``; ``eval_outputs`` puts sigmoid(gate_l) into
+  ``ExitOutputs.gates`` (1 for the last exit), on which the harness calibrates its
   per-budget thresholds.
 
 Deviations from the reference, and why:
@@ -183,7 +183,7 @@ class JEIDNN(TrainingMethod):
     # backward returns a gradient for every input, so every parameter would look shared
     compilable = False
     test_params = {"switch_every": 1, "warmup_epochs": 0}
-    exit_score = "confidence"
+    exit_score = "gate"
 
     def __init__(self, model: MultiExitNetwork, params: JEIDNNParams, ctx: TrainContext):
         super().__init__(model, params, ctx)

@@ -1,8 +1,9 @@
 """The interface a post-hoc method implements.
 
 A post-hoc method never runs the network: it reads inference caches (``eebench.cache``), dicts
-with ``logits`` (K, N, C), ``labels`` (N,), ``features`` (list of K tensors (N, d_k)) and, for
-architectures with confidence branches, ``confidences`` (K, N).
+with ``logits`` (K, N, C), ``labels`` (N,), ``features`` (list of K tensors (N, d_k)) and, where
+the outputs have them, ``gates`` (K, N): a learned per-exit exit probability in [0, 1] (EENets'
+confidence branches, JEI-DNN's gates).
 
 ``fit`` sees the val cache (and the training-split cache when ``needs_train_split``); it must not
 look at test labels. ``score`` maps any cache to ``ScoredOutputs``: per-exit exit scores and
