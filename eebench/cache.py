@@ -18,6 +18,9 @@ import torch
 from .io import CorruptFileError, load_tensors
 from .scored import ScoredOutputs
 
+# the layout of a cache; a cache of another format is stale (2: the learned gates under "gates")
+CACHE_FORMAT = 2
+
 
 def load_cache(path: str | Path, expect_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load and check a cache; ``expect_meta`` entries must match the cache's ``meta``."""
@@ -53,8 +56,8 @@ def check_meta(path: str | Path, record: dict[str, Any], expect_meta: dict[str, 
         if have != want:
             raise StaleCacheError(
                 f"{path}: stale cache: its {key} is {have!r}, this configuration expects {want!r} (it was "
-                "made from other weights, another split or another config); delete it and rerun the "
-                "workflow to rebuild it"
+                "made from other weights, another split, another config or an older cache format); delete "
+                "it and rerun the workflow to rebuild it"
             )
 
 

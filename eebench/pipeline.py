@@ -19,7 +19,7 @@ from models import InputSpec, MultiExitNetwork, build_model
 
 from . import bootstrap, distributed, imagefolder, io, metrics, summary
 from .augment import normalize
-from .cache import check_meta, correctness, load_cache, scored_outputs
+from .cache import CACHE_FORMAT, check_meta, correctness, load_cache, scored_outputs
 from .calibration import anytime_curve, budgeted_curve, confidence_exit
 from .checkpoints import convert_checkpoint
 from .config import (
@@ -365,7 +365,12 @@ def infer_cell(
         )
         cache["labels"] = labels
         cache["split_size"] = split_size  # the whole part's size, also when the cache holds a subsample
-        cache["meta"] = {"fingerprint": fingerprint, "part": part, "split": io.file_hash(split_path)}
+        cache["meta"] = {
+            "fingerprint": fingerprint,
+            "part": part,
+            "split": io.file_hash(split_path),
+            "format": CACHE_FORMAT,
+        }
         io.save_tensors(out, cache)
         log.info("%s %s cache: %d samples, %d exits", cell.path, part, len(labels), cache["logits"].shape[0])
 
@@ -385,11 +390,12 @@ def posthoc_cell(
     params = POSTHOC.make_params(spec["method"], spec["params"], f"posthoc.{cell.variant}.params")
     method = cls(params, read_flops(flops_path)["flops"], seed=cell.seed)
     base_fingerprint = _expected_meta(config, cell, "val")["fingerprint"]
-    val = load_cache(val_cache, {"part": "val", "fingerprint": base_fingerprint})
-    train_part = load_cache(train_cache, {"part": "train", "fingerprint": base_fingerprint}) if train_cache else None
+    expect = {"fingerprint": base_fingerprint, "format": CACHE_FORMAT}
+    val = load_cache(val_cache, {"part": "val", **expect})
+    train_part = load_cache(train_cache, {"part": "train", **expect}) if train_cache else None
     method.fit(val, train_part)
     for part, path in (("val", val_cache), ("test", test_cache)):
-        cache = val if part == "val" else load_cache(path, {"part": "test", "fingerprint": base_fingerprint})
+        cache = val if part == "val" else load_cache(path, {"part": "test", **expect})
         scored = method.score(cache)
         record = {k: v for k, v in vars(scored).items() if v is not None}
         record["labels"] = cache["labels"]
@@ -403,7 +409,7 @@ def _expected_meta(config: dict[str, Any], cell: Cell, part: str) -> dict[str, A
     """What a cache (or post-hoc scores) of ``cell`` must record: the training cell's fingerprint,
     the part, and for post-hoc scores the post-hoc variant's settings."""
     if not is_posthoc(config, cell.variant):
-        return {"part": part, "fingerprint": cell_fingerprint(config, cell)}
+        return {"part": part, "fingerprint": cell_fingerprint(config, cell), "format": CACHE_FORMAT}
     spec = posthoc_variant(config, cell.variant)
     base = Cell(cell.dataset, cell.arch, spec["base"], cell.seed)
     return {"part": part, "fingerprint": cell_fingerprint(config, base), "posthoc": io.stable_hash(spec)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from .cache import CACHE_FORMAT
 from .config import Cell, dependencies
 
 RUNTIME_KEYS = ("data_dir", "download", "device", "data_workers")
@@ -74,6 +75,8 @@ def job_spec(
         spec["latency"] = {
             k: v for k, v in spec["latency"].items() if k not in ("variants", "architectures", "datasets")
         }
+    if rule in ("infer", "infer_train_split"):  # a new cache layout rebuilds the caches
+        spec["cache_format"] = CACHE_FORMAT
     if rule == "flops":  # the FLOPs job checks Table 1's budgets when it counts Table 1's network
         table = config["report"].get("table1")
         if table is not None and (table["dataset"], table["architecture"]) == (dataset, arch):

@@ -23,7 +23,7 @@ import torch
 from workflow_helpers import ROOT, default_config, tiny_config
 
 from eebench import io, pipeline
-from eebench.cache import StaleCacheError, load_cache
+from eebench.cache import CACHE_FORMAT, StaleCacheError, load_cache
 from eebench.config import (
     Cell,
     ConfigError,
@@ -406,7 +406,7 @@ def good_cache(part: str = "val", fingerprint: str = FINGERPRINT) -> dict[str, A
     return {
         "logits": torch.randn(K, N, C, generator=g),
         "labels": torch.randint(0, C, (N,), generator=g),
-        "meta": {"fingerprint": fingerprint, "part": part, "split": "x"},
+        "meta": {"fingerprint": fingerprint, "part": part, "split": "x", "format": CACHE_FORMAT},
     }
 
 
@@ -532,6 +532,13 @@ STALE_CASES = [
         ["stale cache", "fingerprint is '0123456789abcdef'", FINGERPRINT, "delete it and rerun"],
     ),
     ("stale-part", good_cache("val"), good_cache("val"), "test.pt", ["stale cache", "part is 'val'", "'test'"]),
+    (
+        "stale-format",  # written before the learned gates were stored under "gates"
+        good_cache("val"),
+        {**good_cache("test"), "meta": {**good_cache("test")["meta"], "format": None}},
+        "test.pt",
+        ["stale cache", "format is None", f"expects {CACHE_FORMAT}", "older cache format", "delete it and rerun"],
+    ),
     (
         "stale-no-meta",
         good_cache("val"),
