@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pandas as pd
 import pytest
-from workflow_helpers import default_config, planned_jobs, run_workflow, tiny_config
+from workflow_helpers import ROOT, default_config, planned_jobs, run_workflow, tiny_config
 
 from eebench.latency_report import with_time_axis
 
@@ -159,6 +160,19 @@ def test_small_run_outputs_reruns_and_report(tmp_path):
 def test_default_config_plans(tmp_path):
     proc = run_workflow(tmp_path, default_config(), "all_figures", extra=["-n"])
     assert "train" in proc.stdout
+
+
+def test_a_given_config_is_not_merged_into_the_default(tmp_path):
+    """With --configfile, the workflow reads that file alone: the default's latency section (which
+    would time standard here) and its other variants do not leak into it."""
+    config = tiny_config()
+    assert "latency" not in config
+    (tmp_path / "config").mkdir()  # run where the default lies, as from the repository's root
+    shutil.copy(ROOT / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
+    proc = run_workflow(tmp_path, config, "all", extra=["-n"])
+    rules = {rule for rule, _ in planned_jobs(proc.stdout + proc.stderr)}
+    assert "train" in rules and not rules & {"latency", "aggregate_latency", "latency_figure"}
+    assert "is extended by additional config" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
