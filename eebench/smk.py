@@ -8,6 +8,7 @@ import sys
 import traceback
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from .config import Cell, ConfigError
@@ -28,19 +29,32 @@ def posthoc_needs_train_split(method: str) -> bool:
     return POSTHOC.get(method).needs_train_split
 
 
+ATTEMPTS_LOG = "attempts.log"  # in a resumable job's state folder: the log of every attempt so far
+
+
 @contextmanager
-def logged(snakemake: Any, append: bool = False) -> Iterator[None]:
+def logged(snakemake: Any, attempts_dir: str | Path | None = None) -> Iterator[None]:
     """Send the library's log to the rule's log file (and stderr); log errors without a traceback
-    for the expected kinds (bad input), with one for anything else. ``append`` keeps what earlier
-    attempts wrote (a resumed training job's log tells the whole story of the cell)."""
+    for the expected kinds (bad input), with one for anything else. With ``attempts_dir`` (a
+    resumable job's state folder) the log also goes to ``attempts_dir/attempts.log``, and the rule's
+    log starts with what earlier attempts wrote there: Snakemake deletes an incomplete job's log
+    before its rerun, and a resumed training job's log should tell the whole story of the cell.
+    The attempts' file is removed when the job succeeds."""
 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    attempts = None if attempts_dir is None else Path(attempts_dir) / ATTEMPTS_LOG
     if snakemake.log:
-        handlers.append(logging.FileHandler(snakemake.log[0], mode="a" if append else "w"))
+        log_path = Path(snakemake.log[0])
+        if attempts is not None:
+            attempts.parent.mkdir(parents=True, exist_ok=True)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text(attempts.read_text() if attempts.exists() else "")
+            handlers.append(logging.FileHandler(attempts, mode="a"))
+        handlers.append(logging.FileHandler(log_path, mode="a" if attempts is not None else "w"))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True
     )
-    if append:
+    if attempts is not None:
         logging.getLogger("eebench").info("--- %s job started (earlier attempts above) ---", snakemake.rule)
     try:
         yield
@@ -50,6 +64,9 @@ def logged(snakemake: Any, append: bool = False) -> Iterator[None]:
     except Exception:
         logging.getLogger("eebench").error("unexpected error:\n%s", traceback.format_exc())
         raise
+    if attempts is not None:
+        logging.shutdown()
+        attempts.unlink(missing_ok=True)
 
 
 def job_config(snakemake: Any) -> dict[str, Any]:

@@ -15,13 +15,19 @@ def _job(log_path):
 
 
 def test_training_log_keeps_earlier_attempts(tmp_path):
-    log_path = tmp_path / "seed0.log"
-    for attempt in ("first attempt, cancelled", "second attempt, resumed"):
-        with smk.logged(_job(log_path), append=True):
+    """Snakemake deletes an incomplete job's log before its rerun; the resumed job's log still
+    begins with the cancelled attempts' lines, and the attempts' file goes once the job succeeds."""
+    log_path, state = tmp_path / "logs" / "seed0.log", tmp_path / "state"
+    for attempt in ("first attempt, cancelled", "second attempt, cancelled"):
+        with pytest.raises(SystemExit), smk.logged(_job(log_path), attempts_dir=state):
             logging.getLogger("eebench").info(attempt)
+            raise SystemExit(143)  # as on SIGTERM
+        log_path.unlink()  # what Snakemake does before the rerun
+    with smk.logged(_job(log_path), attempts_dir=state):
+        logging.getLogger("eebench").info("third attempt, resumed to the end")
     text = log_path.read_text()
-    assert "first attempt, cancelled" in text and "second attempt, resumed" in text
-    assert text.count("train job started") == 2
+    assert text.index("first attempt") < text.index("second attempt") < text.index("third attempt")
+    assert text.count("train job started") == 3 and not (state / smk.ATTEMPTS_LOG).exists()
 
 
 def test_other_logs_start_afresh(tmp_path):

@@ -19,7 +19,7 @@ args = dict(
 # one process per GPU the job asked for (datasets.<name>.resources.gpus): several run under torchrun
 processes = int(snakemake.resources.get("gpu", 1) or 1)
 
-with smk.logged(snakemake, append=True):  # a retried or resumed job adds to the log
+with smk.logged(snakemake, attempts_dir=snakemake.params.state_dir):  # a resumed job adds to its log
     if processes > 1:
         launch_training(processes, **args)
     else:
