@@ -21,15 +21,19 @@ from .style import styles_from  # noqa: E402
 IDENTITY = ("dataset", "architecture", "variant", "seed")
 
 
-def aggregate_latency(cells: list[Cell], files: list[str], out: str) -> None:
-    """One table of every cell's latency rows, with the cell's identity columns first."""
+def latency_table(cells: list[Cell], files: list[str]) -> pd.DataFrame:
+    """One table of every cell's latency rows (budgets or per-exit), the cell's identity columns first."""
     frames = []
     for cell, path in zip(cells, files):
         frame = pd.read_csv(path)
         for i, (key, value) in enumerate(zip(IDENTITY, (cell.dataset, cell.arch, cell.variant, cell.seed))):
             frame.insert(i, key, value)
         frames.append(frame)
-    io.write_csv(out, pd.concat(frames, ignore_index=True))
+    return pd.concat(frames, ignore_index=True)
+
+
+def aggregate_latency(cells: list[Cell], files: list[str], out: str) -> None:
+    io.write_csv(out, latency_table(cells, files))
 
 
 def with_time_axis(budgeted: pd.DataFrame, exits: pd.DataFrame, batch_size: int) -> pd.DataFrame:

@@ -2,12 +2,11 @@ import sys
 
 sys.path.insert(0, snakemake.scriptdir + "/..")
 
-import pandas as pd  # noqa: E402
 
 from eebench import io, smk  # noqa: E402
 from eebench.bootstrap import BootstrapSettings  # noqa: E402
 from eebench.comparisons import comparisons, comparisons_markdown  # noqa: E402
-from eebench.latency_report import cell_exit_ms  # noqa: E402
+from eebench.latency_report import cell_exit_ms, latency_table  # noqa: E402
 from eebench.summary import load_variants  # noqa: E402
 
 with smk.logged(snakemake):
@@ -17,12 +16,7 @@ with smk.logged(snakemake):
     variants = load_variants(cells, samples, settings)
     variants_in_ms = None
     if snakemake.params.latency_cells:  # report.comparison_budgets entries with budget_unit: ms
-        exits = pd.concat(
-            [
-                pd.read_csv(path).assign(dataset=c.dataset, architecture=c.arch, seed=c.seed)
-                for c, path in zip(snakemake.params.latency_cells, snakemake.input.latency)
-            ]
-        )
+        exits = latency_table(snakemake.params.latency_cells, list(snakemake.input.latency))
         batch = {
             (e["dataset"], e["architecture"]): e["latency_batch_size"]
             for e in spec["budgets"]

@@ -8,7 +8,7 @@ from eebench import io, smk  # noqa: E402
 from eebench.bootstrap import BootstrapSettings  # noqa: E402
 from eebench.calibration import N_BUDGETS  # noqa: E402
 from eebench.config import check_budgets  # noqa: E402
-from eebench.latency_report import cell_exit_ms, with_time_axis  # noqa: E402
+from eebench.latency_report import cell_exit_ms, latency_table, with_time_axis  # noqa: E402
 from eebench.pipeline import read_flops  # noqa: E402
 from eebench.report import table1, table_markdown  # noqa: E402
 from eebench.summary import load_variants  # noqa: E402
@@ -20,12 +20,7 @@ with smk.logged(snakemake):
     budgeted = pd.read_csv(snakemake.input.budgeted)
     per_exit_costs = None
     if spec.get("budget_unit", "flops") == "ms":  # the curves' x-axis in measured ms per image
-        exits = pd.concat(
-            [
-                pd.read_csv(path).assign(dataset=c.dataset, architecture=c.arch, seed=c.seed)
-                for c, path in zip(snakemake.params.latency_cells, snakemake.input.latency)
-            ]
-        )
+        exits = latency_table(snakemake.params.latency_cells, list(snakemake.input.latency))
         budgeted = with_time_axis(budgeted, exits, spec["latency_batch_size"])
         per_exit_costs = cell_exit_ms(exits, spec["latency_batch_size"])
     variants = load_variants(snakemake.params.cells, snakemake.input.samples, settings, per_exit_costs)
